@@ -83,6 +83,7 @@ class Scorer:
     (default: the model's). ``device``: default CUDA when available, else CPU; CUDA runs in
     bf16 (fp16 where bf16 is missing) autocast, CPU in fp32. ``regroup=False`` turns dynamic
     re-batching off (each micro-batch only shrinks as it goes deeper): for benchmarks.
+    Like a Hugging Face pipeline, it moves the model to ``device`` and puts it in eval mode.
     """
 
     def __init__(
@@ -101,9 +102,8 @@ class Scorer:
         if model.tokenizer is None:
             raise ValueError("the model has no tokenizer: load it with FastBert.from_pretrained or from_backbone")
         max_length = model.config.max_length if max_length is None else max_length
-        max_positions = model.config.backbone.get("max_position_embeddings") or max_length
-        if not isinstance(max_length, int) or not 2 <= max_length <= max_positions:
-            raise ValueError(f"max_length must be an integer in [2, {max_positions}], got {max_length!r}")
+        if not isinstance(max_length, int) or not 2 <= max_length <= model.config.max_positions:
+            raise ValueError(f"max_length must be an integer in [2, {model.config.max_positions}], got {max_length!r}")
         self.speed = float(speed)
         self.micro_batch = micro_batch
         self.max_length = max_length

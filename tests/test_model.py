@@ -182,6 +182,14 @@ def test_from_backbone_on_a_local_folder_and_roberta(tmp_path):
     np.testing.assert_allclose(np.array(table["probabilities"].to_pylist()), teacher.numpy(), atol=1e-4)
 
 
+def test_roberta_positions_start_after_the_pad_id():
+    roberta = RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=16, max_position_embeddings=66, pad_token_id=1).to_dict()
+    assert FastBertConfig(backbone=roberta, labels=["a", "b"], max_length=64).max_positions == 64
+    with pytest.raises(ValueError, match=r"max_length must be in \[2, 64\]"):
+        FastBertConfig(backbone=roberta, labels=["a", "b"], max_length=65)
+
+
 def test_eager_attention_backbones_match_sdpa():
     sdpa = tiny_model(seed=4)
     config = BertConfig(**{**sdpa.config.backbone, "attn_implementation": "eager"})

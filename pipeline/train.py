@@ -1,0 +1,497 @@
+"""FastBERT's two training stages as plain PyTorch functions (no Ray).
+
+1. ``"finetune"``: the backbone and the teacher (last branch) learn the labelled task with
+   cross-entropy; the students are frozen.
+2. ``"distill"``: the backbone and the teacher are frozen (and in eval mode, so the teacher's
+   distribution is deterministic); every student learns the teacher's distribution (the
+   paper's self-distillation), which needs no labels. ``student_targets="labels"`` trains the
+   students on the labels instead (the paper's ablation).
+
+A training job (one Ray Train worker, or ``fit`` here) composes the pieces per stage::
+
+    params = set_stage(model, stage)
+    optimizer, scheduler = make_optimizer(params, lr, weight_decay, total_steps, warmup)
+    for epoch in range(epochs):
+        train_epoch(model, its_batches, optimizer, scheduler, stage, config)
+        evaluate(model, its_validation_batches)
+
+``train_epoch`` takes any iterable of already tokenised batches: dicts with ``input_ids``
+(B, T) int64, ``attention_mask`` (B, T) and, when the loss needs them, ``labels`` (B,) int64.
+``encode`` and ``batches`` build such batches from lists of texts. The model is called through
+its ``forward``, so a ``DistributedDataParallel`` wrapper works; wrap after ``set_stage``
+(DDP only tracks the parameters that are trainable when it is built).
+
+``fit`` is the local convenience that runs both stages on lists of texts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.losses import distillation_loss, student_label_loss, teacher_loss
+from pipeline.model import FastBert
+
+Stage = Literal["finetune", "distill"]
+STAGES: tuple[str, ...] = ("finetune", "distill")
+Batch = dict[str, torch.Tensor]
+Label = int | str
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Settings of both stages; the defaults are the paper's."""
+
+    epochs: int = 3  # stage 1 (fine-tuning) epochs; 0 skips the stage
+    lr: float = 2e-5  # stage 1 peak learning rate
+    distill_epochs: int = 5  # stage 2 (self-distillation) epochs; 0 skips the stage
+    distill_lr: float = 2e-4  # stage 2 peak learning rate
+    warmup: float = 0.1  # fraction of each stage's steps with a linear warm-up
+    weight_decay: float = 0.01  # AdamW decay of matrices (not of biases and LayerNorm weights)
+    batch_size: int = 32  # rows per step (``fit`` only; a job brings its own batches)
+    max_grad_norm: float = 1.0  # gradient clipping norm; 0 turns clipping off
+    kl: Literal["paper", "reverse"] = "paper"  # KL(p_s || p_t) as in the paper, or KL(p_t || p_s)
+    student_targets: Literal["teacher", "labels"] = "teacher"  # "labels": the ablation
+    seed: int = 0  # seeds torch, numpy and the shuffling
+    log_every: int = 50  # steps between progress lines
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "distill_epochs", "batch_size", "seed", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"TrainConfig.{name} must be an integer, got {value!r}")
+        if self.epochs < 0 or self.distill_epochs < 0:
+            raise ValueError(
+                f"epochs and distill_epochs must be >= 0 (0 skips the stage), got "
+                f"{self.epochs} and {self.distill_epochs}"
+            )
+        if self.batch_size < 1 or self.log_every < 1:
+            raise ValueError(f"batch_size and log_every must be >= 1, got {self.batch_size} and {self.log_every}")
+        if not self.lr > 0 or not self.distill_lr > 0:
+            raise ValueError(f"lr and distill_lr must be > 0, got {self.lr} and {self.distill_lr}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup is a fraction of each stage's steps in [0, 1), got {self.warmup}")
+        if not self.weight_decay >= 0 or not self.max_grad_norm >= 0:
+            raise ValueError(
+                f"weight_decay and max_grad_norm must be >= 0, got {self.weight_decay} and {self.max_grad_norm}"
+            )
+        if self.kl not in ("paper", "reverse"):
+            raise ValueError(f"kl must be 'paper' (KL(p_s || p_t)) or 'reverse' (KL(p_t || p_s)), got {self.kl!r}")
+        if self.student_targets not in ("teacher", "labels"):
+            raise ValueError(f"student_targets must be 'teacher' or 'labels', got {self.student_targets!r}")
+
+
+# -- batches ----------------------------------------------------------------------------------
+
+
+def encode(
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int,
+    labels: Sequence[Label] | None = None,
+    label_names: Sequence[str] | None = None,
+) -> Batch:
+    """Tokenise texts into one batch, right-padded to its longest row, truncated at max_length.
+
+    labels: class indices (int) or names (str, looked up in ``label_names``).
+    Returns ``input_ids`` (B, T) int64, ``attention_mask`` (B, T) int64 and, with labels,
+    ``labels`` (B,) int64.
+    """
+    texts = list(texts)
+    if not texts:
+        raise ValueError("encode needs at least one text")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] is not a string (got {type(text).__name__})")
+    enc = tokenizer(
+        texts,
+        padding="longest",
+        truncation=True,
+        max_length=max_length,
+        padding_side="right",  # the model's position embeddings expect right padding
+        return_tensors="pt",
+        return_token_type_ids=False,
+    )
+    batch = {
+        "input_ids": enc["input_ids"].long(),  # (B, T)
+        "attention_mask": enc["attention_mask"].long(),  # (B, T)
+    }
+    if labels is not None:
+        ids = _label_ids(labels, label_names)
+        if len(ids) != len(texts):
+            raise ValueError(f"got {len(texts)} texts but {len(ids)} labels")
+        batch["labels"] = torch.from_numpy(ids)  # (B,)
+    return batch
+
+
+def batches(
+    model: FastBert,
+    texts: Sequence[str],
+    labels: Sequence[Label] | None = None,
+    batch_size: int = 32,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> Iterator[Batch]:
+    """Batches of ``encode`` over lists of texts (and labels), in order or shuffled with a
+    numpy Generator seeded by ``seed`` (shuffled batches group texts of similar length). Tokenised with the model's tokenizer and max_length;
+    string labels are looked up in ``model.config.labels``. Labels are checked here, before
+    the first batch."""
+    if model.tokenizer is None:
+        raise ValueError("the model has no tokenizer: build it with FastBert.from_backbone or from_pretrained")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    texts = list(texts)
+    ids = None if labels is None else _label_ids(labels, model.config.labels)
+    if ids is not None and len(ids) != len(texts):
+        raise ValueError(f"got {len(texts)} texts but {len(ids)} labels")
+    order = _bucketed_order(texts, batch_size, seed) if shuffle else np.arange(len(texts))
+    return _iter_batches(model, texts, ids, order, batch_size)
+
+
+def _bucketed_order(texts: list[str], batch_size: int, seed: int, batches_per_bucket: int = 50) -> np.ndarray:
+    """A shuffled order in which each batch holds texts of similar length, so batches pad
+    little: shuffle, sort each bucket of ``batches_per_bucket`` batches by length, cut it
+    into batches, and shuffle the batches."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(texts))
+    size = batch_size * batches_per_bucket
+    chunks = []
+    for start in range(0, len(order), size):
+        bucket = order[start : start + size]
+        bucket = bucket[np.argsort([len(texts[i]) for i in bucket], kind="stable")]
+        chunks += [bucket[i : i + batch_size] for i in range(0, len(bucket), batch_size)]
+    return np.concatenate([chunks[i] for i in rng.permutation(len(chunks))]) if chunks else order
+
+
+def _iter_batches(
+    model: FastBert, texts: list[str], ids: np.ndarray | None, order: np.ndarray, batch_size: int
+) -> Iterator[Batch]:
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = encode(model.tokenizer, [texts[i] for i in rows], model.config.max_length)
+        if ids is not None:
+            batch["labels"] = torch.from_numpy(ids[rows])  # (B,)
+        yield batch
+
+
+def _label_ids(labels: Sequence[Label], names: Sequence[str] | None) -> np.ndarray:
+    """Labels (indices or names) as an int64 array of indices, checked against ``names``."""
+    if isinstance(labels, (torch.Tensor, np.ndarray)):
+        labels = labels.tolist()
+    index = {} if names is None else {name: i for i, name in enumerate(names)}
+    out = np.empty(len(labels), dtype=np.int64)
+    for i, label in enumerate(labels):
+        if isinstance(label, str):
+            if label not in index:
+                known = f"known labels: {list(names)}" if names is not None else "no label names were given"
+                raise ValueError(f"unknown label {label!r} (row {i}); {known}")
+            out[i] = index[label]
+        elif isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+            if label < 0 or (names is not None and label >= len(names)):
+                raise ValueError(
+                    f"label index {label} (row {i}) out of range"
+                    + (f" for {len(names)} labels {list(names)}" if names is not None else "")
+                )
+            out[i] = label
+        else:
+            raise TypeError(f"labels must be indices (int) or names (str), got {label!r} (row {i})")
+    return out
+
+
+# -- stages and optimiser ---------------------------------------------------------------------
+
+
+def set_stage(model: FastBert | nn.Module, stage: Stage) -> list[nn.Parameter]:
+    """Freeze and set the modes of the model's parts for a stage; returns the trainable
+    parameters (for ``make_optimizer``).
+
+    ``"finetune"``: backbone and teacher trainable, train mode; students frozen, eval mode.
+    ``"distill"``: backbone and teacher frozen, eval mode (deterministic teacher); students
+    trainable, train mode. Accepts the model or a wrapper with ``.module`` (DDP).
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    fastbert = _unwrap(model)
+    teacher, students = fastbert.branches[-1], fastbert.branches[:-1]
+    if stage == "distill" and len(students) == 0:
+        raise ValueError("a 1-layer FastBert has no students to distil into")
+    finetune = stage == "finetune"
+    model.train()
+    for part in (fastbert.backbone, teacher):
+        part.train(finetune).requires_grad_(finetune)
+    for student in students:
+        student.train(not finetune).requires_grad_(not finetune)
+    return [p for p in fastbert.parameters() if p.requires_grad]
+
+
+def make_optimizer(
+    params: Iterable[nn.Parameter], lr: float, weight_decay: float, total_steps: int, warmup: float
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with a linear warm-up over ``int(warmup * total_steps)`` steps, then a linear
+    decay that reaches 0 exactly after ``total_steps`` steps.
+
+    ``total_steps`` is the number of optimizer steps of this stage alone (for distillation:
+    distill epochs x steps per epoch). Weight decay applies to matrices only: biases and
+    LayerNorm weights (every parameter with fewer than 2 dimensions) are not decayed. With a
+    warm-up, the first step runs at lr 0 (the ``transformers`` schedule).
+    """
+    from transformers import get_linear_schedule_with_warmup
+
+    params = list(params)
+    if not params:
+        raise ValueError("make_optimizer got no trainable parameters (did set_stage run?)")
+    if not isinstance(total_steps, (int, np.integer)) or total_steps < 1:
+        raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(warmup * total_steps), int(total_steps))
+    return optimizer, scheduler
+
+
+# -- one epoch --------------------------------------------------------------------------------
+
+
+@dataclass
+class EpochStats:
+    """What one ``train_epoch`` did."""
+
+    loss: float  # mean loss per row
+    steps: int  # optimizer steps
+    samples: int  # rows trained on
+    seconds: float  # wall-clock time of the epoch
+    samples_per_s: float
+
+
+def train_epoch(
+    model: FastBert | nn.Module,
+    batches: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    stage: Stage,
+    config: TrainConfig,
+    device: str | torch.device = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    log: Callable[[int, float, float], None] | None = None,
+) -> EpochStats:
+    """One pass over ``batches`` for a stage: one optimizer and scheduler step per batch.
+
+    The model must already be on ``device`` (batches are moved there). Calls ``set_stage``
+    first, so the parts' modes are right even after an ``evaluate``. ``"finetune"``: the
+    teacher's cross-entropy (needs labels). ``"distill"``: ``distillation_loss`` of the
+    students against the teacher (``config.kl``), or their cross-entropy with the labels when
+    ``config.student_targets == "labels"``; the frozen backbone and teacher build no autograd
+    graph and get no gradient. ``autocast_dtype`` (e.g. torch.bfloat16) runs the forward in
+    autocast; losses are computed in float32. ``log(step, loss, samples_per_s)`` is called
+    every ``config.log_every`` steps.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    set_stage(model, stage)
+    needs_labels = stage == "finetune" or config.student_targets == "labels"
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    device = torch.device(device)
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
+    )
+    total = torch.zeros((), device=device)  # sum of per-row losses, synced once at the end
+    steps = samples = 0
+    start = time.perf_counter()
+    for batch in batches:
+        input_ids = batch["input_ids"].to(device, non_blocking=True)  # (B, T)
+        attention_mask = batch["attention_mask"].to(device, non_blocking=True)  # (B, T)
+        labels = batch.get("labels")
+        if needs_labels and labels is None:
+            raise ValueError(
+                "the finetune stage needs batches with 'labels'"
+                if stage == "finetune"
+                else "student_targets='labels' trains the students on labels, but a batch has no "
+                "'labels': pass labelled batches or use student_targets='teacher'"
+            )
+        if labels is not None:
+            labels = labels.to(device, non_blocking=True)  # (B,)
+        with autocast():
+            out = model(input_ids, attention_mask)  # logits (L, B, N)
+        if stage == "finetune":
+            loss = teacher_loss(out.teacher_logits, labels)
+        elif config.student_targets == "labels":
+            loss = student_label_loss(out.student_logits, labels)
+        else:
+            loss = distillation_loss(out.student_logits, out.teacher_logits, config.kl)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        rows = input_ids.shape[0]
+        total += loss.detach() * rows
+        steps += 1
+        samples += rows
+        if log is not None and steps % config.log_every == 0:
+            log(steps, loss.item(), samples / (time.perf_counter() - start))
+    mean = total.item() / samples if samples else float("nan")  # .item() syncs the device
+    seconds = time.perf_counter() - start
+    return EpochStats(mean, steps, samples, seconds, samples / seconds if seconds > 0 else float("nan"))
+
+
+# -- evaluation -------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalStats:
+    """Accuracy of every exit and its agreement with the teacher. Accuracies count the rows
+    with labels (nan when none had any); agreement counts every row."""
+
+    samples: int
+    teacher_accuracy: float
+    exit_accuracy: list[float]  # per layer; the last is the teacher's
+    agreement: list[float]  # per layer: fraction of rows whose argmax equals the teacher's
+
+
+def evaluate(model: FastBert | nn.Module, batches: Iterable[Batch], device: str | torch.device = "cpu") -> EvalStats:
+    """Every exit's accuracy and agreement with the teacher over ``batches``, in eval mode
+    under ``torch.inference_mode``; the modules' training flags are restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    device = torch.device(device)
+    correct = agree = None
+    samples = labelled = 0
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).logits  # (L, B, N)
+                preds = logits.argmax(-1)  # (L, B)
+                same = (preds == preds[-1:]).sum(1)  # (L,)
+                agree = same if agree is None else agree + same
+                samples += preds.shape[1]
+                if batch.get("labels") is not None:
+                    hits = (preds == batch["labels"].to(device)[None]).sum(1)  # (L,)
+                    correct = hits if correct is None else correct + hits
+                    labelled += preds.shape[1]
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    layers = _unwrap(model).config.num_layers
+    agreement = (agree.cpu().double() / samples).tolist() if samples else [math.nan] * layers
+    exit_accuracy = (correct.cpu().double() / labelled).tolist() if labelled else [math.nan] * layers
+    return EvalStats(samples, exit_accuracy[-1], exit_accuracy, agreement)
+
+
+# -- the local convenience --------------------------------------------------------------------
+
+
+def fit(
+    model: FastBert,
+    train_texts: Sequence[str],
+    train_labels: Sequence[Label],
+    val_texts: Sequence[str],
+    val_labels: Sequence[Label],
+    config: TrainConfig,
+    distill_texts: Sequence[str] | None = None,
+    device: str | torch.device = "cpu",
+    log: Callable[[str], Any] | None = print,
+) -> dict[str, Any]:
+    """Both stages on lists of texts, evaluating on the validation set after every epoch.
+
+    Stage 1 (``config.epochs``) fine-tunes backbone + teacher on the labelled training set and
+    ends with the weights of its best epoch by validation teacher accuracy (on ties the later,
+    more trained epoch). Stage 2 (``config.distill_epochs``) distils the teacher into the students on
+    ``distill_texts`` (unlabelled; default: the training texts), or, with
+    ``config.student_targets == "labels"``, trains the students on the training labels.
+    Labels may be names (``model.config.labels``) or indices. ``log`` gets progress lines
+    (None: silent). The model is left on ``device``, in eval mode, every parameter trainable.
+
+    Returns ``{"finetune": [...], "distill": [...], "best_epoch": int | None}``: one dict per
+    epoch with epoch, loss, teacher_accuracy, exit_accuracy, agreement, seconds,
+    samples_per_s, steps and lr (the learning rate after the epoch's last step).
+    """
+    say = log if log is not None else (lambda line: None)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    train_texts, val_texts = list(train_texts), list(val_texts)
+    names = model.config.labels
+    train_ids, val_ids = _label_ids(train_labels, names), _label_ids(val_labels, names)
+    for what, texts, ids in (("train", train_texts, train_ids), ("val", val_texts, val_ids)):
+        if len(texts) != len(ids):
+            raise ValueError(f"got {len(texts)} {what} texts but {len(ids)} {what} labels")
+    if not val_texts:
+        raise ValueError("fit needs validation texts: it evaluates (and keeps the best epoch) on them")
+    if config.student_targets == "labels":
+        if distill_texts is not None:
+            raise ValueError(
+                "student_targets='labels' trains the students on the training labels; "
+                "distill_texts (unlabelled) cannot be used with it"
+            )
+        distill_texts, distill_ids = train_texts, train_ids
+    else:
+        distill_texts, distill_ids = (train_texts if distill_texts is None else list(distill_texts)), None
+    model.to(device)
+    history: dict[str, Any] = {"finetune": [], "distill": [], "best_epoch": None}
+
+    def stage_run(stage: Stage, epochs: int, lr: float, texts: list[str], ids: np.ndarray | None) -> None:
+        if epochs == 0:
+            return
+        if not texts:
+            raise ValueError(f"the {stage} stage got no texts")
+        params = set_stage(model, stage)
+        steps = epochs * math.ceil(len(texts) / config.batch_size)  # this stage's steps alone
+        optimizer, scheduler = make_optimizer(params, lr, config.weight_decay, steps, config.warmup)
+        best_accuracy, best_state = -1.0, None
+        for epoch in range(1, epochs + 1):
+            progress = lambda step, loss, sps: say(  # noqa: E731
+                f"{stage} epoch {epoch} step {step}: loss {loss:.4f}, {sps:.0f} samples/s"
+            )
+            train = batches(model, texts, ids, config.batch_size, shuffle=True, seed=config.seed + epoch)
+            stats = train_epoch(model, train, optimizer, scheduler, stage, config, device, log=progress)
+            ev = evaluate(model, batches(model, val_texts, val_ids, config.batch_size), device)
+            history[stage].append(
+                {
+                    "epoch": epoch,
+                    "loss": stats.loss,
+                    "teacher_accuracy": ev.teacher_accuracy,
+                    "exit_accuracy": ev.exit_accuracy,
+                    "agreement": ev.agreement,
+                    "seconds": stats.seconds,
+                    "samples_per_s": stats.samples_per_s,
+                    "steps": stats.steps,
+                    "lr": scheduler.get_last_lr()[0],
+                }
+            )
+            say(
+                f"{stage} epoch {epoch}/{epochs}: loss {stats.loss:.4f}, teacher acc "
+                f"{ev.teacher_accuracy:.4f}, exit acc {_fmt(ev.exit_accuracy)}, agreement "
+                f"{_fmt(ev.agreement)}, {stats.samples_per_s:.0f} samples/s, {stats.seconds:.1f} s"
+            )
+            if stage == "finetune" and ev.teacher_accuracy >= best_accuracy:
+                best_accuracy, history["best_epoch"] = ev.teacher_accuracy, epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if best_state is not None and history["best_epoch"] != epochs:
+            model.load_state_dict(best_state)
+            say(f"finetune: kept epoch {history['best_epoch']} (teacher acc {best_accuracy:.4f})")
+
+    stage_run("finetune", config.epochs, config.lr, train_texts, train_ids)
+    stage_run("distill", config.distill_epochs, config.distill_lr, distill_texts, distill_ids)
+    model.requires_grad_(True).eval()
+    return history
+
+
+def _unwrap(model: nn.Module) -> FastBert:
+    """The FastBert inside a wrapper such as DistributedDataParallel (``.module``)."""
+    return getattr(model, "module", model)
+
+
+def _fmt(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"

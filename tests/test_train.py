@@ -1,0 +1,332 @@
+"""Tests for pipeline.train on the tiny model: a learnable toy task end to end (both stages,
+then the early-exit Scorer), what each stage freezes, the schedules, bad input."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import Scorer
+from pipeline.train import (
+    EvalStats,
+    TrainConfig,
+    batches,
+    encode,
+    evaluate,
+    fit,
+    make_optimizer,
+    set_stage,
+    train_epoch,
+)
+from tiny import tiny_model
+
+LABELS = ("neg", "pos")
+FILLER = [f"w{i}" for i in range(60)] + ["the", "movie", "was", "fine"]
+FAST = dict(lr=3e-3, distill_lr=3e-3, batch_size=16)  # tiny models need a large learning rate
+
+
+def toy_task(rng: np.random.Generator, n: int) -> tuple[list[str], list[str]]:
+    """Random filler words with one keyword at a random place: "good" -> "pos", "bad" -> "neg"."""
+    texts, labels = [], []
+    for _ in range(n):
+        y = int(rng.integers(2))
+        words = list(rng.choice(FILLER, size=int(rng.integers(2, 12))))
+        words.insert(int(rng.integers(len(words) + 1)), "good" if y else "bad")
+        texts.append(" ".join(words))
+        labels.append(LABELS[y])
+    return texts, labels
+
+
+def accuracy(predictions: Iterable[str], labels: Iterable[str]) -> float:
+    return float(np.mean(np.array(list(predictions), dtype=object) == np.array(list(labels), dtype=object)))
+
+
+def recording(batches: Iterable[dict], optimizer: torch.optim.Optimizer, lrs: list[float]) -> Iterator[dict]:
+    """Pass batches through, recording the learning rate each batch's step will use."""
+    for batch in batches:
+        lrs.append(optimizer.param_groups[0]["lr"])
+        yield batch
+
+
+def parts(model) -> dict[str, dict[str, torch.Tensor]]:
+    """Copies of the state tensors of the backbone, the teacher and the students."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    teacher = f"branches.{model.config.num_layers - 1}."
+    return {
+        "backbone": {k: v for k, v in state.items() if k.startswith("backbone.")},
+        "teacher": {k: v for k, v in state.items() if k.startswith(teacher)},
+        "students": {k: v for k, v in state.items() if k.startswith("branches.") and not k.startswith(teacher)},
+    }
+
+
+def unchanged(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> bool:
+    return before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+# -- the toy task end to end: labels as names, unlabelled distillation text -------------------
+
+
+@pytest.fixture(scope="module")
+def trained() -> SimpleNamespace:
+    rng = np.random.default_rng(0)
+    train_texts, train_labels = toy_task(rng, 256)
+    val_texts, val_labels = toy_task(rng, 128)
+    distill_texts, _ = toy_task(rng, 192)  # unlabelled, another size than the training set
+    model = tiny_model(labels=LABELS, seed=0)
+    config = TrainConfig(epochs=5, distill_epochs=4, seed=0, **FAST)
+    lines: list[str] = []
+    history = fit(model, train_texts, train_labels, val_texts, val_labels, config,
+                  distill_texts=distill_texts, log=lines.append)
+    return SimpleNamespace(model=model, history=history, config=config, lines=lines,
+                           val_texts=val_texts, val_labels=val_labels, distill_texts=distill_texts)
+
+
+def test_finetune_learns_the_task(trained):
+    finetune = trained.history["finetune"]
+    assert [r["epoch"] for r in finetune] == [1, 2, 3, 4, 5]
+    assert finetune[-1]["loss"] < 0.5 * finetune[0]["loss"]
+    best = trained.history["best_epoch"]
+    assert finetune[best - 1]["teacher_accuracy"] == max(r["teacher_accuracy"] for r in finetune) >= 0.9
+    # the restored best epoch is the teacher the distillation stage saw (frozen there)
+    for record in trained.history["distill"]:
+        assert record["teacher_accuracy"] == finetune[best - 1]["teacher_accuracy"]
+    stats = evaluate(trained.model, batches(trained.model, trained.val_texts, trained.val_labels))
+    assert isinstance(stats, EvalStats) and stats.samples == len(trained.val_texts)
+    assert stats.teacher_accuracy >= 0.9
+    assert stats.exit_accuracy[-1] == stats.teacher_accuracy and stats.agreement[-1] == 1.0
+
+
+def test_distillation_makes_the_first_exit_agree_with_the_teacher(trained):
+    distill = trained.history["distill"]
+    assert len(distill) == 4
+    steps = math.ceil(len(trained.distill_texts) / trained.config.batch_size)  # the unlabelled texts
+    assert all(r["steps"] == steps for r in distill)
+    assert distill[-1]["loss"] < distill[0]["loss"]
+    assert distill[-1]["agreement"][0] >= 0.8
+    assert distill[-1]["exit_accuracy"][0] >= 0.8
+    for key in ("loss", "teacher_accuracy", "exit_accuracy", "agreement", "seconds", "samples_per_s", "lr"):
+        assert key in distill[-1] and key in trained.history["finetune"][-1]
+    assert any(line.startswith("distill epoch 4/4") for line in trained.lines)
+
+
+def test_scorer_exits_early_at_nearly_the_same_accuracy(trained):
+    full = Scorer(trained.model, speed=0.0, micro_batch=32, device="cpu")
+    fast = Scorer(trained.model, speed=0.5, micro_batch=32, device="cpu")
+    full_predictions = full(trained.val_texts).column("prediction").to_pylist()
+    fast_predictions = fast(trained.val_texts).column("prediction").to_pylist()
+    # string labels round-trip: the Scorer answers with the names the labels were given as
+    assert set(full_predictions) | set(fast_predictions) <= set(LABELS)
+    full_accuracy = accuracy(full_predictions, trained.val_labels)
+    fast_accuracy = accuracy(fast_predictions, trained.val_labels)
+    assert full_accuracy >= 0.9
+    assert fast_accuracy >= full_accuracy - 0.05
+    assert fast.stats.flops < 0.8 * full.stats.flops
+    assert fast.stats.exit_counts[0] > 0
+
+
+def test_each_stage_schedule_reaches_zero_exactly_at_its_end(trained):
+    for stage in ("finetune", "distill"):
+        lrs = [r["lr"] for r in trained.history[stage]]
+        assert all(lr > 0 for lr in lrs[:-1]), (stage, lrs)
+        assert lrs[-1] == 0.0, (stage, lrs)
+
+
+# -- what each stage trains -------------------------------------------------------------------
+
+
+def small_batches(model, n: int = 48, seed: int = 0, labelled: bool = True) -> list[dict]:
+    texts, labels = toy_task(np.random.default_rng(seed), n)
+    return list(batches(model, texts, labels if labelled else None, batch_size=16))
+
+
+@pytest.mark.parametrize("kl", ["paper", "reverse"])
+def test_distill_keeps_backbone_and_teacher_bitwise_unchanged(kl):
+    model = tiny_model(labels=LABELS, seed=1)
+    data = small_batches(model, labelled=False)
+    config = TrainConfig(kl=kl, **FAST)
+    before = parts(model)
+    params = set_stage(model, "distill")
+    optimizer, scheduler = make_optimizer(params, 1e-2, 0.1, total_steps=len(data), warmup=0.0)
+    stats = train_epoch(model, data, optimizer, scheduler, "distill", config)
+    assert stats.steps == len(data) and stats.samples == 48 and math.isfinite(stats.loss)
+    after = parts(model)
+    assert unchanged(before["backbone"], after["backbone"])
+    assert unchanged(before["teacher"], after["teacher"])
+    assert not unchanged(before["students"], after["students"])
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(p.grad is None for p in model.branches[-1].parameters())
+
+
+def test_finetune_leaves_the_students_unchanged():
+    model = tiny_model(labels=LABELS, seed=1)
+    data = small_batches(model)
+    before = parts(model)
+    params = set_stage(model, "finetune")
+    optimizer, scheduler = make_optimizer(params, 1e-2, 0.1, total_steps=len(data), warmup=0.0)
+    train_epoch(model, data, optimizer, scheduler, "finetune", TrainConfig(**FAST))
+    after = parts(model)
+    assert unchanged(before["students"], after["students"])
+    assert not unchanged(before["backbone"], after["backbone"])
+    assert not unchanged(before["teacher"], after["teacher"])
+
+
+def test_set_stage_modes_and_parameters():
+    model = tiny_model(labels=LABELS, seed=1)
+    student_params = {id(p) for b in model.branches[:-1] for p in b.parameters()}
+    params = set_stage(model, "distill")
+    assert {id(p) for p in params} == student_params
+    assert not model.backbone.training and not model.branches[-1].training
+    assert all(b.training for b in model.branches[:-1])
+    params = set_stage(model, "finetune")
+    assert {id(p) for p in params} == {id(p) for p in model.parameters()} - student_params
+    assert model.backbone.training and model.branches[-1].training
+    with pytest.raises(ValueError, match="stage must be one of"):
+        set_stage(model, "pretrain")
+
+
+def test_student_targets_labels_trains_the_students_on_labels():
+    rng = np.random.default_rng(2)
+    train_texts, train_labels = toy_task(rng, 256)
+    val_texts, val_labels = toy_task(rng, 128)
+    as_ints = lambda labels: [LABELS.index(label) for label in labels]  # noqa: E731  labels as indices
+    model = tiny_model(labels=LABELS, seed=2)
+    before = parts(model)
+    config = TrainConfig(epochs=0, distill_epochs=6, student_targets="labels", seed=2, **FAST)
+    history = fit(model, train_texts, as_ints(train_labels), val_texts, as_ints(val_labels), config, log=None)
+    assert history["finetune"] == [] and len(history["distill"]) == 6
+    assert history["distill"][-1]["exit_accuracy"][0] >= 0.85  # students learnt the labels ...
+    after = parts(model)
+    assert unchanged(before["backbone"], after["backbone"])  # ... on a frozen random backbone
+    assert unchanged(before["teacher"], after["teacher"])
+
+
+# -- the distillation schedule ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("warmup", [0.0, 0.1])
+def test_distill_learning_rate_is_positive_until_the_last_step_and_zero_after(warmup):
+    model = tiny_model(labels=LABELS, seed=3)
+    data = small_batches(model, n=64, labelled=False)  # 4 batches
+    epochs = 3
+    params = set_stage(model, "distill")
+    optimizer, scheduler = make_optimizer(params, 2e-4, 0.01, total_steps=epochs * len(data), warmup=warmup)
+    lrs: list[float] = []
+    for _ in range(epochs):
+        train_epoch(model, recording(data, optimizer, lrs), optimizer, scheduler, "distill", TrainConfig())
+    assert len(lrs) == 12
+    warm = int(warmup * 12)  # the transformers schedule spends its first warm-up step at lr 0
+    assert all(lr == 0.0 for lr in lrs[:warm]) and all(lr > 0 for lr in lrs[warm:]), lrs
+    assert max(lrs) == pytest.approx(2e-4)
+    assert lrs[-1] > 0 and optimizer.param_groups[0]["lr"] == 0.0  # zero exactly after the last step
+    decay = lrs[warm:]
+    assert all(a > b for a, b in zip(decay, decay[1:]))  # linear decay, never flat at 0 early
+
+
+def test_weight_decay_skips_biases_and_layer_norms():
+    model = tiny_model(labels=LABELS)
+    optimizer, _ = make_optimizer(set_stage(model, "finetune"), 1e-3, 0.05, total_steps=10, warmup=0.1)
+    decays = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert decays[id(model.backbone.embeddings.LayerNorm.weight)] == 0.0
+    assert decays[id(model.branches[-1].classifier.bias)] == 0.0
+    assert decays[id(model.branches[-1].classifier.weight)] == 0.05
+    assert decays[id(model.backbone.embeddings.word_embeddings.weight)] == 0.05
+
+
+# -- helpers: encode, batches, evaluate, autocast ----------------------------------------------
+
+
+def test_encode_pads_to_the_longest_and_truncates():
+    model = tiny_model(labels=LABELS)
+    batch = encode(model.tokenizer, ["good", "bad w1 w2 w3 w4 w5 w6"], max_length=5, labels=["pos", 0],
+                   label_names=LABELS)
+    assert batch["input_ids"].shape == (2, 5) and batch["input_ids"].dtype == torch.int64
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert batch["labels"].tolist() == [1, 0] and batch["labels"].dtype == torch.int64
+    assert "labels" not in encode(model.tokenizer, ["good"], max_length=5)
+
+
+def test_batches_are_seeded_and_cover_every_row():
+    model = tiny_model(labels=LABELS)
+    texts = [f"w{i}" for i in range(10)]
+    labels = [i % 2 for i in range(10)]
+    first = [b["labels"].tolist() for b in batches(model, texts, labels, batch_size=4, shuffle=True, seed=5)]
+    again = [b["labels"].tolist() for b in batches(model, texts, labels, batch_size=4, shuffle=True, seed=5)]
+    assert first == again and [len(b) for b in first] == [4, 4, 2]
+    ids = torch.cat([b["input_ids"][:, 1] for b in batches(model, texts, batch_size=4, shuffle=True, seed=5)])
+    assert sorted(ids.tolist()) == sorted(model.tokenizer.convert_tokens_to_ids(texts))
+    in_order = torch.cat([b["input_ids"][:, 1] for b in batches(model, texts, batch_size=4)])
+    assert in_order.tolist() == model.tokenizer.convert_tokens_to_ids(texts)
+
+
+def test_evaluate_restores_the_training_flags():
+    model = tiny_model(labels=LABELS)
+    set_stage(model, "distill")
+    flags = [m.training for m in model.modules()]
+    stats = evaluate(model, small_batches(model, n=20))
+    assert [m.training for m in model.modules()] == flags
+    assert stats.samples == 20 and len(stats.exit_accuracy) == len(stats.agreement) == 3
+    unlabelled = evaluate(model, small_batches(model, n=20, labelled=False))
+    assert math.isnan(unlabelled.teacher_accuracy) and unlabelled.agreement[-1] == 1.0
+
+
+def test_train_epoch_in_bfloat16_autocast_and_logging():
+    model = tiny_model(labels=LABELS, seed=4)
+    data = small_batches(model)
+    optimizer, scheduler = make_optimizer(set_stage(model, "finetune"), 1e-3, 0.01, len(data), 0.0)
+    logged: list[tuple[int, float, float]] = []
+    stats = train_epoch(model, data, optimizer, scheduler, "finetune", TrainConfig(log_every=1),
+                        autocast_dtype=torch.bfloat16, log=lambda *args: logged.append(args))
+    assert math.isfinite(stats.loss) and stats.samples_per_s > 0
+    assert [step for step, _, _ in logged] == [1, 2, 3]
+    assert all(math.isfinite(loss) for _, loss, _ in logged)
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+def test_unknown_label_names_it_and_lists_the_known_ones():
+    model = tiny_model(labels=LABELS)
+    with pytest.raises(ValueError, match=r"unknown label 'positive'.*\['neg', 'pos'\]"):
+        batches(model, ["good", "bad"], ["positive", "neg"])  # checked before the first batch
+    with pytest.raises(ValueError, match=r"unknown label 'positive'.*\['neg', 'pos'\]"):
+        fit(model, ["good"], ["positive"], ["bad"], ["neg"], TrainConfig(), log=None)
+    with pytest.raises(ValueError, match="label index 2"):
+        encode(model.tokenizer, ["good"], 8, labels=[2], label_names=LABELS)
+    with pytest.raises(ValueError, match="2 texts but 1 labels"):
+        batches(model, ["good", "bad"], ["pos"])
+
+
+def test_student_targets_labels_without_labels_is_a_clear_error():
+    model = tiny_model(labels=LABELS)
+    data = small_batches(model, n=16, labelled=False)
+    optimizer, scheduler = make_optimizer(set_stage(model, "distill"), 1e-3, 0.01, 1, 0.0)
+    with pytest.raises(ValueError, match="student_targets='labels'.*no 'labels'"):
+        train_epoch(model, data, optimizer, scheduler, "distill", TrainConfig(student_targets="labels"))
+    with pytest.raises(ValueError, match="finetune stage needs batches with 'labels'"):
+        train_epoch(model, data, optimizer, scheduler, "finetune", TrainConfig())
+    with pytest.raises(ValueError, match="distill_texts"):
+        fit(model, ["good"], ["pos"], ["bad"], ["neg"], TrainConfig(student_targets="labels"),
+            distill_texts=["w1"], log=None)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"epochs": -1}, "epochs and distill_epochs must be >= 0"),
+        ({"batch_size": 0}, "batch_size and log_every must be >= 1"),
+        ({"lr": 0.0}, "lr and distill_lr must be > 0"),
+        ({"warmup": 1.0}, r"warmup is a fraction .* \[0, 1\)"),
+        ({"kl": "forward"}, "kl must be 'paper'"),
+        ({"student_targets": "students"}, "student_targets must be 'teacher' or 'labels'"),
+        ({"epochs": 1.5}, "TrainConfig.epochs must be an integer"),
+        ({"max_grad_norm": -1.0}, "weight_decay and max_grad_norm must be >= 0"),
+    ],
+)
+def test_train_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
