@@ -2,7 +2,7 @@
 # Developer entry point: sets up the Python environment (once; later calls skip
 # pip) and runs the demo, the tests or any module of the repo.
 #
-#   ./dev.sh demo               python -m jobs.demo (bundled backbone + data, local Ray)
+#   ./dev.sh demo               python -m jobs.demo (bundled backbone + data, R8 trade-off table)
 #   ./dev.sh test [ARGS...]     python -m pytest -q ARGS...
 #   ./dev.sh run MODULE [ARGS]  python -m MODULE ARGS...
 #   ./dev.sh setup              only set up the environment

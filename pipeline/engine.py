@@ -157,7 +157,7 @@ class Scorer:
         ids = np.full((len(rows), T), self._pad_id, dtype=np.int64)  # (b, T) right-padded
         for j, r in enumerate(rows.tolist()):
             ids[j, : lengths[j]] = ids_of[r]
-        input_ids = torch.from_numpy(ids).to(self.device, non_blocking=True)  # (b, T)
+        input_ids = self._to_device(ids)  # (b, T)
         return _Chunk(self.model.embed(input_ids), lengths, rows)  # hidden (b, T, H)
 
     def _step(self, k: int, chunk: _Chunk) -> None:
@@ -167,7 +167,7 @@ class Scorer:
         b, T = hidden.shape[:2]
         mask = None  # (b, T) bool, True at real tokens; None when nothing is padded
         if int(lengths.min()) < T:
-            real = torch.from_numpy(lengths).to(self.device, non_blocking=True)  # (b,)
+            real = self._to_device(lengths)  # (b,)
             mask = self._positions[:T][None, :] < real[:, None]  # (b, T)
         hidden = self.model.run_layer(k, hidden, self.model.layer_mask(mask, hidden.dtype))  # (b, T, H)
 
@@ -189,8 +189,16 @@ class Scorer:
         stay_lengths = lengths[stay]
         kept = hidden[:, : int(stay_lengths.max())]  # (b, T', H) view: survivors may be shorter
         if len(stay) < b:
-            kept = kept.index_select(0, torch.from_numpy(stay).to(self.device, non_blocking=True))  # (b', T', H)
+            kept = kept.index_select(0, self._to_device(stay))  # (b', T', H)
         self._push(k + 1, _Chunk(kept, stay_lengths, chunk.rows[stay]))
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the scoring device. On CUDA through pinned memory, so the copy is
+        queued without a host sync (a copy from pageable memory would wait for the stream)."""
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def _push(self, k: int, chunk: _Chunk) -> None:
         self._pools[k].append(chunk)
