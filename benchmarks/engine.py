@@ -110,9 +110,10 @@ def exits_for_speed(model: FastBert, texts: list[str], speeds: np.ndarray) -> tu
     return first, np.array([len(r) for r in ids])
 
 
-def flop_speedup(model: FastBert, lengths: np.ndarray, exits: np.ndarray) -> float:
+def flop_speedup(model: FastBert, lengths: np.ndarray, exits: np.ndarray, speed: float = 1.0) -> float:
+    """Full-depth FLOPs over the FLOPs of these exits; at speed 0 no student branch runs."""
     full = flop_account.full_depth_flops(model.config, lengths).sum()
-    return float(full / flop_account.row_flops(model.config, lengths, exits).sum())
+    return float(full / flop_account.row_flops(model.config, lengths, exits, students=speed > 0).sum())
 
 
 def timed(fn, repeats: int):
@@ -178,7 +179,7 @@ def main(argv=None) -> list[dict]:
         rows_per_s = len(texts) / seconds
         row = {
             "way": way, "speed": s, "micro_batch": mb, "device": args.device, "rows_per_s": rows_per_s,
-            "mean_exit_layer": float(exits.mean()), "flop_speedup": flop_speedup(model, lengths, exits),
+            "mean_exit_layer": float(exits.mean()), "flop_speedup": flop_speedup(model, lengths, exits, s),
         }
         if predictions is not None:
             row["accuracy"] = float((predictions == truth).mean())
