@@ -55,6 +55,7 @@ class TrainConfig:
 
     epochs: int = 3  # stage 1 (fine-tuning) epochs; 0 skips the stage
     lr: float = 2e-5  # stage 1 peak learning rate
+    head_lr: float | None = None  # stage 1 peak rate of the (randomly initialised) teacher; None: lr
     distill_epochs: int = 5  # stage 2 (self-distillation) epochs; 0 skips the stage
     distill_lr: float = 2e-4  # stage 2 peak learning rate
     warmup: float = 0.1  # fraction of each stage's steps with a linear warm-up
@@ -78,8 +79,10 @@ class TrainConfig:
             )
         if self.batch_size < 1 or self.log_every < 1:
             raise ValueError(f"batch_size and log_every must be >= 1, got {self.batch_size} and {self.log_every}")
-        if not self.lr > 0 or not self.distill_lr > 0:
-            raise ValueError(f"lr and distill_lr must be > 0, got {self.lr} and {self.distill_lr}")
+        if not self.lr > 0 or not self.distill_lr > 0 or not (self.head_lr is None or self.head_lr > 0):
+            raise ValueError(
+                f"lr, head_lr and distill_lr must be > 0, got {self.lr}, {self.head_lr} and {self.distill_lr}"
+            )
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup is a fraction of each stage's steps in [0, 1), got {self.warmup}")
         if not self.weight_decay >= 0 or not self.max_grad_norm >= 0:
@@ -236,7 +239,13 @@ def set_stage(model: FastBert | nn.Module, stage: Stage) -> list[nn.Parameter]:
 
 
 def make_optimizer(
-    params: Iterable[nn.Parameter], lr: float, weight_decay: float, total_steps: int, warmup: float
+    params: Iterable[nn.Parameter],
+    lr: float,
+    weight_decay: float,
+    total_steps: int,
+    warmup: float,
+    head_params: Iterable[nn.Parameter] = (),
+    head_lr: float | None = None,
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with a linear warm-up over ``int(warmup * total_steps)`` steps, then a linear
     decay that reaches 0 exactly after ``total_steps`` steps.
@@ -244,7 +253,9 @@ def make_optimizer(
     ``total_steps`` is the number of optimizer steps of this stage alone (for distillation:
     distill epochs x steps per epoch). Weight decay applies to matrices only: biases and
     LayerNorm weights (every parameter with fewer than 2 dimensions) are not decayed. With a
-    warm-up, the first step runs at lr 0 (the ``transformers`` schedule).
+    warm-up, the first step runs at lr 0 (the ``transformers`` schedule). Those of ``params``
+    that are also in ``head_params`` peak at ``head_lr`` instead (a new classifier head learns
+    faster than the pretrained backbone it sits on); the schedule scales both alike.
     """
     from transformers import get_linear_schedule_with_warmup
 
@@ -253,9 +264,13 @@ def make_optimizer(
         raise ValueError("make_optimizer got no trainable parameters (did set_stage run?)")
     if not isinstance(total_steps, (int, np.integer)) or total_steps < 1:
         raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    head = {id(p) for p in head_params} if head_lr is not None else set()
+    groups = [
+        {"params": [p for p in params if (id(p) in head) == is_head and (p.ndim >= 2) == decays],
+         "weight_decay": weight_decay if decays else 0.0, "lr": head_lr if is_head else lr}
+        for is_head in (False, True)
+        for decays in (True, False)
+    ]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(warmup * total_steps), int(total_steps))
     return optimizer, scheduler
@@ -448,7 +463,9 @@ def fit(
             raise ValueError(f"the {stage} stage got no texts")
         params = set_stage(model, stage)
         steps = epochs * math.ceil(len(texts) / config.batch_size)  # this stage's steps alone
-        optimizer, scheduler = make_optimizer(params, lr, config.weight_decay, steps, config.warmup)
+        head = _unwrap(model).branches[-1].parameters() if stage == "finetune" else ()
+        optimizer, scheduler = make_optimizer(params, lr, config.weight_decay, steps, config.warmup,
+                                              head_params=head, head_lr=config.head_lr if stage == "finetune" else None)
         best_accuracy, best_state = -1.0, None
         for epoch in range(1, epochs + 1):
             progress = lambda step, loss, sps: say(  # noqa: E731
