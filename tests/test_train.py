@@ -330,3 +330,14 @@ def test_student_targets_labels_without_labels_is_a_clear_error():
 def test_train_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**kwargs)
+
+
+def test_head_lr_applies_to_the_teacher_only():
+    model = tiny_model()
+    params = set_stage(model, "finetune")
+    optimizer, _ = make_optimizer(params, 1e-4, 0.01, 10, 0.0, head_params=model.branches[-1].parameters(),
+                                  head_lr=1e-3)
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert {lr_of[id(p)] for p in model.branches[-1].parameters()} == {1e-3}
+    assert {lr_of[id(p)] for p in model.backbone.parameters()} == {1e-4}
+    assert len(lr_of) == len(params)
