@@ -34,7 +34,7 @@ class DemoConfig:
     distill_epochs: int = 2
     lr: float = 2e-4  # higher than the paper's 2e-5: under a hundred steps instead of 3 full epochs
     head_lr: float = 2e-3  # the new teacher head learns faster (R8, 1,200 rows: 0.89 val. accuracy vs 0.81 at 1e-4 alone)
-    distill_lr: float = 2e-4
+    distill_lr: float = 1e-3  # the paper's 2e-4 is for thousands of steps; 76 steps leave students at 0.51-0.82 agreement, 1e-3 at 0.92-0.96
     batch_size: int = 32
     max_length: int = 128
     micro_batch: int = 32
