@@ -1,0 +1,475 @@
+"""FastBERT's two training stages as a Ray Train job: data-parallel fine-tuning, then
+self-distillation, each on its own ``TorchTrainer``.
+
+The driver (``run``) checks the input, builds the Ray Data pipelines (Parquet -> tokenised
+rows: token id lists and label ids) and runs two trainers. The per-worker loop
+(``train_loop``) is ordinary PyTorch on the pieces of ``pipeline.train``; the Ray calls are
+marked ``# Ray``: its shard of each dataset, the DDP wrapper, the checkpoint it resumes from
+and the per-epoch report with a checkpoint (``model.save_pretrained`` output plus
+``state.json``; no pickle). The worker pads each batch in ``collate``.
+
+Stage 1 (``"finetune"``) keeps the epoch with the best validation teacher accuracy; stage 2
+(``"distill"``) starts from it with the backbone and teacher frozen. Every epoch is
+checkpointed under ``RunConfig(storage_path, name)``: a failed worker restarts from the
+latest checkpoint (``FailureConfig(max_failures)``), and running the same job again resumes
+where it stopped (epochs already done are skipped). The result lands in ``output``: a folder
+``FastBert.from_pretrained`` loads, plus ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from pipeline.model import CONFIG_FILE, FastBert
+from pipeline.train import (
+    STAGES,
+    EvalStats,
+    Stage,
+    TrainConfig,
+    _fmt,
+    encode,
+    evaluate,
+    make_optimizer,
+    set_stage,
+    train_epoch,
+)
+
+STATE_FILE = "state.json"
+METRICS_FILE = "metrics.json"
+RAY_FOLDER = "_ray"  # default storage of the Ray runs, inside the output folder
+# arguments that do not change what is trained: a re-run may change them and still resume
+NOT_COMPARED = ("overwrite", "max_failures", "workers", "use_gpu", "storage", "log_every")
+
+
+@dataclass
+class TrainJobConfig:
+    """A training job: its input, output and the settings of both stages."""
+
+    train: str  # Parquet file or folder (local path or fsspec URI) with text and label columns
+    validation: str  # Parquet with the same columns; evaluated after every epoch
+    output: str  # folder for the trained model and metrics.json
+    distill: str | None = None  # unlabelled Parquet (text column) for stage 2; None: the training texts
+    text_column: str = "text"
+    label_column: str = "label"  # strings or integers; the model predicts their string names
+    backbone: str = "bundled"  # a BERT-shaped HF folder or name, or "bundled"
+    workers: int = 2  # Ray Train workers (data-parallel)
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    epochs: int = 3  # stage 1 (fine-tuning) epochs
+    distill_epochs: int = 5  # stage 2 (self-distillation) epochs; 0 skips the stage
+    lr: float = 2e-5
+    head_lr: float | None = None  # stage 1 rate of the new teacher head; None: lr
+    distill_lr: float = 2e-4
+    batch_size: int = 32  # rows per step on each worker
+    max_length: int = 128  # tokens per text; longer texts are truncated
+    seed: int = 0
+    max_rows: int | None = None  # read at most this many rows of each input (for trials)
+    student_targets: Literal["teacher", "labels"] = "teacher"  # "labels": the paper's ablation
+    max_failures: int = 2  # worker failures each stage survives (restarts from its last checkpoint)
+    overwrite: bool = False  # replace a different model already in output
+    storage: str | None = None  # Ray run storage; None: <output>/_ray
+    log_every: int = 50  # steps between progress lines (rank 0)
+
+    def __post_init__(self) -> None:
+        for name in ("train", "validation", "output", "text_column", "label_column", "backbone"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"TrainJobConfig.{name} must be a non-empty string, got {getattr(self, name)!r}")
+        for name in ("workers", "epochs", "distill_epochs", "batch_size", "max_length", "seed", "max_failures",
+                     "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"TrainJobConfig.{name} must be an integer, got {value!r}")
+        if self.workers < 1 or self.epochs < 1 or self.batch_size < 1 or self.log_every < 1:
+            raise ValueError(
+                f"workers, epochs, batch_size and log_every must be >= 1, got {self.workers}, "
+                f"{self.epochs}, {self.batch_size} and {self.log_every}"
+            )
+        if self.distill_epochs < 0 or self.max_failures < 0:
+            raise ValueError(f"distill_epochs and max_failures must be >= 0, got {self.distill_epochs} "
+                             f"and {self.max_failures}")
+        if self.max_rows is not None and (isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int)
+                                          or self.max_rows < 1):
+            raise ValueError(f"max_rows must be a positive integer or None, got {self.max_rows!r}")
+        if self.use_gpu not in (None, True, False):
+            raise ValueError(f"use_gpu must be True, False or None (use GPUs if the cluster has them), "
+                             f"got {self.use_gpu!r}")
+        if self.text_column == self.label_column:
+            raise ValueError(f"text_column and label_column are both {self.text_column!r}")
+        if self.distill is not None and self.student_targets == "labels":
+            raise ValueError("student_targets='labels' trains the students on the training labels; "
+                             "an unlabelled distill input cannot be used with it")
+        self.train_config()  # checks the learning rates and student_targets
+
+    def train_config(self) -> TrainConfig:
+        """The TrainConfig of ``pipeline.train`` for these settings."""
+        return TrainConfig(epochs=self.epochs, lr=self.lr, head_lr=self.head_lr, distill_epochs=self.distill_epochs,
+                           distill_lr=self.distill_lr, batch_size=self.batch_size,
+                           student_targets=self.student_targets, seed=self.seed, log_every=self.log_every)
+
+    @property
+    def storage_path(self) -> str:
+        return self.storage or f"{self.output.rstrip('/')}/{RAY_FOLDER}"
+
+    def arguments(self) -> dict[str, Any]:
+        """The arguments that define what is trained (compared when a job is run again)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_COMPARED}
+
+
+# -- the driver -------------------------------------------------------------------------------
+
+
+@dataclass
+class Inputs:
+    """What the driver learnt from checking the input."""
+
+    labels: list[str]  # label names, sorted; the model predicts their index
+    train_rows: int
+    validation_rows: int
+    distill_rows: int | None
+
+
+def run(job: TrainJobConfig, log=print) -> dict[str, Any]:
+    """Run both stages on Ray (``ray.init`` first, or Ray starts a local instance); returns
+    the contents of ``metrics.json``. Bad input raises ValueError before any worker starts."""
+    import fsspec
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    inputs = check_inputs(job)
+    model = FastBert.from_backbone(job.backbone, labels=inputs.labels, max_length=job.max_length)  # checks both
+    tokenizer = model.tokenizer
+    del model
+    if job.overwrite:  # the old model and the Ray runs it would otherwise resume
+        for uri in (job.output, *(f"{job.storage_path.rstrip('/')}/{stage}" for stage in STAGES)):
+            fs, path = fsspec.core.url_to_fs(uri)
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+    use_gpu = job.use_gpu if job.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+
+    def read(uri: str, with_labels: bool):
+        return _dataset(uri, job, tokenizer, inputs.labels if with_labels else None)
+
+    validation = read(job.validation, True)
+    loop_config = {"job": dataclasses.asdict(job), "labels": inputs.labels}
+
+    def trainer(stage: Stage, datasets: dict, rows: int, **extra: Any) -> TorchTrainer:
+        return TorchTrainer(
+            train_loop,
+            train_loop_config={**loop_config, "stage": stage, "train_rows": rows, **extra},
+            scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=use_gpu),
+            run_config=RunConfig(
+                storage_path=job.storage_path,
+                name=stage,
+                failure_config=FailureConfig(max_failures=job.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=None),  # stage 2 starts from stage 1's best
+            ),
+            datasets={**datasets, "validation": validation},
+        )
+
+    log(f"finetune: {inputs.train_rows} rows on {job.workers} workers ({'GPU' if use_gpu else 'CPU'})")
+    result = trainer("finetune", {"train": read(job.train, True)}, inputs.train_rows).fit()
+    state = _read_state(result.checkpoint)
+    best = _checkpoint_of_epoch(result, state["best_epoch"])
+    final = best
+    if job.distill_epochs > 0:
+        if job.distill is not None:
+            datasets, rows = {"train": read(job.distill, False)}, inputs.distill_rows
+        else:
+            datasets, rows = {"train": read(job.train, job.student_targets == "labels")}, inputs.train_rows
+        log(f"distill: {rows} rows from epoch {state['best_epoch']} of the fine-tuning")
+        result = trainer("distill", datasets, rows, start=best).fit()
+        final = result.checkpoint
+    final_state = _read_state(final)
+    metrics = {
+        "arguments": job.arguments(),
+        "labels": inputs.labels,
+        "best_epoch": state["best_epoch"],
+        "finetune": state["history"],
+        "distill": final_state["history"] if job.distill_epochs > 0 else [],
+    }
+    _publish(final, job.output, metrics)
+    log(f"model and {METRICS_FILE} written to {job.output}")
+    return metrics
+
+
+def check_inputs(job: TrainJobConfig) -> Inputs:
+    """Check the input and the output folder on the driver; raises a one-line ValueError
+    naming the file and column. Reads the text and label columns only."""
+    train_labels, train_rows = _read_labels(job.train, job, job.label_column)
+    val_labels, val_rows = _read_labels(job.validation, job, job.label_column)
+    distill_rows = None if job.distill is None else _read_labels(job.distill, job, None)[1]
+    for uri, rows in ((job.train, train_rows), (job.distill, distill_rows)):
+        if rows is not None and rows < job.workers:
+            raise ValueError(f"{uri}: {rows} rows cannot feed {job.workers} workers")
+    names = sorted(set(train_labels))
+    if len(names) < 2:
+        raise ValueError(f"{job.train}: column {job.label_column!r} has a single class {names}; "
+                         "a classifier needs at least 2")
+    labels = [str(name) for name in names]
+    unseen = sorted(set(map(str, val_labels)) - set(labels))
+    if unseen:
+        raise ValueError(f"{job.validation}: column {job.label_column!r} has labels never seen in training "
+                         f"{unseen[:10]}; training labels are {labels[:10]}")
+    _check_output(job)
+    return Inputs(labels, train_rows, val_rows, distill_rows)
+
+
+def _read_labels(uri: str, job: TrainJobConfig, label_column: str | None) -> tuple[list, int]:
+    """The label column and the row count (at most ``max_rows``) of a Parquet input, after
+    checking its columns. Labels come from every row, so the names cover whichever rows
+    ``max_rows`` keeps."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.dataset as pds
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(path):
+        raise ValueError(f"{uri}: no such file or folder")
+    try:
+        dataset = pds.dataset(path, format="parquet", filesystem=fs)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise ValueError(f"{uri}: not readable as Parquet ({e})") from e
+    columns = dataset.schema.names
+    for column in (job.text_column, label_column):
+        if column is not None and column not in columns:
+            raise ValueError(f"{uri}: no column {column!r}; it has {columns}")
+    text_type = dataset.schema.field(job.text_column).type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        raise ValueError(f"{uri}: text column {job.text_column!r} must hold strings, it holds {text_type}")
+    read = [job.text_column] + ([label_column] if label_column else [])
+    table = dataset.to_table(columns=read)
+    if table.num_rows == 0:
+        raise ValueError(f"{uri}: no rows")
+    for column in read:
+        if table.column(column).null_count:
+            raise ValueError(f"{uri}: column {column!r} has {table.column(column).null_count} null values")
+    rows = min(table.num_rows, job.max_rows or table.num_rows)
+    if label_column is None:
+        return [], rows
+    label_type = table.schema.field(label_column).type
+    if not (pa.types.is_integer(label_type) or pa.types.is_string(label_type) or pa.types.is_large_string(label_type)):
+        raise ValueError(f"{uri}: label column {label_column!r} must hold strings or integers, it holds {label_type}")
+    return table.column(label_column).to_pylist(), rows
+
+
+def _check_output(job: TrainJobConfig) -> None:
+    """Refuse an output folder that holds something other than this job's earlier run."""
+    import fsspec
+
+    fs, out = fsspec.core.url_to_fs(job.output)
+    if job.overwrite or not fs.exists(out):
+        return
+    if not fs.isdir(out):
+        raise ValueError(f"{job.output}: output exists and is not a folder")
+    entries = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(out, detail=False)]
+    previous = None
+    if METRICS_FILE in entries:
+        with fs.open(f"{out.rstrip('/')}/{METRICS_FILE}") as f:
+            previous = json.load(f).get("arguments")
+    else:
+        storage_fs, storage = fsspec.core.url_to_fs(job.storage_path)
+        states = sorted(storage_fs.glob(f"{storage.rstrip('/')}/*/checkpoint*/{STATE_FILE}"))
+        if states:
+            with storage_fs.open(states[-1]) as f:
+                previous = json.load(f).get("arguments")
+        elif any(e != RAY_FOLDER for e in entries):
+            raise ValueError(f"{job.output}: output already holds {sorted(entries)[:5]}, not from this job; "
+                             "pass overwrite=True (--overwrite) to replace it")
+    if previous is not None and previous != job.arguments():
+        changed = sorted(k for k in job.arguments() if previous.get(k) != job.arguments()[k])
+        raise ValueError(f"{job.output}: output already holds a model trained with other arguments "
+                         f"(differing: {changed}); pass overwrite=True (--overwrite) to replace it")
+
+
+def _dataset(uri: str, job: TrainJobConfig, tokenizer: Any, labels: list[str] | None):
+    """A Ray Dataset of tokenised rows: ``input_ids`` (token id lists) and, with labels,
+    ``labels`` (int64 indices into ``labels``)."""
+    import ray
+
+    columns = [job.text_column] + ([job.label_column] if labels is not None else [])
+    ds = ray.data.read_parquet(uri).select_columns(columns)
+    if job.max_rows:
+        ds = ds.limit(job.max_rows)
+    # the 2.60 Parquet reader may pack a whole input into one block: cut it so every worker gets rows
+    ds = ds.repartition(target_num_rows_per_block=max(1, min(1024, job.batch_size * 4)))
+    return ds.map_batches(_tokenize, batch_format="pyarrow", fn_kwargs={
+        "tokenizer": tokenizer, "text_column": job.text_column, "label_column": job.label_column,
+        "labels": labels, "max_length": job.max_length})
+
+
+def _tokenize(batch, tokenizer: Any, text_column: str, label_column: str, labels: list[str] | None,
+              max_length: int) -> dict[str, np.ndarray]:
+    """One Ray Data batch (pyarrow Table) -> token id lists (unpadded) and label indices."""
+    texts = batch.column(text_column).to_pylist()
+    names = None if labels is None else [str(v) for v in batch.column(label_column).to_pylist()]
+    enc = encode(tokenizer, texts, max_length, names, labels)
+    lengths = enc["attention_mask"].sum(1).tolist()
+    ids = np.empty(len(texts), dtype=object)
+    ids[:] = [row[:n].numpy().astype(np.int32) for row, n in zip(enc["input_ids"], lengths)]
+    out = {"input_ids": ids}
+    if labels is not None:
+        out["labels"] = enc["labels"].numpy()
+    return out
+
+
+def _read_state(checkpoint) -> dict[str, Any]:
+    with checkpoint.as_directory() as d, open(os.path.join(d, STATE_FILE)) as f:
+        return json.load(f)
+
+
+def _checkpoint_of_epoch(result, epoch: int):
+    for checkpoint, metrics in result.best_checkpoints:
+        if metrics.get("epoch") == epoch:
+            return checkpoint
+    raise RuntimeError(f"the checkpoint of fine-tuning epoch {epoch} is missing from {result.path}")
+
+
+def _publish(checkpoint, output: str, metrics: dict[str, Any]) -> None:
+    """Copy the model files of a checkpoint to ``output`` (config.json last, so it never
+    points at missing weights) and write metrics.json. The Ray storage inside is kept."""
+    import fsspec
+
+    fs, out = fsspec.core.url_to_fs(output)
+    fs.makedirs(out, exist_ok=True)
+    with checkpoint.as_directory() as d:
+        names = sorted((n for n in os.listdir(d) if n != STATE_FILE), key=lambda n: n == CONFIG_FILE)
+        for name in names:
+            fs.put_file(os.path.join(d, name), f"{out.rstrip('/')}/{name}")
+    with fs.open(f"{out.rstrip('/')}/{METRICS_FILE}", "w") as f:
+        json.dump(metrics, f, indent=2)
+
+
+# -- the worker -------------------------------------------------------------------------------
+
+
+def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
+    """Token id lists -> ``input_ids`` (B, T) right-padded to the batch's longest row,
+    ``attention_mask`` (B, T) and, when present, ``labels`` (B,)."""
+    rows = batch["input_ids"]
+    longest = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)  # (B, T)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.as_tensor(np.asarray(row, dtype=np.int64))
+        attention_mask[i, : len(row)] = 1
+    out = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if "labels" in batch:
+        out["labels"] = torch.as_tensor(np.asarray(batch["labels"], dtype=np.int64))  # (B,)
+    return out
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """One worker of one stage: train the epochs not yet done, evaluating and checkpointing
+    after each."""
+    import ray.train
+    import ray.train.torch
+
+    job = TrainJobConfig(**loop_config["job"])
+    stage: Stage = loop_config["stage"]
+    config = job.train_config()
+    torch.manual_seed(job.seed)
+    rank = ray.train.get_context().get_world_rank()  # Ray
+    workers = ray.train.get_context().get_world_size()  # Ray
+    device = ray.train.torch.get_device()  # Ray
+
+    checkpoint = ray.train.get_checkpoint()  # Ray: set when resuming
+    state = {"stage": stage, "arguments": job.arguments(), "epoch": 0, "best_epoch": None, "best_accuracy": None,
+             "history": []}
+    source = checkpoint or loop_config.get("start")  # this stage's latest, or stage 1's best
+    if source is not None:
+        with source.as_directory() as d:
+            model = FastBert.from_pretrained(d)
+            if checkpoint is not None:
+                with open(os.path.join(d, STATE_FILE)) as f:
+                    state = json.load(f)
+    else:
+        model = FastBert.from_backbone(job.backbone, labels=loop_config["labels"], max_length=job.max_length)
+    pad_id = model.tokenizer.pad_token_id or 0
+
+    fastbert = model
+    params = set_stage(model, stage)
+    model = ray.train.torch.prepare_model(model)  # Ray: to the device, DDP across the workers
+
+    epochs, lr = (job.epochs, job.lr) if stage == "finetune" else (job.distill_epochs, job.distill_lr)
+    steps_per_epoch = math.ceil(loop_config["train_rows"] // workers / job.batch_size) or 1
+    head = fastbert.branches[-1].parameters() if stage == "finetune" else ()
+    optimizer, scheduler = make_optimizer(params, lr, config.weight_decay, epochs * steps_per_epoch, config.warmup,
+                                          head_params=head, head_lr=job.head_lr if stage == "finetune" else None)
+    with warnings.catch_warnings():  # resuming: the schedule continues where it stopped
+        warnings.simplefilter("ignore")
+        for _ in range(state["epoch"] * steps_per_epoch):
+            scheduler.step()
+
+    # Ray: this worker's shard; the shards of a dataset are disjoint and of equal length (Ray
+    # drops up to workers - 1 rows), so every worker runs the same number of DDP steps
+    train_shard = ray.train.get_dataset_shard("train")  # Ray
+    val_shard = ray.train.get_dataset_shard("validation")  # Ray
+
+    def shard_batches(shard, seed: int | None):
+        return shard.iter_torch_batches(
+            batch_size=job.batch_size, collate_fn=lambda b: collate(b, pad_id),
+            local_shuffle_buffer_size=None if seed is None else 4 * job.batch_size, local_shuffle_seed=seed)
+
+    for epoch in range(state["epoch"] + 1, epochs + 1):
+        progress = lambda step, loss, sps: print(  # noqa: E731
+            f"{stage} epoch {epoch} step {step}: loss {loss:.4f}, {sps:.0f} samples/s", flush=True)
+        stats = train_epoch(model, shard_batches(train_shard, job.seed + epoch), optimizer, scheduler, stage,
+                            config, device, log=progress if rank == 0 else None)
+        ev = _all_workers(evaluate(fastbert, shard_batches(val_shard, None), device), device)
+        samples, loss_sum = _sum_over_workers([stats.samples, stats.loss * stats.samples if stats.samples else 0.0],
+                                              device)
+        record = {"epoch": epoch, "loss": loss_sum / samples if samples else math.nan,
+                  "teacher_accuracy": ev.teacher_accuracy,
+                  "exit_accuracy": ev.exit_accuracy, "agreement": ev.agreement, "seconds": stats.seconds,
+                  "samples_per_s": samples / stats.seconds, "samples": int(samples), "validation_samples": ev.samples,
+                  "workers": workers, "steps": stats.steps, "lr": scheduler.get_last_lr()[0]}
+        state["history"].append(record)
+        state["epoch"] = epoch
+        if stage == "finetune" and (state["best_accuracy"] is None or ev.teacher_accuracy >= state["best_accuracy"]):
+            state["best_epoch"], state["best_accuracy"] = epoch, ev.teacher_accuracy
+        if rank == 0:
+            print(f"{stage} epoch {epoch}/{epochs}: loss {record['loss']:.4f}, teacher acc {ev.teacher_accuracy:.4f}, "
+                  f"exit acc {_fmt(ev.exit_accuracy)}, agreement {_fmt(ev.agreement)}, "
+                  f"{record['samples_per_s']:.0f} samples/s", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = None
+            if rank == 0:
+                fastbert.save_pretrained(tmp)
+                with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                    json.dump(state, f, indent=2)
+                saved = ray.train.Checkpoint.from_directory(tmp)  # Ray
+            ray.train.report({"epoch": epoch, "loss": record["loss"], "teacher_accuracy": ev.teacher_accuracy},
+                             checkpoint=saved)  # Ray: every worker reports, rank 0 with the checkpoint
+
+
+def _all_workers(stats: EvalStats, device: torch.device) -> EvalStats:
+    """Each worker evaluated its shard: combine the counts of all workers."""
+    if not torch.distributed.is_initialized():
+        return stats
+    n = stats.samples
+    counts = [n] + ([a * n for a in stats.exit_accuracy] + [g * n for g in stats.agreement] if n else
+                    [0.0] * (2 * len(stats.agreement)))
+    total = torch.tensor(counts, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    samples, layers = int(total[0].item()), len(stats.agreement)
+    exit_accuracy = (total[1 : 1 + layers] / samples).tolist() if samples else [math.nan] * layers
+    agreement = (total[1 + layers :] / samples).tolist() if samples else [math.nan] * layers
+    return EvalStats(samples, exit_accuracy[-1], exit_accuracy, agreement)
+
+
+def _sum_over_workers(values: list[float], device: torch.device) -> list[float]:
+    if not torch.distributed.is_initialized():
+        return values
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return total.tolist()

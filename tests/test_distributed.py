@@ -1,0 +1,170 @@
+"""Tests for pipeline.distributed on a real local Ray (CPU, 2 workers, gloo): the toy task
+through both stages (distilling on unlabelled texts), resuming a finished job, and bad input refused on the driver."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import FastBert, Scorer
+from jobs.train import parse_args
+from pipeline.distributed import TrainJobConfig, check_inputs, run
+from test_train import LABELS, accuracy, toy_task
+from tiny import tiny_model
+
+ray = pytest.importorskip("ray")
+
+FAST = dict(epochs=2, distill_epochs=2, lr=3e-3, distill_lr=3e-3, batch_size=16, max_length=32, log_every=4)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tiny backbone folder and the toy task as Parquet files."""
+    root = tmp_path_factory.mktemp("data")
+    model = tiny_model()
+    model.backbone.save_pretrained(root / "backbone")
+    model.tokenizer.save_pretrained(root / "backbone")
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 256), ("validation", 128), ("distill", 256)):
+        texts, labels = toy_task(rng, n)
+        columns = {"text": texts} if name == "distill" else {"text": texts, "label": labels}  # distill: unlabelled
+        pq.write_table(pa.table(columns), root / f"{name}.parquet")
+    return root
+
+
+def job(data, output, **changes) -> TrainJobConfig:
+    return TrainJobConfig(train=str(data / "train.parquet"), validation=str(data / "validation.parquet"),
+                          output=str(output), backbone=str(data / "backbone"), **{**FAST, **changes})
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, data, tmp_path_factory):
+    output = tmp_path_factory.mktemp("runs") / "model"
+    return output, run(job(data, output, distill=str(data / "distill.parquet")))
+
+
+def test_two_workers_learn_and_distil(trained, data):
+    output, metrics = trained
+    assert [e["epoch"] for e in metrics["finetune"]] == [1, 2]
+    assert [e["epoch"] for e in metrics["distill"]] == [1, 2]
+    assert max(e["teacher_accuracy"] for e in metrics["finetune"]) > 0.9  # chance is 0.5
+    last = metrics["distill"][-1]
+    assert last["agreement"][0] > 0.85 and last["agreement"][-1] == 1.0
+    assert len(last["exit_accuracy"]) == 3 and last["samples_per_s"] > 0 and last["seconds"] > 0
+    for stage in ("finetune", "distill"):  # the workers' shards cover each input once per epoch
+        assert [(e["samples"], e["validation_samples"], e["workers"]) for e in metrics[stage]] == [(256, 128, 2)] * 2
+    assert metrics["labels"] == list(LABELS)
+    on_disk = json.loads((output / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    assert on_disk["arguments"]["epochs"] == 2 and on_disk["arguments"]["train"].endswith("train.parquet")
+
+    model = FastBert.from_pretrained(str(output))
+    assert model.config.labels == list(LABELS)
+    texts, labels = toy_task(np.random.default_rng(1), 64)
+    table = Scorer(model, speed=0.0)(texts)
+    assert set(table.column("prediction").to_pylist()) <= set(LABELS)
+    assert accuracy(table.column("prediction").to_pylist(), labels) > 0.9
+
+
+def test_running_a_finished_job_again_resumes(trained, data):
+    output, metrics = trained
+    again = run(job(data, output, distill=str(data / "distill.parquet"), workers=1))  # workers may change
+    assert again["finetune"] == metrics["finetune"]  # the same epochs (their timings too): nothing retrained
+    assert again["distill"] == metrics["distill"]
+
+
+def test_integer_labels_are_named_by_their_strings(data, tmp_path):
+    rows = pq.read_table(data / "train.parquet").to_pydict()
+    ints = [LABELS.index(label) * 10 + 2 for label in rows["label"]]  # 2 and 12: numeric, not string order
+    pq.write_table(pa.table({"text": rows["text"], "label": ints}), tmp_path / "train.parquet")
+    pq.write_table(pa.table({"text": rows["text"][:8], "label": ints[:8]}), tmp_path / "val.parquet")
+    inputs = check_inputs(TrainJobConfig(train=str(tmp_path / "train.parquet"), validation=str(tmp_path / "val.parquet"),
+                                         output=str(tmp_path / "out")))
+    assert inputs.labels == ["2", "12"] and inputs.train_rows == 256 and inputs.validation_rows == 8
+    limited = check_inputs(TrainJobConfig(train=str(tmp_path / "train.parquet"), validation=str(tmp_path / "val.parquet"),
+                                          output=str(tmp_path / "out"), max_rows=100))
+    assert limited.labels == ["2", "12"] and limited.train_rows == 100 and limited.validation_rows == 8
+
+
+def write(path, **columns) -> str:
+    pq.write_table(pa.table(columns), path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "train, validation, message",
+    [
+        (dict(words=["a b"] * 4, label=["x", "y"] * 2), None, "no column 'text'; it has ['words', 'label']"),
+        (dict(text=["a b"] * 4, y=["x", "y"] * 2), None, "no column 'label'; it has ['text', 'y']"),
+        (dict(text=[1, 2, 3, 4], label=["x", "y"] * 2), None, "text column 'text' must hold strings"),
+        (dict(text=["a b"] * 4, label=["x"] * 4), None, "single class ['x']"),
+        (dict(text=["a"] * 4, label=["x", "y"] * 2), dict(text=["a"], label=["z"]), "never seen in training ['z']"),
+        (dict(text=pa.array([], pa.string()), label=pa.array([], pa.string())), None, "no rows"),
+        (dict(text=["a", None] * 2, label=["x", "y"] * 2), None, "column 'text' has 2 null values"),
+        (dict(text=["a"], label=["x"]), None, "1 rows cannot feed 2 workers"),
+    ],
+    ids=["no-text", "no-label", "int-text", "one-class", "unseen-label", "empty", "null-text", "too-few-rows"],
+)
+def test_bad_input_fails_on_the_driver_and_writes_nothing(data, tmp_path, train, validation, message):
+    train_uri = write(tmp_path / "train.parquet", **train)
+    val_uri = write(tmp_path / "val.parquet", **(validation or dict(text=["a"], label=["x"])))
+    output = tmp_path / "out"
+    config = TrainJobConfig(train=train_uri, validation=val_uri, output=str(output), backbone=str(data / "backbone"))
+    with pytest.raises(ValueError) as info:
+        run(config)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert (train_uri in str(info.value)) or (val_uri in str(info.value))
+    assert not output.exists()
+
+
+def test_output_holding_another_model_is_refused_unless_overwrite(data, tmp_path):
+    output = tmp_path / "out"
+    tiny_model().save_pretrained(str(output))
+    with pytest.raises(ValueError, match="not from this job; pass overwrite=True"):
+        check_inputs(job(data, output))
+    (output / "metrics.json").write_text(json.dumps({"arguments": {**job(data, output).arguments(), "epochs": 9}}))
+    with pytest.raises(ValueError, match=r"other arguments \(differing: \['epochs'\]\)"):
+        check_inputs(job(data, output))
+    assert check_inputs(job(data, output, overwrite=True)).labels == list(LABELS)
+    assert (output / "model.safetensors").exists()  # checking alone deletes nothing
+
+
+def test_unfinished_run_of_another_job_is_refused(data, tmp_path):
+    output = tmp_path / "out"
+    state = output / "_ray" / "finetune" / "checkpoint_1" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"arguments": {**job(data, output).arguments(), "lr": 1.0}}))
+    with pytest.raises(ValueError, match=r"differing: \['lr'\]"):
+        check_inputs(job(data, output))
+    assert check_inputs(job(data, output, lr=1.0)).train_rows == 256  # the same job: resumes
+
+
+def test_command_line_mirrors_the_config():
+    config = parse_args(["--train", "t", "--validation", "v", "--output", "o", "--no-gpu", "--head-lr", "1e-3",
+                         "--max-rows", "5", "--overwrite", "--student-targets", "labels"])
+    assert config == TrainJobConfig(train="t", validation="v", output="o", use_gpu=False, head_lr=1e-3, max_rows=5,
+                                    overwrite=True, student_targets="labels")
+    assert parse_args(["--train", "t", "--validation", "v", "--output", "o", "--gpu"]).use_gpu is True
+    assert parse_args(["--train", "t", "--validation", "v", "--output", "o"]).use_gpu is None
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="workers, epochs"):
+        TrainJobConfig(train="t", validation="v", output="o", workers=0)
+    with pytest.raises(ValueError, match="use_gpu"):
+        TrainJobConfig(train="t", validation="v", output="o", use_gpu="yes")
+    with pytest.raises(ValueError, match="unlabelled distill input"):
+        TrainJobConfig(train="t", validation="v", output="o", distill="d", student_targets="labels")
+    with pytest.raises(ValueError, match="lr"):
+        TrainJobConfig(train="t", validation="v", output="o", lr=0.0)
