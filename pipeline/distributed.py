@@ -137,9 +137,13 @@ class Inputs:
     distill_rows: int | None
 
 
-def run(job: TrainJobConfig, log=print) -> dict[str, Any]:
+def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None = None) -> dict[str, Any]:
     """Run both stages on Ray (``ray.init`` first, or Ray starts a local instance); returns
-    the contents of ``metrics.json``. Bad input raises ValueError before any worker starts."""
+    the contents of ``metrics.json``. Bad input raises ValueError before any worker starts.
+
+    ``fail_once=(stage, epoch, folder)`` is for fault-tolerance tests: rank 0 raises once in
+    the middle of that epoch (``folder/failed`` marks that it did) and logs every epoch it
+    starts to ``folder/starts.log``."""
     import fsspec
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -160,7 +164,7 @@ def run(job: TrainJobConfig, log=print) -> dict[str, Any]:
         return _dataset(uri, job, tokenizer, inputs.labels if with_labels else None)
 
     validation = read(job.validation, True)
-    loop_config = {"job": dataclasses.asdict(job), "labels": inputs.labels}
+    loop_config = {"job": dataclasses.asdict(job), "labels": inputs.labels, "fail_once": fail_once}
 
     def trainer(stage: Stage, datasets: dict, rows: int, **extra: Any) -> TorchTrainer:
         return TorchTrainer(
@@ -420,9 +424,17 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             batch_size=job.batch_size, collate_fn=lambda b: collate(b, pad_id),
             local_shuffle_buffer_size=None if seed is None else 4 * job.batch_size, local_shuffle_seed=seed)
 
+    fail_once = loop_config.get("fail_once")  # test-only fault injection, see ``run``
     for epoch in range(state["epoch"] + 1, epochs + 1):
-        progress = lambda step, loss, sps: print(  # noqa: E731
-            f"{stage} epoch {epoch} step {step}: loss {loss:.4f}, {sps:.0f} samples/s", flush=True)
+        def progress(step: int, loss: float, sps: float, epoch: int = epoch) -> None:
+            print(f"{stage} epoch {epoch} step {step}: loss {loss:.4f}, {sps:.0f} samples/s", flush=True)
+            if fail_once and (stage, epoch) == tuple(fail_once[:2]) and not os.path.exists(f"{fail_once[2]}/failed"):
+                open(f"{fail_once[2]}/failed", "w").close()
+                raise RuntimeError(f"injected fault in {stage} epoch {epoch}, step {step}")
+
+        if fail_once and rank == 0:
+            with open(f"{fail_once[2]}/starts.log", "a") as f:
+                f.write(f"{stage} {epoch}\n")
         stats = train_epoch(model, shard_batches(train_shard, job.seed + epoch), optimizer, scheduler, stage,
                             config, device, log=progress if rank == 0 else None)
         ev = _all_workers(evaluate(fastbert, shard_batches(val_shard, None), device), device)

@@ -84,6 +84,18 @@ def test_running_a_finished_job_again_resumes(trained, data):
     assert again["distill"] == metrics["distill"]
 
 
+def test_a_worker_failing_mid_epoch_resumes_from_the_last_checkpoint(ray_session, data, tmp_path):
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    metrics = run(job(data, tmp_path / "model", distill_epochs=0, log_every=2), fail_once=("finetune", 2, str(faults)))
+    assert (faults / "failed").exists(), "the fault was not injected"
+    # epoch 1 ran once; epoch 2 failed mid-way and ran again from epoch 1's checkpoint
+    assert (faults / "starts.log").read_text().split("\n")[:-1] == ["finetune 1", "finetune 2", "finetune 2"]
+    assert [e["epoch"] for e in metrics["finetune"]] == [1, 2]
+    assert metrics["finetune"][-1]["teacher_accuracy"] > 0.9
+    FastBert.from_pretrained(str(tmp_path / "model"))
+
+
 def test_integer_labels_are_named_by_their_strings(data, tmp_path):
     rows = pq.read_table(data / "train.parquet").to_pydict()
     ints = [LABELS.index(label) * 10 + 2 for label in rows["label"]]  # 2 and 12: numeric, not string order
