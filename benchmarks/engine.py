@@ -27,6 +27,7 @@ import torch
 from pipeline import flops as flop_account
 from pipeline.datasets import load_bundled
 from pipeline.demo import DemoConfig, train_model
+from pipeline.distributed import collate
 from pipeline.engine import Scorer
 from pipeline.model import FastBert, uncertainty
 
@@ -48,11 +49,8 @@ def tokenize(model: FastBert, texts: list[str]) -> list[list[int]]:
 
 
 def padded(ids: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(map(len, ids))
-    out = torch.full((len(ids), T), pad, dtype=torch.long)  # (B, T)
-    for j, row in enumerate(ids):
-        out[j, : len(row)] = torch.tensor(row)
-    return out, out != pad  # (B, T), (B, T) bool
+    batch = collate({"input_ids": ids}, pad)
+    return batch["input_ids"], batch["attention_mask"].bool()  # (B, T), (B, T) bool
 
 
 def sorted_batches(ids: list[list[int]], micro_batch: int):

@@ -36,7 +36,7 @@ from pipeline.train import (
     EvalStats,
     Stage,
     TrainConfig,
-    _fmt,
+    format_values,
     encode,
     evaluate,
     make_optimizer,
@@ -451,7 +451,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             state["best_epoch"], state["best_accuracy"] = epoch, ev.teacher_accuracy
         if rank == 0:
             print(f"{stage} epoch {epoch}/{epochs}: loss {record['loss']:.4f}, teacher acc {ev.teacher_accuracy:.4f}, "
-                  f"exit acc {_fmt(ev.exit_accuracy)}, agreement {_fmt(ev.agreement)}, "
+                  f"exit acc {format_values(ev.exit_accuracy)}, agreement {format_values(ev.agreement)}, "
                   f"{record['samples_per_s']:.0f} samples/s", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             saved = None

@@ -489,8 +489,8 @@ def fit(
             )
             say(
                 f"{stage} epoch {epoch}/{epochs}: loss {stats.loss:.4f}, teacher acc "
-                f"{ev.teacher_accuracy:.4f}, exit acc {_fmt(ev.exit_accuracy)}, agreement "
-                f"{_fmt(ev.agreement)}, {stats.samples_per_s:.0f} samples/s, {stats.seconds:.1f} s"
+                f"{ev.teacher_accuracy:.4f}, exit acc {format_values(ev.exit_accuracy)}, agreement "
+                f"{format_values(ev.agreement)}, {stats.samples_per_s:.0f} samples/s, {stats.seconds:.1f} s"
             )
             if stage == "finetune" and ev.teacher_accuracy >= best_accuracy:
                 best_accuracy, history["best_epoch"] = ev.teacher_accuracy, epoch
@@ -510,5 +510,5 @@ def _unwrap(model: nn.Module) -> FastBert:
     return getattr(model, "module", model)
 
 
-def _fmt(values: list[float]) -> str:
+def format_values(values: list[float]) -> str:
     return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
