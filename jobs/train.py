@@ -52,9 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()  # a cluster (or `ray job submit`): its resources are its own
     else:
-        # locally, more logical CPUs than cores: 2 workers at 1 CPU each would otherwise
-        # leave none for the Ray Data tasks that feed them, and hang on a 2-core machine
-        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)))
+        # a Ray instance of its own (set RAY_ADDRESS to use a running cluster), with more
+        # logical CPUs than cores: 2 workers at 1 CPU each would otherwise leave none for the
+        # Ray Data tasks that feed them, and hang on a 2-core machine
+        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)))
     run(config)
 
 

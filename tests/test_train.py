@@ -19,7 +19,9 @@ from pipeline.train import (
     encode,
     evaluate,
     fit,
+    load_optimizer,
     make_optimizer,
+    save_optimizer,
     set_stage,
     train_epoch,
 )
@@ -160,6 +162,52 @@ def test_distill_keeps_backbone_and_teacher_bitwise_unchanged(kl):
     assert not unchanged(before["students"], after["students"])
     assert all(p.grad is None for p in model.backbone.parameters())
     assert all(p.grad is None for p in model.branches[-1].parameters())
+
+
+def test_saved_optimizer_state_resumes_exactly_where_training_stopped(tmp_path):
+    """Epoch 2 after a save/load of the optimizer equals epoch 2 of an uninterrupted run
+    (AdamW's moments and the schedule's position both matter: fresh ones give other weights)."""
+    data = small_batches(tiny_model(labels=LABELS, seed=1))
+
+    def fresh(state=None):
+        model = tiny_model(labels=LABELS, seed=1)
+        if state is not None:
+            model.load_state_dict(state)
+        params = set_stage(model, "finetune")
+        optimizer, scheduler = make_optimizer(params, 1e-2, 0.1, total_steps=2 * len(data), warmup=0.2,
+                                              head_params=model.branches[-1].parameters(), head_lr=3e-2)
+        return model, optimizer, scheduler
+
+    def second_epoch(model, optimizer, scheduler):
+        torch.manual_seed(5)  # the same dropout masks
+        train_epoch(model, data, optimizer, scheduler, "finetune", TrainConfig(**FAST))
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    model, optimizer, scheduler = fresh()
+    train_epoch(model, data, optimizer, scheduler, "finetune", TrainConfig(**FAST))
+    after_one = {k: v.clone() for k, v in model.state_dict().items()}
+    save_optimizer(optimizer, scheduler, str(tmp_path))
+    lr_after_one = scheduler.get_last_lr()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optimizer.json", "optimizer.safetensors"]
+    uninterrupted = second_epoch(model, optimizer, scheduler)
+
+    resumed = fresh(after_one)
+    assert load_optimizer(resumed[1], resumed[2], str(tmp_path))
+    assert resumed[2].get_last_lr() == lr_after_one
+    assert all(torch.equal(uninterrupted[k], v) for k, v in second_epoch(*resumed).items())
+
+    restarted = fresh(after_one)  # same weights, but fresh moments and schedule: not the same
+    assert not all(torch.equal(uninterrupted[k], v) for k, v in second_epoch(*restarted).items())
+    assert not load_optimizer(restarted[1], restarted[2], str(tmp_path / "nothing"))
+
+
+def test_optimizer_state_for_other_parameters_is_refused(tmp_path):
+    model = tiny_model(labels=LABELS, seed=1)
+    optimizer, scheduler = make_optimizer(set_stage(model, "finetune"), 1e-2, 0.1, total_steps=4, warmup=0.0)
+    save_optimizer(optimizer, scheduler, str(tmp_path))
+    other, other_scheduler = make_optimizer(set_stage(model, "distill"), 1e-2, 0.1, total_steps=4, warmup=0.0)
+    with pytest.raises(ValueError, match="other parameters"):
+        load_optimizer(other, other_scheduler, str(tmp_path))
 
 
 def test_finetune_leaves_the_students_unchanged():

