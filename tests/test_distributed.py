@@ -25,7 +25,7 @@ from tiny import tiny_model
 
 ray = pytest.importorskip("ray")
 
-FAST = dict(epochs=2, distill_epochs=2, lr=3e-3, distill_lr=3e-3, batch_size=16, max_length=32, log_every=4)
+FAST = dict(epochs=2, distill_epochs=2, lr=3e-3, distill_lr=1e-2, batch_size=16, max_length=32, log_every=4)
 
 
 @pytest.fixture(scope="module")
