@@ -125,20 +125,30 @@ class Scorer:
 
     def __call__(self, texts: Sequence[str | None]) -> pa.Table:
         """Score ``texts``; returns one row per text, in input order (see ``SCHEMA``)."""
-        texts = _as_list(texts)
-        n = len(texts)
-        errors = [_text_error(t) for t in texts]
+        token_ids, errors, truncated = tokenize(self.model.tokenizer, texts, self.max_length)
+        return self.score_tokens(token_ids, errors, truncated)
+
+    def score_tokens(self, token_ids: Sequence[Sequence[int] | None], errors: Sequence[str | None] | None = None,
+                     truncated: Sequence[bool] | None = None) -> pa.Table:
+        """Score rows tokenised elsewhere (``tokenize``, e.g. in other processes): token ids
+        with the special tokens, at most ``max_length`` of them; None for a row that has an
+        ``errors`` entry. Returns one row per input row, in order (see ``SCHEMA``)."""
+        n = len(token_ids)
+        errors = [None] * n if errors is None else list(errors)
+        truncated = np.zeros(n, dtype=bool) if truncated is None else np.asarray(truncated, dtype=bool)
+        for i, ids in enumerate(token_ids):
+            if errors[i] is None and (ids is None or not 2 <= len(ids) <= self.max_length):
+                errors[i] = f"token ids must be 2 to {self.max_length} long (tokenize with max_length={self.max_length})"
         valid = np.array([i for i, e in enumerate(errors) if e is None], dtype=np.int64)
-        token_ids, truncated = self._tokenize([texts[i] for i in valid])
         lengths = np.zeros(n, dtype=np.int64)
-        lengths[valid] = [len(ids) for ids in token_ids]
+        lengths[valid] = [len(token_ids[i]) for i in valid.tolist()]
 
         self._probs = np.zeros((n, len(self.labels)), dtype=np.float32)
         self._uncertainty = np.zeros(n, dtype=np.float32)
         self._exit = np.zeros(n, dtype=np.int16)
         self._pools = [deque() for _ in range(self.model.config.num_layers)]
         self._pool_rows = [0] * self.model.config.num_layers
-        ids_of = dict(zip(valid.tolist(), token_ids))
+        ids_of = {i: token_ids[i] for i in valid.tolist()}
 
         order = valid[np.argsort(lengths[valid], kind="stable")]  # rows, shortest first
         with torch.inference_mode(), self._autocast():
@@ -148,7 +158,7 @@ class Scorer:
                 self._drain(final=not self.regroup)
             self._drain(final=True)
 
-        return self._table(texts, errors, valid, lengths, truncated)
+        return self._table(n, errors, valid, lengths, truncated)
 
     # -- layer steps ------------------------------------------------------------------------
 
@@ -237,17 +247,8 @@ class Scorer:
 
     # -- input and output -------------------------------------------------------------------
 
-    def _tokenize(self, texts: list[str]) -> tuple[list[list[int]], np.ndarray]:
-        if not texts:
-            return [], np.zeros(0, dtype=bool)
-        batch = self.model.tokenizer(
-            texts, truncation=True, max_length=self.max_length, return_attention_mask=False, return_token_type_ids=False
-        )
-        truncated = np.array([bool(e.overflowing) for e in batch.encodings], dtype=bool)
-        return batch["input_ids"], truncated
-
-    def _table(self, texts, errors, valid, lengths, truncated) -> pa.Table:
-        n, config = len(texts), self.model.config
+    def _table(self, n, errors, valid, lengths, truncated) -> pa.Table:
+        config = self.model.config
         ok = np.zeros(n, dtype=bool)
         ok[valid] = True
         row_flops = np.zeros(n, dtype=np.int64)
@@ -292,6 +293,25 @@ def _split(chunk: _Chunk, cut: int) -> tuple[_Chunk, _Chunk]:
         lengths = chunk.lengths[sl]
         parts.append(_Chunk(chunk.hidden[sl, : int(lengths.max())], lengths, chunk.rows[sl]))
     return parts[0], parts[1]
+
+
+def tokenize(tokenizer, texts: Sequence[str | None], max_length: int
+             ) -> tuple[list[list[int] | None], list[str | None], np.ndarray]:
+    """Texts -> (token ids or None, error or None, truncated) per row, for
+    ``Scorer.score_tokens``. A null, non-string or blank text gets an error, not token ids;
+    a text longer than ``max_length`` tokens is cut to it and flagged as truncated."""
+    texts = _as_list(texts)
+    errors = [_text_error(t) for t in texts]
+    valid = [i for i, e in enumerate(errors) if e is None]
+    token_ids: list[list[int] | None] = [None] * len(texts)
+    truncated = np.zeros(len(texts), dtype=bool)
+    if valid:
+        batch = tokenizer([texts[i] for i in valid], truncation=True, max_length=max_length,
+                          return_attention_mask=False, return_token_type_ids=False)
+        for j, i in enumerate(valid):
+            token_ids[i] = batch["input_ids"][j]
+            truncated[i] = bool(batch.encodings[j].overflowing)
+    return token_ids, errors, truncated
 
 
 def _as_list(texts) -> list:

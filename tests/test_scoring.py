@@ -1,0 +1,212 @@
+"""pipeline.scoring on a real local Ray (CPU, 2 replicas) with a tiny random FastBERT: every
+input row comes out exactly once and in order, equal to the in-process engine; resume;
+bad input refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pds
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from jobs.score import parse_args
+from pipeline import Scorer, uncertainty
+from pipeline.engine import tokenize
+from pipeline.scoring import Replica, ScoreJobConfig, run
+from test_train import LABELS, toy_task
+from tiny import tiny_model
+
+ray = pytest.importorskip("ray")
+
+
+
+def _middle_speed() -> float:
+    """A speed at which about half of the inputs leave at the tiny model's first exit."""
+    model = tiny_model(labels=LABELS, seed=4).eval()
+    texts, _ = toy_task(np.random.default_rng(0), 90)
+    enc = model.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(enc["input_ids"], enc["attention_mask"]).logits  # (L, B, N)
+    return float(uncertainty(logits[0]).median())
+
+
+SPEED = _middle_speed()
+BAD_TEXTS = [None, "", "   ", "good " * 20_000, "😀 good w1 🎉", "好的电影 bad", "w3 w4"]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A FastBERT folder and three Parquet files: two row groups, bad rows, a third file."""
+    root = tmp_path_factory.mktemp("inputs")
+    tiny_model(labels=LABELS, seed=4).save_pretrained(str(root / "model"))
+    texts, _ = toy_task(np.random.default_rng(0), 90)
+    data = root / "data"
+    data.mkdir()
+    files = {
+        "a.parquet": (texts[:50], 25),  # two row groups
+        "b.parquet": (BAD_TEXTS + texts[50:60], None),
+        "c.parquet": (texts[60:], None),
+    }
+    start = 0
+    for name, (rows, group) in files.items():
+        table = pa.table({"id": np.arange(start, start + len(rows)), "text": pa.array(rows, pa.string()),
+                          "score": np.linspace(0, 1, len(rows))})
+        pq.write_table(table, data / name, row_group_size=group)
+        start += len(rows)
+    return root
+
+
+def job(inputs, output, **changes) -> ScoreJobConfig:
+    settings = dict(model=str(inputs / "model"), input=[str(inputs / "data")], output=str(output), speed=SPEED,
+                    replicas="2", batch_size=16, micro_batch=4, cpus_per_replica=0.5)
+    return ScoreJobConfig(**{**settings, **changes})
+
+
+def all_inputs(inputs) -> pa.Table:
+    return pa.concat_tables(pq.read_table(inputs / "data" / n) for n in ("a.parquet", "b.parquet", "c.parquet"))
+
+
+def read_output(output) -> pa.Table:
+    """The output folder as one table, files in name order (pyarrow skips _ and . names)."""
+    dataset = pds.dataset(str(output), format="parquet")
+    return pa.concat_tables(pq.read_table(f) for f in sorted(dataset.files))
+
+
+@pytest.fixture(scope="module")
+def scored(ray_session, inputs, tmp_path_factory):
+    output = tmp_path_factory.mktemp("scored") / "out"
+    return output, run(job(inputs, output))
+
+
+def test_every_row_once_in_order_and_equal_to_the_engine(scored, inputs):
+    output, summary = scored
+    source = all_inputs(inputs)
+    out = read_output(output)
+    assert out.column_names == ["id", "text", "score", "prediction", "probabilities", "exit_layer", "uncertainty",
+                                "error"]
+    assert out.column("id").to_pylist() == source.column("id").to_pylist()  # once each, in input order
+    assert out.column("text").to_pylist() == source.column("text").to_pylist()
+    assert out.column("score").to_pylist() == source.column("score").to_pylist()
+
+    expected = Scorer(tiny_model(labels=LABELS, seed=4), speed=SPEED, micro_batch=8)(source.column("text"))
+    for name in ("prediction", "exit_layer", "error"):
+        assert out.column(name).to_pylist() == expected.column(name).to_pylist(), name
+    got = np.array([p or [0.0, 0.0] for p in out.column("probabilities").to_pylist()])
+    want = np.array([p or [0.0, 0.0] for p in expected.column("probabilities").to_pylist()])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert len(set(out.column("exit_layer").drop_null().to_pylist())) > 1  # some rows left early
+
+    errors = dict(zip(source.column("id").to_pylist(), out.column("error").to_pylist()))
+    assert [errors[i] for i in range(50, 57)] == ["text is null", "text is empty", "text is empty", None, None, None,
+                                                  None]
+    assert summary["rows_in"] == summary["rows_out"] == 97 and summary["files"] == 3
+    assert summary["errors"] == {"text is null": 1, "text is empty": 2} and summary["error_rows"] == 3
+    assert summary["truncated_rows"] == 1 and sum(summary["exit_counts"]) == 94
+    assert summary["flop_speedup"] > 1.0
+    assert json.loads((output / "_summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert (output / "_SUCCESS").exists()
+    assert not list(output.glob(".*")), "temporary files left behind"
+
+
+def test_resume_after_a_crash_finishes_without_duplicates(scored, inputs, tmp_path):
+    import shutil
+
+    first, _ = scored
+    output = tmp_path / "out"
+    shutil.copytree(first, output)
+    before = read_output(output)
+    pieces = sorted(output.glob("part-*.parquet"))
+    # a crash: no _SUCCESS yet, one piece written without its marker, one piece missing, a temp file
+    (output / "_SUCCESS").unlink()
+    (output / "_pieces" / f"{pieces[0].name}.json").unlink()
+    pieces[-1].unlink()
+    (output / "_pieces" / f"{pieces[-1].name}.json").unlink()
+    (output / ".part-00002-00000-0000000000.parquet.tmp").write_bytes(b"half")
+
+    with pytest.raises(ValueError, match="already holds results of this job; pass --resume"):
+        run(job(inputs, output))
+    with pytest.raises(ValueError, match=r"results of another job \(differing: \['speed'\]\)"):
+        run(job(inputs, output, speed=0.1, resume=True))
+    summary = run(job(inputs, output, resume=True))
+    after = read_output(output)
+    for name in ("id", "text", "prediction", "exit_layer", "error"):  # every row once, in order, same answers
+        assert after.column(name).to_pylist() == before.column(name).to_pylist(), name
+    np.testing.assert_allclose(after.column("uncertainty").to_numpy(zero_copy_only=False).astype(float),
+                               before.column("uncertainty").to_numpy(zero_copy_only=False).astype(float),
+                               atol=1e-5)  # batch neighbours differ: float noise only
+    assert summary["rows_out"] == 97 and summary["rows_this_run"] < 97  # only the unfinished row groups ran
+    assert (output / "_SUCCESS").exists() and not list(output.glob(".*"))
+
+
+def test_replica_scores_one_batch_without_ray(inputs):
+    model = tiny_model(labels=LABELS, seed=4)
+    texts = ["good w1", None, "bad w2 w3"]
+    ids, errors, truncated = tokenize(model.tokenizer, texts, 32)
+    batch = pa.table({"id": [1, 2, 3], "__ids": pa.array(ids, pa.list_(pa.int32())), "__error": errors,
+                      "__truncated": truncated})
+    out = Replica(str(inputs / "model"), speed=0.0, threads=1)(batch)
+    assert out.column("id").to_pylist() == [1, 2, 3]
+    assert out.column("error").to_pylist() == [None, "text is null", None]
+    assert out.column("prediction").to_pylist() == Scorer(model, speed=0.0)(texts).column("prediction").to_pylist()
+
+
+def write(path, **columns) -> str:
+    pq.write_table(pa.table(columns), path)
+    return str(path)
+
+
+def test_bad_input_is_refused_before_anything_is_written(inputs, tmp_path):
+    output = tmp_path / "out"
+    no_text = write(tmp_path / "no_text.parquet", body=["a"], id=[1])
+    with pytest.raises(ValueError, match=r"no_text.parquet: no text column 'text'; it has \['body', 'id'\]"):
+        run(job(inputs, output, input=[no_text]))
+    ints = write(tmp_path / "ints.parquet", text=[1, 2])
+    with pytest.raises(ValueError, match="ints.parquet: text column 'text' must hold strings, it holds int64"):
+        run(job(inputs, output, input=[ints]))
+    with pytest.raises(ValueError, match="no input files matched"):
+        run(job(inputs, output, input=[str(tmp_path / "nothing-*.parquet")]))
+    corrupt = tmp_path / "corrupt" / "x.parquet"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(ValueError, match=r"x.parquet: not a readable Parquet file .*--skip-bad-files"):
+        run(job(inputs, output, input=[str(corrupt)]))
+    with pytest.raises((ValueError, FileNotFoundError), match="FastBert|config.json|no such folder"):
+        run(job(inputs, output, model=str(tmp_path)))
+    assert not output.exists()
+    with pytest.raises(ValueError, match="speed must be a number in"):
+        job(inputs, output, speed=1.5)
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds \['notes.txt'\], not from a scoring job; pass --overwrite"):
+        run(job(inputs, output))
+    assert (output / "notes.txt").read_text() == "mine"
+
+
+def test_corrupt_file_can_be_skipped_and_recorded(ray_session, inputs, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "bad.parquet").write_bytes(b"not parquet at all")
+    write(folder / "good.parquet", text=["good w1", "bad w2"], id=[1, 2])
+    summary = run(job(inputs, tmp_path / "out", input=[str(folder)], skip_bad_files=True, replicas="1"))
+    assert list(summary["bad_files"]) == [str(folder / "bad.parquet")] and summary["rows_out"] == 2
+
+
+def test_command_line_mirrors_the_config():
+    config = parse_args(["--model", "m", "--input", "a.parquet", "b/", "--output", "o", "--speed", "0.3",
+                         "--replicas", "1-4", "--columns", "id", "--resume"])
+    assert config == ScoreJobConfig(model="m", input=["a.parquet", "b/"], output="o", speed=0.3, replicas="1-4",
+                                    columns=["id"], resume=True)
+    assert config.replica_range() == (1, 4)
+    with pytest.raises(ValueError, match="replicas must be N or MIN-MAX"):
+        ScoreJobConfig(model="m", input="i", output="o", replicas="4-1")
