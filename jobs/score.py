@@ -15,8 +15,8 @@ On a running cluster (RAY_ADDRESS set, or through the job API):
 from __future__ import annotations
 
 import argparse
-import os
 
+from pipeline.ray_init import init_ray
 from pipeline.scoring import ScoreJobConfig, run
 
 
@@ -44,15 +44,8 @@ def parse_args(argv: list[str] | None = None) -> ScoreJobConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import ray
-
     job = parse_args(argv)
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # a cluster (or `ray job submit`): its resources are its own
-    else:
-        # an instance of its own with more logical CPUs than cores: replicas at 1 CPU each
-        # would otherwise leave none for the read, tokenise and write tasks on a 2-core machine
-        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)))
+    init_ray()
     run(job)
 
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import typing
 
 from pipeline.distributed import TrainJobConfig, run
+from pipeline.ray_init import init_ray
 
 REQUIRED = ("train", "validation", "output")
 
@@ -46,16 +46,8 @@ def parse_args(argv: list[str] | None = None) -> TrainJobConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import ray
-
     config = parse_args(argv)
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # a cluster (or `ray job submit`): its resources are its own
-    else:
-        # a Ray instance of its own (set RAY_ADDRESS to use a running cluster), with more
-        # logical CPUs than cores: 2 workers at 1 CPU each would otherwise leave none for the
-        # Ray Data tasks that feed them, and hang on a 2-core machine
-        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)))
+    init_ray()
     run(config)
 
 

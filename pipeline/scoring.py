@@ -162,7 +162,7 @@ def expand_inputs(specs: list[str]) -> list[str]:
             raise ValueError(f"{spec}: cannot be reached ({type(e).__name__}: {e}); check the URI, that its fsspec "
                              "backend is installed (s3fs, gcsfs, ...) and the credentials and network") from e
         for p in paths:
-            if not any(part.startswith(("_", ".")) for part in p.split("/")[-1:]) and not fs.isdir(p):
+            if not p.rsplit("/", 1)[-1].startswith(("_", ".")) and not fs.isdir(p):
                 found.add(fs.unstrip_protocol(p) if "://" in spec else p)
     if not found:
         raise ValueError(f"no input files matched {specs}")
