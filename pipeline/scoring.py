@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -270,7 +271,8 @@ class Replica:
     (Ray Data's callable-class pattern): ``Replica(...)(batch)`` works without Ray too."""
 
     def __init__(self, model: str, speed: float, micro_batch: int = 32, max_length: int | None = None,
-                 device: str | None = None, threads: int | None = None):
+                 device: str | None = None, threads: int | None = None, kill_once: str | None = None):
+        self.kill_once, self.calls = kill_once, 0  # test-only fault injection, see ``run``
         if threads:
             torch.set_num_threads(threads)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -281,6 +283,10 @@ class Replica:
         """Rows with ``__ids``, ``__error``, ``__truncated`` -> the same rows with the engine's
         columns (``prediction`` ... ``error``, ``flops``) and, for the summary, what a
         full-depth BERT would have spent (``__full_flops``) and ``__truncated_out``."""
+        self.calls += 1
+        if self.kill_once and self.calls == 2 and not os.path.exists(f"{self.kill_once}/killed"):
+            open(f"{self.kill_once}/killed", "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)  # this replica's process dies in the middle of the job
         ids = batch.column("__ids").to_pylist()
         truncated = batch.column("__truncated").to_numpy(zero_copy_only=False)
         scored = self.scorer.score_tokens(ids, batch.column("__error").to_pylist(), truncated)
@@ -334,10 +340,13 @@ def write_pieces(batch: pa.Table, output: str, schema: pa.Schema, layers: int) -
 # -- the driver -----------------------------------------------------------------------------------
 
 
-def run(job: ScoreJobConfig, log=print) -> dict[str, Any]:
+def run(job: ScoreJobConfig, log=print, kill_once: str | None = None) -> dict[str, Any]:
     """Score the inputs into ``job.output`` on Ray (``ray.init`` first, or Ray starts a local
     instance); returns the summary also written to ``_summary.json``. Bad input raises a
-    one-line ValueError before anything is written."""
+    one-line ValueError before anything is written.
+
+    ``kill_once=folder`` is for fault-tolerance tests: the first replica to reach its second
+    batch kills its own process (SIGKILL) once, and marks ``folder/killed``."""
     import fsspec
     import ray
 
@@ -373,7 +382,7 @@ def run(job: ScoreJobConfig, log=print) -> dict[str, Any]:
             Replica, batch_format="pyarrow", batch_size=job.batch_size,
             fn_constructor_kwargs={"model": job.model, "speed": job.speed, "micro_batch": job.micro_batch,
                                    "max_length": max_length, "device": "cuda" if gpus else "cpu",
-                                   "threads": None if gpus else threads},
+                                   "threads": None if gpus else threads, "kill_once": kill_once},
             compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
             num_gpus=gpus, num_cpus=job.cpus_per_replica,
             max_restarts=-1, max_task_retries=-1)  # a replica that dies is replaced and its batch retried

@@ -91,13 +91,13 @@ def test_train_from_s3_to_s3(s3, backbone):
         uris[name] = put_parquet(f"s3://{BUCKET}/data/{name}.parquet", pa.table({"text": texts, "label": labels}))
     output = f"s3://{BUCKET}/runs/model"
     metrics = run(TrainJobConfig(train=uris["train"], validation=uris["validation"], output=output, backbone=backbone,
-                                 epochs=1, distill_epochs=1, lr=3e-3, distill_lr=3e-3, batch_size=16, max_length=32))
-    assert [e["epoch"] for e in metrics["finetune"]] == [1] and [e["epoch"] for e in metrics["distill"]] == [1]
+                                 epochs=1, distill_epochs=0, lr=3e-3, batch_size=16, max_length=32))
+    assert [e["epoch"] for e in metrics["finetune"]] == [1] and metrics["distill"] == []
     fs = s3fs.S3FileSystem()
     assert fs.exists(f"{output}/metrics.json") and not fs.exists(f"{output}/state.json")
     # every epoch's checkpoint (model, optimizer state, state.json) went to the bucket
     assert len(fs.glob(f"{output}/_ray/finetune/checkpoint_*/optimizer.safetensors")) == 1
-    assert len(fs.glob(f"{output}/_ray/distill/checkpoint_*/state.json")) == 1
+    assert len(fs.glob(f"{output}/_ray/finetune/checkpoint_*/state.json")) == 1
     model = FastBert.from_pretrained(output)  # the published model, straight from the bucket
     assert model.config.labels == list(LABELS)
     assert set(Scorer(model, speed=0.0)(toy_task(rng, 16)[0]).column("prediction").to_pylist()) <= set(LABELS)
@@ -120,3 +120,27 @@ def test_missing_object_and_unreachable_endpoint_are_clear_errors(s3, monkeypatc
     s3fs.S3FileSystem.clear_instance_cache()
     with pytest.raises(ValueError, match="nosuchproto://x/train.parquet: cannot be reached"):
         check_inputs(TrainJobConfig(train="nosuchproto://x/train.parquet", validation=local, output=str(tmp_path / "o")))
+
+
+def test_score_from_s3_to_s3(s3):
+    """The scoring job with its model, inputs and output all in the bucket."""
+    from pipeline.scoring import ScoreJobConfig
+    from pipeline.scoring import run as score
+
+    model = f"s3://{BUCKET}/models/tiny"
+    tiny_model(labels=LABELS, seed=2).save_pretrained(model)
+    texts, _ = toy_task(np.random.default_rng(3), 40)
+    for i in range(2):
+        put_parquet(f"s3://{BUCKET}/texts/part-{i}.parquet",
+                    pa.table({"id": list(range(20 * i, 20 * i + 20)), "text": texts[20 * i: 20 * i + 20]}))
+    output = f"s3://{BUCKET}/scored"
+    summary = score(ScoreJobConfig(model=model, input=[f"s3://{BUCKET}/texts/*.parquet"], output=output, speed=0.5,
+                                   batch_size=8, micro_batch=4, cpus_per_replica=0.5))
+    assert summary["rows_in"] == summary["rows_out"] == 40 and summary["files"] == 2
+    fs = s3fs.S3FileSystem()
+    assert fs.exists(f"{output}/_SUCCESS") and fs.exists(f"{output}/_summary.json")
+    files = sorted(p for p in fs.glob(f"{output}/part-*.parquet"))
+    table = pa.concat_tables(pq.read_table(fs.open(p, "rb")) for p in files)
+    assert table.column("id").to_pylist() == list(range(40))
+    expected = Scorer(tiny_model(labels=LABELS, seed=2), speed=0.5)(texts)
+    assert table.column("prediction").to_pylist() == expected.column("prediction").to_pylist()

@@ -5,6 +5,12 @@ bad input refused before anything is written."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -147,6 +153,49 @@ def test_resume_after_a_crash_finishes_without_duplicates(scored, inputs, tmp_pa
                                atol=1e-5)  # batch neighbours differ: float noise only
     assert summary["rows_out"] == 97 and summary["rows_this_run"] < 97  # only the unfinished row groups ran
     assert (output / "_SUCCESS").exists() and not list(output.glob(".*"))
+
+
+def test_a_replica_killed_mid_job_is_replaced_and_every_row_comes_out_once(ray_session, inputs, tmp_path):
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    summary = run(job(inputs, tmp_path / "out", batch_size=8), kill_once=str(faults))
+    assert (faults / "killed").exists(), "no replica was killed"
+    out = read_output(tmp_path / "out")
+    assert out.column("id").to_pylist() == all_inputs(inputs).column("id").to_pylist()
+    assert summary["rows_out"] == 97
+
+
+def test_killed_driver_then_resume_loses_and_duplicates_nothing(ray_session, inputs, tmp_path):
+    """`python -m jobs.score` is killed (SIGKILL) after its first piece; the same command with
+    --resume finishes the job, scoring only what was not done."""
+    data = tmp_path / "many"
+    data.mkdir()
+    texts, _ = toy_task(np.random.default_rng(5), 200)
+    for i in range(4):
+        pq.write_table(pa.table({"id": list(range(50 * i, 50 * i + 50)), "text": texts[50 * i: 50 * i + 50]}),
+                       data / f"{i}.parquet", row_group_size=10)
+    output = tmp_path / "out"
+    argv = ["--model", str(inputs / "model"), "--input", str(data), "--output", str(output), "--speed", str(SPEED),
+            "--batch-size", "5", "--micro-batch", "4", "--replicas", "1", "--cpus-per-replica", "0.5"]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "jobs.score", *argv], cwd=root, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not list((output / "_pieces").glob("part-*.json")):
+        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no piece written within 180 s"
+        time.sleep(0.1)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert not (output / "_SUCCESS").exists()
+
+    summary = run(parse_args([*argv, "--resume"]))
+    assert 0 < summary["rows_this_run"] < 200  # the pieces done before the kill were kept
+    out = read_output(output)
+    assert out.column("id").to_pylist() == list(range(200))  # nothing lost, nothing twice
 
 
 def test_replica_scores_one_batch_without_ray(inputs):
