@@ -366,30 +366,13 @@ def run(job: ScoreJobConfig, log=print, kill_once: str | None = None) -> dict[st
     log(f"scoring {rows_todo} rows in {len(todo)} row groups of {len({c.file for c in todo})} files"
         + (f" ({len(done)} row groups already done)" if done else "") + f" at speed {job.speed}")
     if todo:
-        ray.data.DataContext.get_current().execution_options.preserve_order = True  # file rows stay in order
-        gpus = job.gpus_per_replica
-        if gpus is None:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-        low, high = job.replica_range()
-        threads = job.threads_per_replica or max(1, int(job.cpus_per_replica))
-        columns = work.carried.names
-        ds = ray.data.from_items([dataclasses.asdict(c) for c in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(read_chunk, batch_size=1, batch_format="numpy",
-                            fn_kwargs={"columns": columns, "text_column": job.text_column})
-        ds = ds.map_batches(tokenize_rows, batch_format="pyarrow", batch_size=job.batch_size,
-                            fn_kwargs={"model": job.model, "max_length": max_length})
-        ds = ds.map_batches(
-            Replica, batch_format="pyarrow", batch_size=job.batch_size,
-            fn_constructor_kwargs={"model": job.model, "speed": job.speed, "micro_batch": job.micro_batch,
-                                   "max_length": max_length, "device": "cuda" if gpus else "cpu",
-                                   "threads": None if gpus else threads, "kill_once": kill_once},
-            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-            num_gpus=gpus, num_cpus=job.cpus_per_replica,
-            max_restarts=-1, max_task_retries=-1)  # a replica that dies is replaced and its batch retried
-        ds = ds.map_batches(write_pieces, batch_format="pyarrow", batch_size=None,
-                            fn_kwargs={"output": job.output, "schema": work.output_schema, "layers": layers})
-        for _ in ds.iter_batches(batch_size=None):
-            pass
+        context = ray.data.DataContext.get_current()
+        preserve = context.execution_options.preserve_order
+        context.execution_options.preserve_order = True  # each file's rows stay in order
+        try:
+            _stream(job, work, todo, max_length, layers, kill_once)
+        finally:
+            context.execution_options.preserve_order = preserve
     seconds = time.perf_counter() - start
     summary = _summarise(job, work, fs, root, layers, seconds, rows_todo)
     with fs.open(f"{root}/{SUMMARY_FILE}", "w") as f:
@@ -400,6 +383,35 @@ def run(job: ScoreJobConfig, log=print, kill_once: str | None = None) -> dict[st
         f"mean exit layer {summary['mean_exit_layer']:.2f}, FLOP speed-up {summary['flop_speedup']:.2f}x, "
         f"{summary['error_rows']} rows with an error")
     return summary
+
+
+def _stream(job: ScoreJobConfig, work: Plan, todo: list[Chunk], max_length: int, layers: int,
+            kill_once: str | None) -> None:
+    """The Ray Data pipeline over the chunks still to do: read, tokenise, score, write."""
+    import ray
+
+    gpus = job.gpus_per_replica
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    low, high = job.replica_range()
+    threads = job.threads_per_replica or max(1, int(job.cpus_per_replica))
+    ds = ray.data.from_items([dataclasses.asdict(c) for c in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(read_chunk, batch_size=1, batch_format="numpy",
+                        fn_kwargs={"columns": work.carried.names, "text_column": job.text_column})
+    ds = ds.map_batches(tokenize_rows, batch_format="pyarrow", batch_size=job.batch_size,
+                        fn_kwargs={"model": job.model, "max_length": max_length})
+    ds = ds.map_batches(
+        Replica, batch_format="pyarrow", batch_size=job.batch_size,
+        fn_constructor_kwargs={"model": job.model, "speed": job.speed, "micro_batch": job.micro_batch,
+                               "max_length": max_length, "device": "cuda" if gpus else "cpu",
+                               "threads": None if gpus else threads, "kill_once": kill_once},
+        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+        num_gpus=gpus, num_cpus=job.cpus_per_replica,
+        max_restarts=-1, max_task_retries=-1)  # a replica that dies is replaced and its batch retried
+    ds = ds.map_batches(write_pieces, batch_format="pyarrow", batch_size=None,
+                        fn_kwargs={"output": job.output, "schema": work.output_schema, "layers": layers})
+    for _ in ds.iter_batches(batch_size=None):  # drives the stream; the pieces are written as it goes
+        pass
 
 
 def _markers(fs, root: str) -> list[dict[str, Any]]:
