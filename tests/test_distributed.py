@@ -6,10 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +18,7 @@ from pipeline import FastBert, Scorer
 from jobs.train import parse_args
 from pipeline.distributed import TrainJobConfig, _dataset, bucketed_batches, check_inputs, run
 from test_train import LABELS, accuracy, toy_task
+from driver import start_driver
 from tiny import tiny_model
 
 ray = pytest.importorskip("ray")
@@ -140,12 +138,7 @@ def test_killed_driver_rerun_continues_from_the_last_checkpoint(ray_session, dat
     argv = ["--train", str(data / "train.parquet"), "--validation", str(data / "validation.parquet"),
             "--output", str(output), "--backbone", str(data / "backbone"), "--epochs", "3", "--distill-epochs", "0",
             "--lr", "3e-3", "--batch-size", "16", "--max-length", "32"]
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    with open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "jobs.train", *argv], cwd=root, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+    driver = start_driver("jobs.train", argv, tmp_path / "driver.log")
     snapshot = output / "_ray" / "finetune" / "checkpoint_manager_snapshot.json"  # what Ray Train committed
 
     def committed() -> list[int]:

@@ -7,10 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +21,7 @@ from pipeline import Scorer, uncertainty
 from pipeline.engine import tokenize
 from pipeline.scoring import Replica, ScoreJobConfig, run
 from test_train import LABELS, toy_task
+from driver import start_driver
 from tiny import tiny_model
 
 ray = pytest.importorskip("ray")
@@ -180,12 +178,7 @@ def test_killed_driver_then_resume_loses_and_duplicates_nothing(ray_session, inp
     output = tmp_path / "out"
     argv = ["--model", str(inputs / "model"), "--input", str(data), "--output", str(output), "--speed", str(SPEED),
             "--batch-size", "5", "--micro-batch", "4", "--replicas", "1", "--cpus-per-replica", "0.5"]
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    with open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "jobs.score", *argv], cwd=root, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+    driver = start_driver("jobs.score", argv, tmp_path / "driver.log")
     deadline = time.monotonic() + 180
     while not list((output / "_pieces").glob("part-*.json")):
         assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
