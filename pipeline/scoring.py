@@ -245,25 +245,19 @@ def read_chunk(batch: dict[str, np.ndarray], columns: list[str], text_column: st
     return pa.concat_tables(tables)
 
 
-def tokenize_rows(batch: pa.Table, model: str, max_length: int | None) -> pa.Table:
+def tokenize_rows(batch: pa.Table, model: str, max_length: int) -> pa.Table:
     """Ray Data: ``__text`` -> ``__ids`` (token ids, or null), ``__error``, ``__truncated``.
     The tokenizer is loaded once per worker process."""
-    tokenizer, length = _tokenizer(model, max_length)
-    ids, errors, truncated = tokenize(tokenizer, batch.column("__text").to_pylist(), length)
+    if model not in _TOKENIZERS:
+        _TOKENIZERS[model] = FastBert.from_pretrained(model).tokenizer
+    ids, errors, truncated = tokenize(_TOKENIZERS[model], batch.column("__text").to_pylist(), max_length)
     batch = batch.drop_columns(["__text"])
     batch = batch.append_column("__ids", pa.array(ids, type=pa.list_(pa.int32())))
     batch = batch.append_column("__error", pa.array(errors, type=pa.string()))
     return batch.append_column("__truncated", pa.array(truncated, type=pa.bool_()))
 
 
-_TOKENIZERS: dict[tuple[str, int | None], tuple[Any, int]] = {}
-
-
-def _tokenizer(model: str, max_length: int | None) -> tuple[Any, int]:
-    if (model, max_length) not in _TOKENIZERS:
-        loaded = FastBert.from_pretrained(model)
-        _TOKENIZERS[(model, max_length)] = (loaded.tokenizer, max_length or loaded.config.max_length)
-    return _TOKENIZERS[(model, max_length)]
+_TOKENIZERS: dict[str, Any] = {}  # model URI -> its tokenizer, per worker process
 
 
 class Replica:
