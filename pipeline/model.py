@@ -256,9 +256,8 @@ class FastBert(nn.Module):
         import fsspec
         from transformers import AutoTokenizer
 
+        config = load_config(path)  # a clear error when it is no FastBERT folder
         fs, root = fsspec.core.url_to_fs(path)
-        if not fs.isdir(root):
-            raise FileNotFoundError(f"FastBert checkpoint {path!r}: no such folder")
         with tempfile.TemporaryDirectory() as tmp:
             local = root
             if not _is_local(fs):  # a flat folder: copy its files down (not its subfolders, e.g. _ray)
@@ -266,20 +265,6 @@ class FastBert(nn.Module):
                     if entry["type"] == "file":
                         fs.get_file(entry["name"], os.path.join(tmp, entry["name"].rstrip("/").rsplit("/", 1)[-1]))
                 local = tmp
-            for name in (CONFIG_FILE, WEIGHTS_FILE):
-                if not os.path.isfile(os.path.join(local, name)):
-                    raise FileNotFoundError(
-                        f"FastBert checkpoint {path!r} is missing {name}: is it a folder "
-                        "written by FastBert.save_pretrained?"
-                    )
-            with open(os.path.join(local, CONFIG_FILE)) as f:
-                raw = json.load(f)
-            if raw.pop("format", None) != FORMAT:
-                raise ValueError(
-                    f"{path!r}/{CONFIG_FILE} is not a FastBert checkpoint (no \"format\": "
-                    f"\"{FORMAT}\"); to start from a plain BERT use FastBert.from_backbone"
-                )
-            config = FastBertConfig(**raw)
             try:
                 tokenizer = AutoTokenizer.from_pretrained(local)
             except (OSError, ValueError) as e:
@@ -288,6 +273,48 @@ class FastBert(nn.Module):
             state = load_file(os.path.join(local, WEIGHTS_FILE), device=str(map_location))
         _load_state(model, state, path)
         return model.eval()
+
+
+def load_config(path: str) -> FastBertConfig:
+    """The config of a folder written by ``FastBert.save_pretrained`` (local path or fsspec
+    URI), without loading the weights; a clear error when the folder is no FastBERT
+    checkpoint (no such folder, a file missing, a plain BERT's config)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"FastBert checkpoint {path!r}: no such folder")
+    root = root.rstrip("/")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not fs.isfile(f"{root}/{name}"):
+            raise FileNotFoundError(
+                f"FastBert checkpoint {path!r} is missing {name}: is it a folder written by FastBert.save_pretrained?"
+            )
+    with fs.open(f"{root}/{CONFIG_FILE}") as f:
+        raw = json.load(f)
+    if raw.pop("format", None) != FORMAT:
+        raise ValueError(
+            f"{path!r}/{CONFIG_FILE} is not a FastBert checkpoint (no \"format\": "
+            f"\"{FORMAT}\"); to start from a plain BERT use FastBert.from_backbone"
+        )
+    return FastBertConfig(**raw)
+
+
+def load_tokenizer(path: str):
+    """Only the tokenizer of a folder written by ``FastBert.save_pretrained`` (local path or
+    fsspec URI): for processes that tokenise and never run the model."""
+    import fsspec
+    from transformers import AutoTokenizer
+
+    fs, root = fsspec.core.url_to_fs(path)
+    if _is_local(fs):
+        return AutoTokenizer.from_pretrained(root)
+    with tempfile.TemporaryDirectory() as tmp:
+        for entry in fs.ls(root, detail=True):
+            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if entry["type"] == "file" and name != WEIGHTS_FILE:
+                fs.get_file(entry["name"], os.path.join(tmp, name))
+        return AutoTokenizer.from_pretrained(tmp)
 
 
 # -- helpers ----------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import torch
 from pipeline import flops as flop_account
 from pipeline.engine import SCHEMA as ENGINE_SCHEMA
 from pipeline.engine import Scorer, tokenize
-from pipeline.model import FastBert
+from pipeline.model import FastBert, load_config, load_tokenizer
 
 RESULT_COLUMNS = ("prediction", "probabilities", "exit_layer", "uncertainty", "error")
 JOB_FILE = "_job.json"
@@ -226,30 +226,33 @@ def plan(job: ScoreJobConfig) -> Plan:
 # -- the pipeline's stages ----------------------------------------------------------------------
 
 
-def read_chunk(batch: dict[str, np.ndarray], columns: list[str], text_column: str) -> pa.Table:
+def read_chunk(batch: dict[str, np.ndarray], columns: list[str], text_column: str, rows_per_block: int):
     """Ray Data: the rows of the chunks in ``batch`` (one row per chunk), the carried columns,
-    the text as ``__text`` and the bookkeeping ``__file``, ``__group``, ``__row``."""
+    the text as ``__text`` and the bookkeeping ``__file``, ``__group``, ``__row``; yielded in
+    blocks of at most ``rows_per_block`` rows, so a huge row group is never held whole."""
     import fsspec
 
-    tables = []
     for i in range(len(batch["uri"])):
         fs, path = fsspec.core.url_to_fs(str(batch["uri"][i]))
+        first = int(batch["first_row"][i])
         with fs.open(path, "rb") as f:
-            table = pq.ParquetFile(f).read_row_group(int(batch["row_group"][i]),
-                                                      columns=sorted(set(columns) | {text_column}))
-        n = table.num_rows
-        table = table.select(columns).append_column("__text", table.column(text_column))
-        table = table.append_column("__file", pa.array(np.full(n, batch["file"][i], dtype=np.int32)))
-        table = table.append_column("__group", pa.array(np.full(n, batch["row_group"][i], dtype=np.int32)))
-        tables.append(table.append_column("__row", pa.array(np.arange(n, dtype=np.int64) + batch["first_row"][i])))
-    return pa.concat_tables(tables)
+            for record_batch in pq.ParquetFile(f).iter_batches(
+                    batch_size=rows_per_block, row_groups=[int(batch["row_group"][i])],
+                    columns=sorted(set(columns) | {text_column})):
+                table = pa.Table.from_batches([record_batch])
+                n = table.num_rows
+                table = table.select(columns).append_column("__text", table.column(text_column))
+                table = table.append_column("__file", pa.array(np.full(n, batch["file"][i], dtype=np.int32)))
+                table = table.append_column("__group", pa.array(np.full(n, batch["row_group"][i], dtype=np.int32)))
+                yield table.append_column("__row", pa.array(np.arange(first, first + n, dtype=np.int64)))
+                first += n
 
 
 def tokenize_rows(batch: pa.Table, model: str, max_length: int) -> pa.Table:
     """Ray Data: ``__text`` -> ``__ids`` (token ids, or null), ``__error``, ``__truncated``.
     The tokenizer is loaded once per worker process."""
     if model not in _TOKENIZERS:
-        _TOKENIZERS[model] = FastBert.from_pretrained(model).tokenizer
+        _TOKENIZERS[model] = load_tokenizer(model)
     ids, errors, truncated = tokenize(_TOKENIZERS[model], batch.column("__text").to_pylist(), max_length)
     batch = batch.drop_columns(["__text"])
     batch = batch.append_column("__ids", pa.array(ids, type=pa.list_(pa.int32())))
@@ -293,7 +296,30 @@ class Replica:
         for name in scored.column_names:
             batch = batch.append_column(name, scored.column(name))
         batch = batch.append_column("__full_flops", pa.array(full))
+        _release_freed_memory()
         return batch.append_column("__truncated_out", pa.array(truncated & ok))
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc). Every call's tensors have other
+    shapes, and without this a replica's memory grows with the rows it has scored (measured:
+    478 -> 1,139 MB over 8 calls of 1,024 rows, flat at 574 MB with it)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def write_pieces(batch: pa.Table, output: str, schema: pa.Schema, layers: int) -> pa.Table:
@@ -345,12 +371,11 @@ def run(job: ScoreJobConfig, log=print, kill_once: str | None = None) -> dict[st
     import ray
 
     start = time.perf_counter()
-    model = FastBert.from_pretrained(job.model)  # a clear error when it is no FastBERT folder
-    max_length = job.max_length or model.config.max_length
-    if not 2 <= max_length <= model.config.max_positions:
-        raise ValueError(f"max_length must be in [2, {model.config.max_positions}] for {job.model}, got {max_length}")
-    layers = model.config.num_layers
-    del model
+    config = load_config(job.model)  # a clear error when it is no FastBERT folder; the weights stay where they are
+    max_length = job.max_length or config.max_length
+    if not 2 <= max_length <= config.max_positions:
+        raise ValueError(f"max_length must be in [2, {config.max_positions}] for {job.model}, got {max_length}")
+    layers = config.num_layers
     work = plan(job)
     fs, root = fsspec.core.url_to_fs(job.output)
     root = root.rstrip("/")
@@ -391,15 +416,22 @@ def _stream(job: ScoreJobConfig, work: Plan, todo: list[Chunk], max_length: int,
     threads = job.threads_per_replica or max(1, int(job.cpus_per_replica))
     ds = ray.data.from_items([dataclasses.asdict(c) for c in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(read_chunk, batch_size=1, batch_format="numpy",
-                        fn_kwargs={"columns": work.carried.names, "text_column": job.text_column})
+                        fn_kwargs={"columns": work.carried.names, "text_column": job.text_column,
+                                   "rows_per_block": job.batch_size})
     ds = ds.map_batches(tokenize_rows, batch_format="pyarrow", batch_size=job.batch_size,
                         fn_kwargs={"model": job.model, "max_length": max_length})
+    # the read task's output is coalesced into big blocks: cut it back into replica calls, so that
+    # every replica gets work and a failed call redoes little
+    ds = ds.repartition(target_num_rows_per_block=job.batch_size)
     ds = ds.map_batches(
         Replica, batch_format="pyarrow", batch_size=job.batch_size,
         fn_constructor_kwargs={"model": job.model, "speed": job.speed, "micro_batch": job.micro_batch,
                                "max_length": max_length, "device": "cuda" if gpus else "cpu",
                                "threads": None if gpus else threads, "kill_once": kill_once},
-        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+        # a CPU replica takes one call at a time, so no call waits behind another while a replica
+        # idles; a GPU replica gets its next call's rows while it computes
+        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high,
+                                           max_tasks_in_flight_per_actor=2 if gpus else 1),
         num_gpus=gpus, num_cpus=job.cpus_per_replica,
         max_restarts=-1, max_task_retries=-1)  # a replica that dies is replaced and its batch retried
     ds = ds.map_batches(write_pieces, batch_format="pyarrow", batch_size=None,

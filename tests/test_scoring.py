@@ -19,7 +19,7 @@ import torch
 from jobs.score import parse_args
 from pipeline import Scorer, uncertainty
 from pipeline.engine import tokenize
-from pipeline.scoring import Replica, ScoreJobConfig, run
+from pipeline.scoring import Replica, ScoreJobConfig, read_chunk, run
 from test_train import LABELS, toy_task
 from driver import start_driver
 from tiny import tiny_model
@@ -166,8 +166,21 @@ def test_a_replica_killed_mid_job_is_replaced_and_every_row_comes_out_once(ray_s
     assert summary["rows_out"] == 97
 
 
+def _a_row_group_done(output) -> bool:
+    """Whether the markers of some row group (10 rows, written as pieces of up to 5) count all its rows."""
+    rows = {}
+    for path in (output / "_pieces").glob("part-*.json"):
+        try:
+            marker = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        key = (marker["file"], marker["row_group"])
+        rows[key] = rows.get(key, 0) + marker["rows"]
+    return 10 in rows.values()
+
+
 def test_killed_driver_then_resume_loses_and_duplicates_nothing(ray_session, inputs, tmp_path):
-    """`python -m jobs.score` is killed (SIGKILL) after its first piece; the same command with
+    """`python -m jobs.score` is killed (SIGKILL) after its first whole row group; the same command with
     --resume finishes the job, scoring only what was not done."""
     data = tmp_path / "many"
     data.mkdir()
@@ -180,9 +193,9 @@ def test_killed_driver_then_resume_loses_and_duplicates_nothing(ray_session, inp
             "--batch-size", "5", "--micro-batch", "4", "--replicas", "1", "--cpus-per-replica", "0.5"]
     driver = start_driver("jobs.score", argv, tmp_path / "driver.log")
     deadline = time.monotonic() + 180
-    while not list((output / "_pieces").glob("part-*.json")):
+    while not _a_row_group_done(output):
         assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no piece written within 180 s"
+        assert time.monotonic() < deadline, "no row group finished within 180 s"
         time.sleep(0.1)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
@@ -204,6 +217,20 @@ def test_replica_scores_one_batch_without_ray(inputs):
     assert out.column("id").to_pylist() == [1, 2, 3]
     assert out.column("error").to_pylist() == [None, "text is null", None]
     assert out.column("prediction").to_pylist() == Scorer(model, speed=0.0)(texts).column("prediction").to_pylist()
+
+
+def test_a_big_row_group_is_read_in_blocks_of_the_batch_size(tmp_path):
+    path = str(tmp_path / "one-group.parquet")
+    pq.write_table(pa.table({"id": np.arange(50), "text": [f"w{i}" for i in range(50)], "x": np.arange(50.0)}),
+                   path, row_group_size=50)
+    chunk = {"uri": np.array([path]), "file": np.array([3]), "row_group": np.array([0]), "first_row": np.array([100])}
+    blocks = list(read_chunk(chunk, columns=["id"], text_column="text", rows_per_block=16))
+    assert [b.num_rows for b in blocks] == [16, 16, 16, 2]  # never the whole row group at once
+    table = pa.concat_tables(blocks)
+    assert table.column_names == ["id", "__text", "__file", "__group", "__row"]
+    assert table.column("__row").to_pylist() == list(range(100, 150))
+    assert table.column("__text").to_pylist() == [f"w{i}" for i in range(50)]
+    assert set(table.column("__file").to_pylist()) == {3}
 
 
 def write(path, **columns) -> str:
