@@ -44,7 +44,7 @@ from pipeline.datasets import load_bundled
 from pipeline.demo import DemoConfig
 from pipeline.engine import Scorer
 from pipeline.model import FastBert
-from pipeline.tradeoff import all_exits, at_speed
+from pipeline.tradeoff import choose_speed, describe_choice, tradeoff_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = 5
@@ -75,17 +75,13 @@ def write_inputs(folder: str, rows: int, seed: int = 0) -> list[str]:
 
 
 def pick_speed(model: FastBert, max_drop: float) -> tuple[float, dict]:
-    """The largest speed on a 0.01 grid whose R8 test accuracy is within ``max_drop`` points of
-    the teacher's (speed 0)."""
+    """The fastest speed whose R8 test accuracy is within ``max_drop`` points of the teacher's
+    (``pipeline.tradeoff.choose_speed`` on the test split's table)."""
     test = load_bundled("r8", "test")
-    exits = all_exits(model, test["text"].to_pylist(), test["label"].to_pylist())
-    teacher = at_speed(exits, model, 0.0)
-    points = [at_speed(exits, model, float(s)) for s in np.round(np.arange(0.01, 1.0, 0.01), 2)]
-    ok = [p for p in points if p.accuracy >= teacher.accuracy - max_drop / 100 - 1e-12]
-    best = max(ok, key=lambda p: p.flop_speedup) if ok else teacher
-    print(f"speed {best.speed}: R8 test accuracy {100 * best.accuracy:.2f}% (teacher {100 * teacher.accuracy:.2f}%) "
-          f"at {best.flop_speedup:.2f}x FLOP speed-up")
-    return best.speed, {"teacher_accuracy": teacher.accuracy, "accuracy": best.accuracy,
+    table = tradeoff_table(model, test["text"].to_pylist(), test["label"].to_pylist(), data="the R8 test split")
+    best = choose_speed(table, max_accuracy_drop=max_drop)
+    print(describe_choice(best, table))
+    return best.speed, {"teacher_accuracy": table.teacher.accuracy, "accuracy": best.accuracy,
                         "test_flop_speedup": best.flop_speedup}
 
 

@@ -26,7 +26,13 @@ def parse_args(argv: list[str] | None = None) -> ScoreJobConfig:
     p.add_argument("--model", required=True, help="FastBERT folder (local path or fsspec URI)")
     p.add_argument("--input", required=True, nargs="+", help="Parquet files, folders or globs")
     p.add_argument("--output", required=True, help="output folder (local path or fsspec URI)")
-    p.add_argument("--speed", type=float, default=d.speed, help="0 = full depth ... 1 = leave at layer 1")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--speed", type=float, default=None, help="0 = full depth ... 1 = leave at layer 1 (default 0.5)")
+    budget.add_argument("--max-accuracy-drop", type=float, default=None, metavar="POINTS",
+                        help="instead of --speed: the fastest speed whose validation accuracy is within POINTS of "
+                             "the teacher's (from the model's tradeoff.json)")
+    budget.add_argument("--target-speedup", type=float, default=None, metavar="X",
+                        help="instead of --speed: the most accurate speed with at least an X-fold FLOP speed-up")
     p.add_argument("--text-column", default=d.text_column)
     p.add_argument("--id-column", default=None)
     p.add_argument("--columns", nargs="*", default=None, help="input columns to carry (default: all)")

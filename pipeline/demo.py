@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.datasets import load_bundled
+from pipeline.tradeoff import tradeoff_table
 from pipeline.engine import Scorer
 from pipeline.model import BUNDLED, FastBert
 from pipeline.train import TrainConfig, fit
@@ -67,6 +68,8 @@ def train_model(config: DemoConfig, log=print) -> FastBert:
                                distill_lr=config.distill_lr, batch_size=config.batch_size, seed=config.seed,
                                log_every=10)
     fit(model, train_texts, train_labels, val_texts, val_labels, train_config, log=log)
+    model.tradeoff = tradeoff_table(model, val_texts, val_labels, data=f"{len(val_texts)} {config.dataset} "
+                                    "training rows held out for validation")
     model.save_pretrained(os.path.join(config.output, "model"))
     return model
 

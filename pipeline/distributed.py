@@ -34,7 +34,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline.model import CONFIG_FILE, FastBert
+from pipeline.model import CONFIG_FILE, TRADEOFF_FILE, FastBert
+from pipeline.tradeoff import TradeoffTable, choose_speed, describe_choice, save_table, tradeoff_table
 from pipeline.train import (
     STAGES,
     EvalStats,
@@ -225,8 +226,27 @@ def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None =
         "distill": final_state["history"] if job.distill_epochs > 0 else [],
     }
     _publish(final, job.output, metrics)
-    log(f"model and {METRICS_FILE} written to {job.output}")
+    table = _validation_tradeoff(job)
+    log(f"model, {METRICS_FILE} and {TRADEOFF_FILE} written to {job.output}; on the validation rows: "
+        f"{describe_choice(choose_speed(table, max_accuracy_drop=0.5), table)} (--max-accuracy-drop 0.5)")
     return metrics
+
+
+def _validation_tradeoff(job: TrainJobConfig) -> TradeoffTable:
+    """Accuracy and FLOP speed-up of the published model at every speed on the validation
+    rows (one full-depth pass on the driver), written into the model folder so that scoring
+    can pick a speed for an accuracy or speed-up budget."""
+    import fsspec
+    import pyarrow.dataset as pds
+
+    model = FastBert.from_pretrained(job.output)
+    fs, path = fsspec.core.url_to_fs(job.validation)
+    rows = pds.dataset(path, format="parquet", filesystem=fs).to_table(columns=[job.text_column, job.label_column])
+    rows = rows.slice(0, job.max_rows or rows.num_rows)
+    labels = [str(v) for v in rows.column(job.label_column).to_pylist()]
+    table = tradeoff_table(model, rows.column(job.text_column).to_pylist(), labels, data=job.validation)
+    save_table(table, job.output)
+    return table
 
 
 def check_inputs(job: TrainJobConfig, labels: list[str] | None = None, labels_from: str | None = None) -> Inputs:

@@ -78,8 +78,11 @@ class _Chunk:
 class Scorer:
     """Early-exit scoring of texts with a FastBert; see the module docstring.
 
-    ``speed`` in [0, 1]: a row leaves at the first layer whose uncertainty is below it
-    (0 = full depth). ``micro_batch``: rows per layer step. ``max_length``: tokens per text
+    ``speed`` in [0, 1] (default 0.5): a row leaves at the first layer whose uncertainty is
+    below it (0 = full depth). Instead of a speed, a budget picks one from the trade-off table
+    that training stores with the model: ``max_accuracy_drop`` (accuracy points below the
+    teacher that may be given up) or ``target_speedup`` (FLOP speed-up wanted); the choice is
+    in ``speed_choice``. ``micro_batch``: rows per layer step. ``max_length``: tokens per text
     (default: the model's). ``device``: default CUDA when available, else CPU; CUDA runs in
     bf16 (fp16 where bf16 is missing) autocast, CPU in fp32. ``regroup=False`` turns dynamic
     re-batching off (each micro-batch only shrinks as it goes deeper): for benchmarks.
@@ -89,13 +92,24 @@ class Scorer:
     def __init__(
         self,
         model: FastBert,
-        speed: float = 0.5,
+        speed: float | None = None,
         micro_batch: int = 32,
         max_length: int | None = None,
         device: str | torch.device | None = None,
         regroup: bool = True,
+        max_accuracy_drop: float | None = None,
+        target_speedup: float | None = None,
     ):
-        if not isinstance(speed, (int, float)) or not 0.0 <= speed <= 1.0:
+        self.speed_choice = None  # the table's point for a budget, when the speed came from one
+        if max_accuracy_drop is not None or target_speedup is not None:
+            from pipeline.tradeoff import choose_speed
+
+            if speed is not None:
+                raise ValueError("give a speed or a budget (max_accuracy_drop, target_speedup), not both")
+            self.speed_choice = choose_speed(model.tradeoff, max_accuracy_drop, target_speedup)
+            speed = self.speed_choice.speed
+        speed = 0.5 if speed is None else speed
+        if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0.0 <= speed <= 1.0:
             raise ValueError(f"speed must be a number in [0, 1] (0 = full depth), got {speed!r}")
         if not isinstance(micro_batch, int) or micro_batch < 1:
             raise ValueError(f"micro_batch must be a positive integer, got {micro_batch!r}")

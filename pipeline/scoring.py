@@ -42,6 +42,7 @@ from pipeline import flops as flop_account
 from pipeline.engine import SCHEMA as ENGINE_SCHEMA
 from pipeline.engine import Scorer, tokenize
 from pipeline.model import FastBert, load_config, load_tokenizer
+from pipeline.tradeoff import choose_speed, describe_choice, load_table
 
 RESULT_COLUMNS = ("prediction", "probabilities", "exit_layer", "uncertainty", "error")
 JOB_FILE = "_job.json"
@@ -59,7 +60,9 @@ class ScoreJobConfig:
     model: str  # a FastBERT folder (local path or fsspec URI) written by save_pretrained or jobs.train
     input: list[str]  # Parquet files, folders or globs (local paths or fsspec URIs)
     output: str  # folder for the scored Parquet files, _summary.json and _SUCCESS
-    speed: float = 0.5  # 0 = full depth; a row leaves at the first layer less uncertain than this
+    speed: float | None = None  # 0 = full depth; a row leaves at the first layer less uncertain than this (default 0.5)
+    max_accuracy_drop: float | None = None  # instead of speed: the fastest speed within this many accuracy points
+    target_speedup: float | None = None  # instead of speed: the most accurate speed with this FLOP speed-up
     text_column: str = "text"
     id_column: str | None = None  # optional: a column that identifies rows (always carried)
     columns: list[str] | None = None  # input columns carried to the output; None: all of them
@@ -82,7 +85,14 @@ class ScoreJobConfig:
         for name in ("model", "output", "text_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"ScoreJobConfig.{name} must be a non-empty string, got {getattr(self, name)!r}")
-        if isinstance(self.speed, bool) or not isinstance(self.speed, (int, float)) or not 0.0 <= self.speed <= 1.0:
+        budgets = [b for b in (self.max_accuracy_drop, self.target_speedup) if b is not None]
+        if len(budgets) > 1 or (budgets and self.speed is not None):
+            raise ValueError("give one of speed, max_accuracy_drop and target_speedup")
+        if not budgets and self.speed is None:
+            self.speed = 0.5
+        # with a budget the speed stays None until run() picks it from the model's trade-off table
+        if self.speed is not None and (isinstance(self.speed, bool) or not isinstance(self.speed, (int, float))
+                                       or not 0.0 <= self.speed <= 1.0):
             raise ValueError(f"speed must be a number in [0, 1] (0 = full depth), got {self.speed!r}")
         for name in ("batch_size", "micro_batch"):
             value = getattr(self, name)
@@ -371,6 +381,14 @@ def run(job: ScoreJobConfig, log=print, kill_once: str | None = None) -> dict[st
     import ray
 
     start = time.perf_counter()
+    choice = None
+    if job.speed is None:  # a budget: the speed comes from the model's trade-off table
+        table = load_table(job.model)
+        point = choose_speed(table, job.max_accuracy_drop, job.target_speedup)
+        choice = {"max_accuracy_drop": job.max_accuracy_drop, "target_speedup": job.target_speedup,
+                  "table": {"data": table.data, "rows": table.rows}, "promised": dataclasses.asdict(point)}
+        log(f"chose {describe_choice(point, table)}")
+        job = dataclasses.replace(job, speed=point.speed, max_accuracy_drop=None, target_speedup=None)
     config = load_config(job.model)  # a clear error when it is no FastBERT folder; the weights stay where they are
     max_length = job.max_length or config.max_length
     if not 2 <= max_length <= config.max_positions:
@@ -394,6 +412,7 @@ def run(job: ScoreJobConfig, log=print, kill_once: str | None = None) -> dict[st
             context.execution_options.preserve_order = preserve
     seconds = time.perf_counter() - start
     summary = _summarise(job, work, fs, root, layers, seconds, rows_todo)
+    summary["speed_choice"] = choice
     with fs.open(f"{root}/{SUMMARY_FILE}", "w") as f:
         json.dump(summary, f, indent=2)
     with fs.open(f"{root}/{SUCCESS_FILE}", "w") as f:

@@ -10,13 +10,15 @@ measures accuracy and FLOPs, not wall time: the engine benchmark measures that.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from pipeline import flops as flop_account
-from pipeline.model import FastBert, uncertainty
+from pipeline.model import TRADEOFF_FILE, FastBert, uncertainty
 from pipeline.train import batches
 
 
@@ -79,3 +81,89 @@ def accuracy_at_speedup(points: list[Point], speedup: float) -> float:
     if not x[0] <= speedup <= x[-1]:
         return float("nan")
     return float(np.interp(speedup, x, [p.accuracy for p in ordered]))
+
+
+# -- the validation table a trained model carries, and choosing a speed from it ---------------
+
+SPEED_GRID = tuple(round(float(s), 2) for s in np.linspace(0.0, 1.0, 101))  # speeds the table holds
+
+
+@dataclass
+class TradeoffTable:
+    """Accuracy and FLOP speed-up of a trained model at every speed of ``SPEED_GRID``,
+    measured on ``rows`` rows of held-out ``data`` (training writes it into the model folder)."""
+
+    data: str  # where the rows came from, e.g. the validation Parquet's URI
+    rows: int
+    points: list[Point]  # ascending speed; points[0] is speed 0, the teacher
+
+    @property
+    def teacher(self) -> Point:
+        return self.points[0]
+
+    def to_json(self) -> dict:
+        return {"data": self.data, "rows": self.rows, "points": [dataclasses.asdict(p) for p in self.points]}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> TradeoffTable:
+        return cls(data=raw["data"], rows=int(raw["rows"]), points=[Point(**p) for p in raw["points"]])
+
+
+def tradeoff_table(model: FastBert, texts: list[str], labels: list[str], data: str) -> TradeoffTable:
+    """The table of ``model`` on held-out ``texts`` with their ``labels`` (one full-depth pass)."""
+    exits = all_exits(model, texts, labels)
+    return TradeoffTable(data=data, rows=len(texts), points=[at_speed(exits, model, s) for s in SPEED_GRID])
+
+
+def load_table(model: str) -> TradeoffTable | None:
+    """The table stored in a model folder (local path or fsspec URI), None if it has none."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(model)
+    path = f"{root.rstrip('/')}/{TRADEOFF_FILE}"
+    if not fs.isfile(path):
+        return None
+    with fs.open(path) as f:
+        return TradeoffTable.from_json(json.load(f))
+
+
+def save_table(table: TradeoffTable, model: str) -> None:
+    """Write ``table`` into a model folder (local path or fsspec URI)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(model)
+    with fs.open(f"{root.rstrip('/')}/{TRADEOFF_FILE}", "w") as f:
+        json.dump(table.to_json(), f, indent=2)
+
+
+def choose_speed(table: TradeoffTable | None, max_accuracy_drop: float | None = None,
+                 target_speedup: float | None = None) -> Point:
+    """The speed for a budget, from a model's table (give exactly one budget):
+    ``max_accuracy_drop`` (accuracy points below the teacher's that may be given up): the
+    fastest speed within it; ``target_speedup`` (FLOP speed-up wanted): the most accurate
+    speed that reaches it. Ties go to the more accurate (the faster) point, then the lower speed."""
+    if (max_accuracy_drop is None) == (target_speedup is None):
+        raise ValueError("give exactly one of max_accuracy_drop and target_speedup")
+    if table is None:
+        raise ValueError(f"the model has no {TRADEOFF_FILE} (written by training since the speed-by-budget "
+                         "options exist): pass a speed instead, or train the model again")
+    if max_accuracy_drop is not None:
+        if not 0.0 <= max_accuracy_drop <= 100.0:
+            raise ValueError(f"max_accuracy_drop is in accuracy points, in [0, 100]; got {max_accuracy_drop}")
+        floor = table.teacher.accuracy - max_accuracy_drop / 100.0 - 1e-9
+        within = [p for p in table.points if p.accuracy >= floor]
+        return max(within, key=lambda p: (p.flop_speedup, p.accuracy, -p.speed))  # the teacher is always within
+    if not target_speedup >= 1.0:
+        raise ValueError(f"target_speedup is a FLOP speed-up >= 1, got {target_speedup}")
+    reaching = [p for p in table.points if p.flop_speedup >= target_speedup]
+    if not reaching:
+        best = max(table.points, key=lambda p: p.flop_speedup)
+        raise ValueError(f"no speed reaches a {target_speedup}x FLOP speed-up on {table.data}; the most is "
+                         f"{best.flop_speedup:.2f}x at speed {best.speed}")
+    return max(reaching, key=lambda p: (p.accuracy, p.flop_speedup, -p.speed))
+
+
+def describe_choice(point: Point, table: TradeoffTable) -> str:
+    """One line: the chosen speed and what the table promises for it."""
+    return (f"speed {point.speed}: {100 * point.accuracy:.2f}% accuracy (teacher {100 * table.teacher.accuracy:.2f}%) "
+            f"at {point.flop_speedup:.2f}x FLOP speed-up on {table.rows} rows of {table.data}")

@@ -17,6 +17,7 @@ import pytest
 from pipeline import FastBert, Scorer
 from jobs.train import parse_args
 from pipeline.distributed import TrainJobConfig, _dataset, bucketed_batches, check_inputs, run
+from pipeline.tradeoff import SPEED_GRID
 from test_train import LABELS, accuracy, toy_task
 from driver import start_driver
 from tiny import tiny_model
@@ -81,6 +82,27 @@ def test_two_workers_learn_and_distil(trained, data):
     table = Scorer(model, speed=0.0)(texts)
     assert set(table.column("prediction").to_pylist()) <= set(LABELS)
     assert accuracy(table.column("prediction").to_pylist(), labels) > 0.9
+
+
+def test_the_model_carries_its_validation_tradeoff_and_keeps_its_promises(trained, data):
+    output, metrics = trained
+    model = FastBert.from_pretrained(str(output))
+    table = model.tradeoff
+    assert table.rows == 128 and table.data.endswith("validation.parquet")
+    assert [p.speed for p in table.points] == list(SPEED_GRID)
+    assert table.teacher.accuracy == pytest.approx(metrics["distill"][-1]["teacher_accuracy"], abs=1.5 / 128)
+    validation = pq.read_table(data / "validation.parquet")
+    texts, labels = validation.column("text").to_pylist(), validation.column("label").to_pylist()
+    for budget in ({"max_accuracy_drop": 1.0}, {"target_speedup": 1.2}):
+        scorer = Scorer(model, **budget)  # the speed comes from the table
+        promised = scorer.speed_choice
+        assert scorer.speed == promised.speed and promised in table.points
+        out = scorer(texts)  # on the same rows, the engine delivers exactly what the table promised
+        assert accuracy(out.column("prediction").to_pylist(), labels) == pytest.approx(promised.accuracy)
+        assert scorer.stats.flop_speedup == pytest.approx(promised.flop_speedup)
+    assert table.teacher.accuracy - Scorer(model, max_accuracy_drop=1.0).speed_choice.accuracy <= 0.01
+    with pytest.raises(ValueError, match="no speed reaches a 50.0x FLOP speed-up .* the most is"):
+        Scorer(model, target_speedup=50.0)
 
 
 def test_running_a_finished_job_again_resumes(trained, data):

@@ -186,10 +186,16 @@ def test_speed_one_leaves_at_the_first_layer(model):
 # -- bad input ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("speed", [-0.1, 1.01, float("nan"), "0.5", None])
+@pytest.mark.parametrize("speed", [-0.1, 1.01, float("nan"), "0.5", True])
 def test_speed_outside_0_1_is_refused(model, speed):
     with pytest.raises(ValueError, match="speed"):
         Scorer(model, speed=speed)
+
+
+def test_no_speed_means_0_5_and_a_speed_excludes_a_budget(model):
+    assert Scorer(model).speed == 0.5 and Scorer(model).speed_choice is None
+    with pytest.raises(ValueError, match="not both"):
+        Scorer(model, speed=0.3, target_speedup=2.0)
 
 
 @pytest.mark.parametrize("micro_batch", [0, -3, 2.5])

@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from jobs.score import parse_args
-from pipeline import Scorer, uncertainty
+from pipeline import FastBert, Scorer, uncertainty
 from pipeline.engine import tokenize
 from pipeline.scoring import Replica, ScoreJobConfig, read_chunk, run
+from pipeline.tradeoff import choose_speed, tradeoff_table
 from test_train import LABELS, toy_task
 from driver import start_driver
 from tiny import tiny_model
@@ -274,11 +275,33 @@ def test_corrupt_file_can_be_skipped_and_recorded(ray_session, inputs, tmp_path)
     assert list(summary["bad_files"]) == [str(folder / "bad.parquet")] and summary["rows_out"] == 2
 
 
+def test_a_budget_picks_the_speed_from_the_models_table(ray_session, inputs, tmp_path):
+    model = FastBert.from_pretrained(str(inputs / "model"))
+    texts, labels = toy_task(np.random.default_rng(9), 64)
+    model.tradeoff = tradeoff_table(model, texts, labels, data="toy validation rows")
+    model.save_pretrained(str(tmp_path / "model"))
+    expected = choose_speed(model.tradeoff, target_speedup=1.1)
+    assert expected.speed > 0  # the tiny model has a speed that saves FLOPs
+    summary = run(job(inputs, tmp_path / "out", model=str(tmp_path / "model"), speed=None, target_speedup=1.1))
+    assert summary["speed"] == expected.speed
+    assert summary["speed_choice"]["target_speedup"] == 1.1
+    assert summary["speed_choice"]["promised"]["speed"] == expected.speed
+    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["speed_choice"] == summary["speed_choice"]
+    with pytest.raises(ValueError, match="no tradeoff.json"):  # a model trained before tables existed
+        run(job(inputs, tmp_path / "other", speed=None, max_accuracy_drop=1.0))
+    assert not (tmp_path / "other").exists()
+
+
 def test_command_line_mirrors_the_config():
     config = parse_args(["--model", "m", "--input", "a.parquet", "b/", "--output", "o", "--speed", "0.3",
                          "--replicas", "1-4", "--columns", "id", "--resume"])
     assert config == ScoreJobConfig(model="m", input=["a.parquet", "b/"], output="o", speed=0.3, replicas="1-4",
                                     columns=["id"], resume=True)
     assert config.replica_range() == (1, 4)
+    budget = parse_args(["--model", "m", "--input", "a", "--output", "o", "--max-accuracy-drop", "0.5"])
+    assert budget.speed is None and budget.max_accuracy_drop == 0.5
+    assert parse_args(["--model", "m", "--input", "a", "--output", "o"]).speed == 0.5
+    with pytest.raises(SystemExit):  # a speed and a budget exclude each other
+        parse_args(["--model", "m", "--input", "a", "--output", "o", "--speed", "0.3", "--target-speedup", "2"])
     with pytest.raises(ValueError, match="replicas must be N or MIN-MAX"):
         ScoreJobConfig(model="m", input="i", output="o", replicas="4-1")

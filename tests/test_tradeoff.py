@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline import Scorer
-from pipeline.tradeoff import Point, accuracy_at_speedup, all_exits, at_speed
+from pipeline.tradeoff import Point, TradeoffTable, accuracy_at_speedup, all_exits, at_speed, choose_speed
 from test_train import LABELS, toy_task
 from tiny import tiny_model
 
@@ -41,3 +41,32 @@ def test_accuracy_at_speedup_interpolates_inside_the_measured_range():
     assert accuracy_at_speedup(points, 2.5) == pytest.approx(0.84)
     assert accuracy_at_speedup(points, 1.0) == pytest.approx(0.9)
     assert math.isnan(accuracy_at_speedup(points, 3.5))
+
+
+def _table() -> TradeoffTable:
+    points = [Point(0.0, 0.950, 1.0, 6.0, []), Point(0.1, 0.948, 1.8, 3.0, []), Point(0.2, 0.946, 2.5, 2.4, []),
+              Point(0.3, 0.951, 2.5, 2.4, []), Point(0.4, 0.930, 3.6, 1.7, []), Point(0.5, 0.900, 4.0, 1.5, [])]
+    return TradeoffTable(data="val.parquet", rows=1000, points=points)
+
+
+def test_a_budget_picks_the_fastest_speed_within_it_or_the_most_accurate_reaching_it():
+    table = _table()
+    assert choose_speed(table, max_accuracy_drop=0.5).speed == 0.3  # 2.5x at both 0.2 and 0.3: the more accurate
+    assert choose_speed(table, max_accuracy_drop=0.0).speed == 0.3  # 95.1% beats the teacher's 95.0%
+    assert choose_speed(table, max_accuracy_drop=2.0).speed == 0.4
+    assert choose_speed(table, max_accuracy_drop=100).speed == 0.5
+    assert choose_speed(table, target_speedup=2.0).speed == 0.3
+    assert choose_speed(table, target_speedup=3.0).speed == 0.4
+    assert choose_speed(table, target_speedup=1.0).speed == 0.3
+    assert TradeoffTable.from_json(table.to_json()) == table
+
+
+def test_a_budget_that_cannot_be_met_or_a_missing_table_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"no speed reaches a 5.0x FLOP speed-up on val.parquet; the most is 4.00x"):
+        choose_speed(_table(), target_speedup=5.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        choose_speed(_table(), max_accuracy_drop=1.0, target_speedup=2.0)
+    with pytest.raises(ValueError, match="accuracy points"):
+        choose_speed(_table(), max_accuracy_drop=-1)
+    with pytest.raises(ValueError, match="no tradeoff.json .* pass a speed"):
+        choose_speed(None, target_speedup=2.0)
