@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from pipeline.datasets import load_bundled
-from pipeline.tradeoff import tradeoff_table
 from pipeline.engine import Scorer
 from pipeline.model import BUNDLED, FastBert
+from pipeline.tradeoff import tradeoff_table
 from pipeline.train import TrainConfig, fit
 
 

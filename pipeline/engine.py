@@ -32,6 +32,7 @@ import torch
 
 from pipeline import flops as flop_account
 from pipeline.model import FastBert, uncertainty
+from pipeline.tradeoff import choose_speed
 
 SCHEMA = pa.schema(
     [
@@ -102,8 +103,6 @@ class Scorer:
     ):
         self.speed_choice = None  # the table's point for a budget, when the speed came from one
         if max_accuracy_drop is not None or target_speedup is not None:
-            from pipeline.tradeoff import choose_speed
-
             if speed is not None:
                 raise ValueError("give a speed or a budget (max_accuracy_drop, target_speedup), not both")
             self.speed_choice = choose_speed(model.tradeoff, max_accuracy_drop, target_speedup)
