@@ -381,6 +381,7 @@ def run(job: ScoreJobConfig, log=print, kill_once: str | None = None) -> dict[st
     import ray
 
     start = time.perf_counter()
+    config = load_config(job.model)  # a clear error when it is no FastBERT folder; the weights stay where they are
     choice = None
     if job.speed is None:  # a budget: the speed comes from the model's trade-off table
         table = load_table(job.model)
@@ -389,7 +390,6 @@ def run(job: ScoreJobConfig, log=print, kill_once: str | None = None) -> dict[st
                   "table": {"data": table.data, "rows": table.rows}, "promised": dataclasses.asdict(point)}
         log(f"chose {describe_choice(point, table)}")
         job = dataclasses.replace(job, speed=point.speed, max_accuracy_drop=None, target_speedup=None)
-    config = load_config(job.model)  # a clear error when it is no FastBERT folder; the weights stay where they are
     max_length = job.max_length or config.max_length
     if not 2 <= max_length <= config.max_positions:
         raise ValueError(f"max_length must be in [2, {config.max_positions}] for {job.model}, got {max_length}")
