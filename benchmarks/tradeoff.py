@@ -19,7 +19,6 @@ from dataclasses import asdict
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 
 from pipeline.model import FastBert
 from pipeline.tradeoff import accuracy_at_speedup, all_exits, at_speed

