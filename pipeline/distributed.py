@@ -16,7 +16,8 @@ where it stopped (epochs already done are skipped; AdamW's moments and the sched
 from the checkpoint too). ``finetuned`` skips stage 1 and distils the students of a model
 fine-tuned earlier (e.g. the best stage-1 checkpoint of another job, named in its metrics).
 The result lands in ``output``: a folder ``FastBert.from_pretrained`` loads, plus
-``metrics.json``.
+``metrics.json``. ``plain_bert`` trains the evaluation's baseline instead: a plain Hugging
+Face classifier (``pipeline.plain_bert``) through the same stage 1, with nothing after it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 
 from pipeline.model import CONFIG_FILE, FastBert
+from pipeline.plain_bert import load_plain_bert, new_plain_bert, save_plain_bert
 from pipeline.tradeoff import TRADEOFF_FILE, TradeoffTable, choose_speed, describe_choice, save_table, tradeoff_table
 from pipeline.train import (
     STAGES,
@@ -58,7 +61,7 @@ METRICS_FILE = "metrics.json"
 CHECKPOINT_ONLY = (STATE_FILE, OPTIMIZER_STATE, OPTIMIZER_TENSORS)  # in checkpoints, not in the published model
 RAY_FOLDER = "_ray"  # default storage of the Ray runs, inside the output folder
 # arguments that do not change what is trained: a re-run may change them and still resume
-NOT_COMPARED = ("overwrite", "max_failures", "workers", "use_gpu", "storage", "log_every")
+NOT_COMPARED = ("overwrite", "max_failures", "workers", "cpus_per_worker", "use_gpu", "storage", "log_every")
 
 
 @dataclass
@@ -74,6 +77,7 @@ class TrainJobConfig:
     backbone: str = "bundled"  # a BERT-shaped HF folder or name, or "bundled"
     finetuned: str | None = None  # a FastBERT model whose stage 1 is done: skip it, run stage 2 from it
     workers: int = 2  # Ray Train workers (data-parallel)
+    cpus_per_worker: int = 1  # Ray CPUs of each worker; also its torch threads when it trains on CPU
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     epochs: int = 3  # stage 1 (fine-tuning) epochs
     distill_epochs: int = 5  # stage 2 (self-distillation) epochs; 0 skips the stage
@@ -85,6 +89,7 @@ class TrainJobConfig:
     seed: int = 0
     max_rows: int | None = None  # read at most this many rows of each input (for trials)
     student_targets: Literal["teacher", "labels"] = "teacher"  # "labels": the paper's ablation
+    plain_bert: bool = False  # train the baseline instead: a plain BertForSequenceClassification, stage 1 only
     kl: Literal["paper", "reverse"] = "paper"  # stage 2 loss: KL(p_s || p_t) (paper) or KL(p_t || p_s)
     max_failures: int = 2  # worker failures each stage survives (restarts from its last checkpoint)
     overwrite: bool = False  # replace a different model already in output
@@ -95,15 +100,15 @@ class TrainJobConfig:
         for name in ("train", "validation", "output", "text_column", "label_column", "backbone"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"TrainJobConfig.{name} must be a non-empty string, got {getattr(self, name)!r}")
-        for name in ("workers", "epochs", "distill_epochs", "batch_size", "max_length", "seed", "max_failures",
+        for name in ("workers", "cpus_per_worker", "epochs", "distill_epochs", "batch_size", "max_length", "seed", "max_failures",
                      "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"TrainJobConfig.{name} must be an integer, got {value!r}")
-        if self.workers < 1 or self.epochs < 1 or self.batch_size < 1 or self.log_every < 1:
+        if min(self.workers, self.cpus_per_worker, self.epochs, self.batch_size, self.log_every) < 1:
             raise ValueError(
-                f"workers, epochs, batch_size and log_every must be >= 1, got {self.workers}, "
-                f"{self.epochs}, {self.batch_size} and {self.log_every}"
+                f"workers, cpus_per_worker, epochs, batch_size and log_every must be >= 1, got {self.workers}, "
+                f"{self.cpus_per_worker}, {self.epochs}, {self.batch_size} and {self.log_every}"
             )
         if self.distill_epochs < 0 or self.max_failures < 0:
             raise ValueError(f"distill_epochs and max_failures must be >= 0, got {self.distill_epochs} "
@@ -118,6 +123,10 @@ class TrainJobConfig:
             raise ValueError(f"text_column and label_column are both {self.text_column!r}")
         if self.finetuned is not None and self.distill_epochs == 0:
             raise ValueError("finetuned skips stage 1, so distill_epochs must be >= 1 (stage 2 is all there is)")
+        if self.plain_bert and (self.finetuned is not None or self.distill is not None
+                                or self.student_targets != "teacher"):
+            raise ValueError("plain_bert trains a plain classifier with stage 1 alone: it takes no finetuned, "
+                             "distill or student_targets")
         if self.distill is not None and self.student_targets == "labels":
             raise ValueError("student_targets='labels' trains the students on the training labels; "
                              "an unlabelled distill input cannot be used with it")
@@ -189,7 +198,8 @@ def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None =
         return TorchTrainer(
             train_loop,
             train_loop_config={**loop_config, "stage": stage, "train_rows": rows, **extra},
-            scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=use_gpu),
+            scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": job.cpus_per_worker}),
             run_config=RunConfig(
                 storage_path=job.storage_path,
                 name=stage,
@@ -208,7 +218,7 @@ def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None =
         start, origin = best, f"epoch {state['best_epoch']} of the fine-tuning ({_uri(best)})"
     else:
         state, best, start, origin = {"best_epoch": None, "history": []}, None, job.finetuned, job.finetuned
-    if job.distill_epochs > 0:
+    if job.distill_epochs > 0 and not job.plain_bert:
         if job.distill is not None:
             datasets, rows = {"train": read(job.distill, False)}, inputs.distill_rows
         else:
@@ -223,9 +233,13 @@ def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None =
         "best_epoch": state["best_epoch"],
         "finetuned": _uri(best) if best is not None else job.finetuned,  # the model stage 2 started from
         "finetune": state["history"],
-        "distill": final_state["history"] if job.distill_epochs > 0 else [],
+        "distill": final_state["history"] if job.distill_epochs > 0 and not job.plain_bert else [],
     }
     _publish(final, job.output, metrics)
+    if job.plain_bert:
+        log(f"plain classifier and {METRICS_FILE} written to {job.output}; validation accuracy "
+            f"{state['best_accuracy']:.4f} (epoch {state['best_epoch']})")
+        return metrics
     table = _validation_tradeoff(job)
     log(f"model, {METRICS_FILE} and {TRADEOFF_FILE} written to {job.output}; on the validation rows: "
         f"{describe_choice(choose_speed(table, max_accuracy_drop=0.5), table)} (--max-accuracy-drop 0.5)")
@@ -341,8 +355,12 @@ def _check_output(job: TrainJobConfig) -> None:
         elif any(e != RAY_FOLDER for e in entries):
             raise ValueError(f"{job.output}: output already holds {sorted(entries)[:5]}, not from this job; "
                              "pass overwrite=True (--overwrite) to replace it")
-    if previous is not None and previous != job.arguments():
-        changed = sorted(k for k in job.arguments() if previous.get(k) != job.arguments()[k])
+    if previous is None:
+        return
+    # an argument added in a later version counts as its default in runs of earlier versions
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainJobConfig)}
+    changed = sorted(k for k, v in job.arguments().items() if previous.get(k, defaults[k]) != v)
+    if changed:
         raise ValueError(f"{job.output}: output already holds a model trained with other arguments "
                          f"(differing: {changed}); pass overwrite=True (--overwrite) to replace it")
 
@@ -459,30 +477,35 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()  # Ray
     workers = ray.train.get_context().get_world_size()  # Ray
     device = ray.train.torch.get_device()  # Ray
+    if device.type == "cpu":
+        torch.set_num_threads(job.cpus_per_worker)
 
     checkpoint = ray.train.get_checkpoint()  # Ray: set when resuming
     state = {"stage": stage, "arguments": job.arguments(), "epoch": 0, "best_epoch": None, "best_accuracy": None,
              "history": []}
     source = checkpoint or loop_config.get("start")  # this stage's latest, or stage 1's best (or --finetuned)
+    load = load_plain_bert if job.plain_bert else FastBert.from_pretrained
     if isinstance(source, str):
-        model = FastBert.from_pretrained(source)
+        model = load(source)
     elif source is not None:
         with source.as_directory() as d:
-            model = FastBert.from_pretrained(d)
+            model = load(d)
             if checkpoint is not None:
                 with open(os.path.join(d, STATE_FILE)) as f:
                     state = json.load(f)
+    elif job.plain_bert:
+        model = new_plain_bert(job.backbone, loop_config["labels"], job.max_length)
     else:
         model = FastBert.from_backbone(job.backbone, labels=loop_config["labels"], max_length=job.max_length)
     pad_id = model.tokenizer.pad_token_id or 0
 
-    fastbert = model
+    fastbert = model  # (or the plain classifier)
     params = set_stage(model, stage)
     model = ray.train.torch.prepare_model(model)  # Ray: to the device, DDP across the workers
 
     epochs, lr = (job.epochs, job.lr) if stage == "finetune" else (job.distill_epochs, job.distill_lr)
     steps_per_epoch = math.ceil(loop_config["train_rows"] // workers / job.batch_size) or 1
-    head = fastbert.branches[-1].parameters() if stage == "finetune" else ()
+    head = (fastbert.classifier if job.plain_bert else fastbert.branches[-1]).parameters() if stage == "finetune" else ()
     optimizer, scheduler = make_optimizer(params, lr, config.weight_decay, epochs * steps_per_epoch, config.warmup,
                                           head_params=head, head_lr=job.head_lr if stage == "finetune" else None)
     if checkpoint is not None:  # resuming this stage: AdamW's moments and the schedule continue
@@ -509,8 +532,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         def progress(step: int, loss: float, sps: float, epoch: int = epoch) -> None:
             # ETA of the stage's training steps at this epoch's pace (evaluations not included)
             left = (steps_per_epoch - min(step, steps_per_epoch)) + (epochs - epoch) * steps_per_epoch
-            print(f"{stage} epoch {epoch}/{epochs} step {step}/{steps_per_epoch}: loss {loss:.4f}, "
-                  f"{sps * workers:.1f} samples/s, stage ETA {_duration(left * job.batch_size / sps)}", flush=True)
+            _say(f"{stage} epoch {epoch}/{epochs} step {step}/{steps_per_epoch}: loss {loss:.4f}, "
+                 f"{sps * workers:.1f} samples/s, stage ETA {_duration(left * job.batch_size / sps)}")
             if fail_once and (stage, epoch) == tuple(fail_once[:2]) and not os.path.exists(f"{fail_once[2]}/failed"):
                 open(f"{fail_once[2]}/failed", "w").close()
                 raise RuntimeError(f"injected fault in {stage} epoch {epoch}, step {step}")
@@ -535,19 +558,26 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if stage == "finetune" and (state["best_accuracy"] is None or ev.teacher_accuracy >= state["best_accuracy"]):
             state["best_epoch"], state["best_accuracy"] = epoch, ev.teacher_accuracy
         if rank == 0:
-            print(f"{stage} epoch {epoch}/{epochs}: loss {record['loss']:.4f}, teacher acc {ev.teacher_accuracy:.4f}, "
-                  f"exit acc {format_values(ev.exit_accuracy)}, agreement {format_values(ev.agreement)}, "
-                  f"{record['samples_per_s']:.0f} samples/s", flush=True)
+            _say(f"{stage} epoch {epoch}/{epochs}: loss {record['loss']:.4f}, teacher acc {ev.teacher_accuracy:.4f}, "
+                 f"exit acc {format_values(ev.exit_accuracy)}, agreement {format_values(ev.agreement)}, "
+                 f"{record['samples_per_s']:.0f} samples/s")
         with tempfile.TemporaryDirectory() as tmp:
             saved = None
             if rank == 0:
-                fastbert.save_pretrained(tmp)
+                (save_plain_bert if job.plain_bert else FastBert.save_pretrained)(fastbert, tmp)
                 save_optimizer(optimizer, scheduler, tmp)
                 with open(os.path.join(tmp, STATE_FILE), "w") as f:
                     json.dump(state, f, indent=2)
                 saved = ray.train.Checkpoint.from_directory(tmp)  # Ray
             ray.train.report({"epoch": epoch, "loss": record["loss"], "teacher_accuracy": ev.teacher_accuracy},
                              checkpoint=saved)  # Ray: every worker reports, rank 0 with the checkpoint
+
+
+def _say(line: str) -> None:
+    """A progress line of rank 0, shown once on the driver: Ray Train patches ``print`` to
+    send each line both to stdout and to its logger, which the driver shows twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _duration(seconds: float) -> str:

@@ -155,3 +155,15 @@ def full_depth_flops(
     return n_layers * layer_flops(h, i, seq_len, convention) + branch_flops(
         h, w, n, seq_len, convention
     )
+
+
+def truncated_flops(
+    config: Any, seq_len: IntOrArray, layers: int, convention: Convention = "executed"
+) -> IntOrArray:
+    """FLOPs of fixed-depth truncation on a row: the first ``layers`` layers and that
+    layer's classifier alone (no student before it runs), as every row leaving at one layer."""
+    _check_convention(convention)
+    h, i, n_layers, w, n = _dims(config)
+    if not 1 <= int(layers) <= n_layers:
+        raise ValueError(f"layers must be in [1, {n_layers}], got {layers!r}")
+    return int(layers) * layer_flops(h, i, seq_len, convention) + branch_flops(h, w, n, seq_len, convention)

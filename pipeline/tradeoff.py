@@ -46,6 +46,8 @@ def all_exits(model: FastBert, texts: list[str], labels: list[str], batch_size: 
     """One full-depth pass over ``texts`` in eval mode, keeping every exit's prediction and
     uncertainty. ``labels`` are label names of ``model.config.labels``."""
     model.eval()
+    order = np.argsort([len(t) for t in texts], kind="stable")  # batches of similar lengths pad little
+    texts, labels = [texts[i] for i in order], [labels[i] for i in order]
     predictions, entropies, lengths, truth = [], [], [], []
     for batch in batches(model, texts, labels, batch_size=batch_size):
         logits = model(batch["input_ids"], batch["attention_mask"]).logits  # (L, B, N)
@@ -53,24 +55,35 @@ def all_exits(model: FastBert, texts: list[str], labels: list[str], batch_size: 
         entropies.append(uncertainty(logits).numpy())  # (L, B)
         lengths.append(batch["attention_mask"].sum(1).numpy())  # (B,)
         truth.append(batch["labels"].numpy())  # (B,)
-    return AllExits(np.concatenate(predictions, 1), np.concatenate(entropies, 1), np.concatenate(lengths),
-                    np.concatenate(truth))
+    back = np.argsort(order)  # (R,) the input order again
+    return AllExits(np.concatenate(predictions, 1)[:, back], np.concatenate(entropies, 1)[:, back],
+                    np.concatenate(lengths)[back], np.concatenate(truth)[back])
+
+
+def exits_at(exits: AllExits, speed: float) -> np.ndarray:
+    """(R,) the 0-based layer each row leaves at, with the engine's rule: the first layer
+    whose uncertainty is below ``speed``, the teacher's layer at the latest."""
+    leaves = exits.uncertainty < speed  # (L, R)
+    leaves[-1] = True  # the teacher's layer is the last exit
+    return leaves.argmax(0)  # (R,)
+
+
+def predictions_at(exits: AllExits, exit_at: np.ndarray) -> np.ndarray:
+    """(R,) the label index each row gets when it leaves at layer ``exit_at`` (0-based, (R,))."""
+    return exits.predictions[exit_at, np.arange(exits.lengths.shape[0])]
 
 
 def at_speed(exits: AllExits, model: FastBert, speed: float) -> Point:
-    """Accuracy and FLOPs at one speed, with the engine's rule: leave at the first layer whose
-    uncertainty is below ``speed``; at speed 0 no student runs."""
+    """Accuracy and FLOPs at one speed, with the engine's rule (``exits_at``); at speed 0 no
+    student runs."""
     layers = exits.predictions.shape[0]
-    leaves = exits.uncertainty < speed  # (L, R)
-    leaves[-1] = True  # the teacher's layer is the last exit
-    exit_index = leaves.argmax(0)  # (R,) first layer that lets the row leave, 0-based
-    rows = np.arange(exits.lengths.shape[0])
-    correct = exits.predictions[exit_index, rows] == exits.labels  # (R,)
-    spent = flop_account.row_flops(model.config, exits.lengths, exit_index + 1, students=speed > 0)
+    exit_at = exits_at(exits, speed)  # (R,)
+    correct = predictions_at(exits, exit_at) == exits.labels  # (R,)
+    spent = flop_account.row_flops(model.config, exits.lengths, exit_at + 1, students=speed > 0)
     full = flop_account.full_depth_flops(model.config, exits.lengths)
     return Point(speed=speed, accuracy=float(correct.mean()), flop_speedup=float(np.sum(full) / np.sum(spent)),
-                 mean_exit_layer=float(exit_index.mean() + 1),
-                 exit_counts=np.bincount(exit_index, minlength=layers).tolist())
+                 mean_exit_layer=float(exit_at.mean() + 1),
+                 exit_counts=np.bincount(exit_at, minlength=layers).tolist())
 
 
 def accuracy_at_speedup(points: list[Point], speedup: float) -> float:

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from pipeline.losses import distillation_loss, student_label_loss, teacher_loss
-from pipeline.model import FastBert
+from pipeline.model import FastBert, FastBertOutput
 
 Stage = Literal["finetune", "distill"]
 STAGES: tuple[str, ...] = ("finetune", "distill")
@@ -224,10 +224,17 @@ def set_stage(model: FastBert | nn.Module, stage: Stage) -> list[nn.Parameter]:
     ``"finetune"``: backbone and teacher trainable, train mode; students frozen, eval mode.
     ``"distill"``: backbone and teacher frozen, eval mode (deterministic teacher); students
     trainable, train mode. Accepts the model or a wrapper with ``.module`` (DDP).
+    A plain classifier (``pipeline.plain_bert``, the baseline) has only a fine-tuning stage,
+    with everything trainable.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     fastbert = _unwrap(model)
+    if not isinstance(fastbert, FastBert):
+        if stage != "finetune":
+            raise ValueError("a plain classifier has no students: only the finetune stage applies")
+        model.train().requires_grad_(True)
+        return list(fastbert.parameters())
     teacher, students = fastbert.branches[-1], fastbert.branches[:-1]
     if stage == "distill" and len(students) == 0:
         raise ValueError("a 1-layer FastBert has no students to distil into")
@@ -392,9 +399,9 @@ def train_epoch(
         if labels is not None:
             labels = labels.to(device, non_blocking=True)  # (B,)
         with autocast():
-            out = model(input_ids, attention_mask)  # logits (L, B, N)
+            out = model(input_ids, attention_mask)  # FastBert: logits (L, B, N); a plain classifier: (B, N)
         if stage == "finetune":
-            loss = teacher_loss(out.teacher_logits, labels)
+            loss = teacher_loss(out.teacher_logits if isinstance(out, FastBertOutput) else out.logits, labels)
         elif config.student_targets == "labels":
             loss = student_label_loss(out.student_logits, labels)
         else:
@@ -442,6 +449,8 @@ def evaluate(model: FastBert | nn.Module, batches: Iterable[Batch], device: str 
         with torch.inference_mode():
             for batch in batches:
                 logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).logits  # (L, B, N)
+                if logits.dim() == 2:  # a plain classifier: one exit, the last layer
+                    logits = logits[None]  # (1, B, N)
                 preds = logits.argmax(-1)  # (L, B)
                 same = (preds == preds[-1:]).sum(1)  # (L,)
                 agree = same if agree is None else agree + same
@@ -453,7 +462,7 @@ def evaluate(model: FastBert | nn.Module, batches: Iterable[Batch], device: str 
     finally:
         for module, mode in modes:
             module.training = mode
-    layers = _unwrap(model).config.num_layers
+    layers = getattr(_unwrap(model).config, "num_layers", 1)
     agreement = (agree.cpu().double() / samples).tolist() if samples else [math.nan] * layers
     exit_accuracy = (correct.cpu().double() / labelled).tolist() if labelled else [math.nan] * layers
     return EvalStats(samples, exit_accuracy[-1], exit_accuracy, agreement)
@@ -559,8 +568,8 @@ def fit(
     return history
 
 
-def _unwrap(model: nn.Module) -> FastBert:
-    """The FastBert inside a wrapper such as DistributedDataParallel (``.module``)."""
+def _unwrap(model: nn.Module) -> FastBert | nn.Module:
+    """The FastBert (or plain classifier) inside a wrapper such as DistributedDataParallel (``.module``)."""
     return getattr(model, "module", model)
 
 

@@ -308,3 +308,29 @@ def test_config_is_validated():
         TrainJobConfig(train="t", validation="v", output="o", distill="d", student_targets="labels")
     with pytest.raises(ValueError, match="lr"):
         TrainJobConfig(train="t", validation="v", output="o", lr=0.0)
+
+
+def test_the_plain_bert_baseline_trains_through_stage_one_alone(trained, data, tmp_path):
+    """--plain-bert: the evaluation's baseline (a), a Hugging Face classifier through the same
+    fine-tuning loop; a standard HF folder comes out, with no students and no trade-off table."""
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.plain_bert import load_plain_bert, plain_bert_labels, plain_bert_predict
+
+    output = tmp_path / "plain"
+    metrics = run(job(data, output, plain_bert=True))
+    assert [e["epoch"] for e in metrics["finetune"]] == [1, 2] and metrics["distill"] == []
+    assert max(e["teacher_accuracy"] for e in metrics["finetune"]) > 0.9
+    assert not (output / "tradeoff.json").exists() and not (output / "state.json").exists()
+    assert type(AutoModelForSequenceClassification.from_pretrained(output)).__name__ == "BertForSequenceClassification"
+    model = load_plain_bert(str(output))
+    assert plain_bert_labels(model) == list(LABELS)
+    texts, labels = toy_task(np.random.default_rng(1), 64)
+    predicted = [LABELS[i] for i in plain_bert_predict(model, texts)]
+    assert accuracy(predicted, labels) > 0.9
+    with pytest.raises(ValueError, match="plain_bert trains a plain classifier"):
+        job(data, output, plain_bert=True, student_targets="labels")
+    with pytest.raises(ValueError, match="a FastBERT model, not a plain classifier"):
+        load_plain_bert(str(trained[0]))
+    with pytest.raises(ValueError, match="no config.json"):
+        load_plain_bert(str(tmp_path))

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.flops import branch_flops, full_depth_flops, layer_flops, row_flops
+from pipeline.flops import branch_flops, full_depth_flops, layer_flops, row_flops, truncated_flops
 
 H, I, T, W = 768, 3072, 128, 128
 N_LAYERS = 12
@@ -93,6 +93,17 @@ def test_teacher_only_equals_full_depth(convention: str) -> None:
         teacher = row_flops(cfg, t, N_LAYERS, students=False, convention=convention)
         assert teacher == full_depth_flops(cfg, t, convention)
         assert teacher < row_flops(cfg, t, N_LAYERS, students=True, convention=convention)
+
+
+def test_truncation_runs_k_layers_and_one_classifier() -> None:
+    cfg = make_config()
+    lengths = np.array([5, 64, 128])
+    assert np.array_equal(truncated_flops(cfg, lengths, N_LAYERS), full_depth_flops(cfg, lengths))
+    for k in (1, 4, 11):  # the students before layer k do not run
+        saved = (k - 1) * branch_flops(H, W, 2, lengths)
+        assert np.array_equal(truncated_flops(cfg, lengths, k), row_flops(cfg, lengths, k) - saved)
+    with pytest.raises(ValueError, match="layers must be in"):
+        truncated_flops(cfg, 10, 0)
 
 
 def test_vectorised_matches_scalar() -> None:

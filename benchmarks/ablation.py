@@ -1,0 +1,110 @@
+"""The paper's comparison (Table 3) in one command: on one bundled data set, train FastBERT,
+its label-trained-students twin and a plain BERT classifier with the same budget, then
+evaluate them all on the test split and check the acceptance criteria.
+
+    python -m benchmarks.ablation --dataset r8 [--train-rows 2000] [--test-rows 0] [--work DIR] [--json out.json]
+
+Steps, all with the production code (Ray Train on a local Ray, then jobs.evaluate's code):
+1. the data set to Parquet (train / validation / test);
+2. FastBERT: fine-tuning, then self-distillation (``jobs.train``);
+3. baseline (c): stage 2 again from FastBERT's stage-1 checkpoint, the students trained on the
+   labels (``--finetuned ... --student-targets labels``): the same backbone and teacher;
+4. baseline (a): a plain ``BertForSequenceClassification``, the same epochs and rates
+   (``--plain-bert``);
+5. the evaluation with both baselines and fixed-depth truncation (b).
+Models are kept under --work: a second run reuses every finished one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from pipeline.datasets import write_bundled
+from pipeline.distributed import TrainJobConfig
+from pipeline.distributed import run as train
+from pipeline.evaluate import DEFAULT_SPEEDS, EvaluateConfig, run_evaluation
+
+
+def checks(result: dict) -> dict:
+    """The issue's acceptance criteria, each with the numbers behind it."""
+    rows, b = result["speeds"], result["baselines"]
+    at_2x = [r for r in rows if r["flop_speedup"] >= 2.0]
+    fastest_2x = min(at_2x, key=lambda r: r["flop_speedup"]) if at_2x else None
+    timed = [r for r in rows if r["wall_speedup"] is not None and r["speed"] > 0]
+    ratios = {r["speed"]: r["wall_speedup"] / r["flop_speedup"] for r in timed}
+    out = {
+        "adaptive_beats_truncation": b["truncation"]["never_worse"],
+        "truncation_min_gain_points": b["truncation"]["min_gain_points"],
+        "distillation_beats_label_students": b["label_students"]["never_worse"] if b["label_students"] else None,
+        "label_students_min_gain_points": b["label_students"]["min_gain_points"] if b["label_students"] else None,
+        "speed_at_2x": fastest_2x and fastest_2x["speed"],
+        "drop_at_2x_points": fastest_2x and 100 * (result["teacher_accuracy"] - fastest_2x["accuracy"]),
+        "within_1_point_at_2x": bool(fastest_2x) and result["teacher_accuracy"] - fastest_2x["accuracy"] <= 0.01,
+        "wall_over_flop_speedup": ratios,
+        "wall_at_least_0_9_of_flops": bool(ratios) and min(ratios.values()) >= 0.9,
+        "teacher_minus_plain_points": b["plain_bert"]["teacher_minus_plain_points"] if b["plain_bert"] else None,
+        "teacher_within_half_point_of_plain": b["plain_bert"]["teacher_within_half_point"] if b["plain_bert"] else None,
+    }
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="r8", choices=["r8", "r52", "20news"])
+    parser.add_argument("--backbone", default="bundled")
+    parser.add_argument("--train-rows", type=int, default=2000)
+    parser.add_argument("--val-rows", type=int, default=300)
+    parser.add_argument("--test-rows", type=int, default=0, help="0: the whole test split")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--distill-epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--head-lr", type=float, default=2e-3)
+    parser.add_argument("--distill-lr", type=float, default=1e-3)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--cpus-per-worker", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--speeds", default=",".join(f"{s:g}" for s in DEFAULT_SPEEDS))
+    parser.add_argument("--work", default=None, help="default: /tmp/fastbert-ablation-DATASET")
+    parser.add_argument("--json", help="also write the evaluation and the checks here")
+    args = parser.parse_args(argv)
+
+    import ray
+
+    from pipeline.ray_init import init_ray
+
+    work = os.path.abspath(args.work or f"/tmp/fastbert-ablation-{args.dataset}")
+    start = time.perf_counter()
+    data = write_bundled(args.dataset, f"{work}/data", validation_rows=args.val_rows, train_rows=args.train_rows,
+                         test_rows=args.test_rows or None)
+    init_ray()
+    common = dict(train=data["train"], validation=data["validation"], backbone=args.backbone, workers=1,
+                  cpus_per_worker=args.cpus_per_worker, epochs=args.epochs, distill_epochs=args.distill_epochs,
+                  lr=args.lr, head_lr=args.head_lr, distill_lr=args.distill_lr, max_length=args.max_length,
+                  log_every=20)
+    print(f"== FastBERT: fine-tuning + self-distillation ({time.perf_counter() - start:.0f} s)", flush=True)
+    metrics = train(TrainJobConfig(output=f"{work}/fastbert", **common))
+    print(f"== (c) students trained on the labels, from the same stage 1 ({time.perf_counter() - start:.0f} s)",
+          flush=True)
+    train(TrainJobConfig(output=f"{work}/label-students", **{**common, "finetuned": metrics["finetuned"],
+                                                            "student_targets": "labels"}))
+    print(f"== (a) plain BERT classifier, the same budget ({time.perf_counter() - start:.0f} s)", flush=True)
+    train(TrainJobConfig(output=f"{work}/plain-bert", **{**common, "plain_bert": True}))
+    ray.shutdown()  # the timed passes get the machine to themselves
+    print(f"== evaluation ({time.perf_counter() - start:.0f} s)", flush=True)
+    result = run_evaluation(EvaluateConfig(model=f"{work}/fastbert", data=data["test"], output=f"{work}/evaluation",
+                                           speeds=[float(s) for s in args.speeds.split(",")],
+                                           plain_bert=f"{work}/plain-bert", label_students=f"{work}/label-students",
+                                           overwrite=True))
+    result["checks"] = checks(result)
+    result["benchmark_seconds"] = time.perf_counter() - start
+    print(json.dumps(result["checks"], indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,497 @@
+"""Evaluation of a trained FastBERT on labelled Parquet: the speed-accuracy trade-off with
+measured wall time, the exit-layer distribution, and the paper's baselines.
+
+1. **One full-depth pass** keeps every exit's prediction and uncertainty
+   (``pipeline.tradeoff.all_exits``). Accuracy, macro-F1, mean exit layer, exit-layer
+   histogram, FLOPs per row and FLOP speed-up at every speed follow from it exactly.
+2. **A timed pass per speed** with the engine (``Scorer.score_tokens`` on rows tokenised
+   once: tokenising costs the same at every speed and FLOPs do not count it) gives the wall
+   speed-up against speed 0, and checks that the engine predicts what the full pass says.
+3. **Baselines on the same rows** (the paper's Table 3): (a) a plain Hugging Face classifier
+   fine-tuned with the same budget (``jobs.train --plain-bert``) against the teacher;
+   (b) fixed-depth truncation (every row leaves at layer k) against adaptive exit at equal
+   FLOPs; (c) students trained on the labels without self-distillation
+   (``jobs.train --finetuned ... --student-targets labels``) at equal FLOPs. "At equal FLOPs"
+   interpolates the other curve's accuracy at each speed's FLOP speed-up.
+
+Output folder (local path or fsspec URI): ``evaluation.json``, ``evaluation.csv`` (a row per
+speed), ``tradeoff.png`` and ``exits.png``; ``evaluation.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from pipeline import flops as flop_account
+from pipeline.engine import Scorer, tokenize
+from pipeline.model import FastBert
+from pipeline.tradeoff import SPEED_GRID, AllExits, accuracy_at_speedup, all_exits, at_speed, exits_at, predictions_at
+
+EVALUATION_FILE = "evaluation.json"
+CSV_FILE = "evaluation.csv"
+TRADEOFF_PLOT = "tradeoff.png"
+EXITS_PLOT = "exits.png"
+DEFAULT_SPEEDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# speeds of the label-students curve: the table's grid and the small speeds where accuracy moves most
+COMPARISON_SPEEDS = tuple(sorted(set(SPEED_GRID) | {0.001, 0.002, 0.003, 0.005, 0.007}))
+EQUAL = 1e-9  # accuracy differences below this count as ties
+
+
+@dataclass
+class EvaluateConfig:
+    model: str  # a FastBERT folder (local path or fsspec URI)
+    data: str  # labelled Parquet: a file, a folder or a glob (local path or fsspec URI)
+    output: str  # folder for evaluation.json, evaluation.csv and the plots
+    speeds: list[float] = field(default_factory=lambda: list(DEFAULT_SPEEDS))
+    text_column: str = "text"
+    label_column: str = "label"
+    max_rows: int | None = None  # evaluate the first rows only (quick runs)
+    plain_bert: str | None = None  # baseline (a): the output of jobs.train --plain-bert
+    label_students: str | None = None  # baseline (c): jobs.train --finetuned ... --student-targets labels
+    micro_batch: int = 32  # the engine's rows per layer step in the timed passes
+    timing: bool = True  # False: no timed passes (wall_speedup is null)
+    repeats: int = 1  # timed passes per speed; the fastest counts
+    overwrite: bool = False  # replace an earlier evaluation in output
+
+    def __post_init__(self) -> None:
+        for name in ("model", "data", "output", "text_column", "label_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if self.text_column == self.label_column:
+            raise ValueError(f"text_column and label_column are both {self.text_column!r}")
+        speeds = list(self.speeds)
+        bad = [s for s in speeds if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0]
+        if not speeds or bad:
+            raise ValueError(f"speeds must be numbers in [0, 1] (0 = full depth, 1 = leave at layer 1); "
+                             f"got {bad or 'none'}")
+        self.speeds = sorted({float(s) for s in speeds})
+        for name in ("micro_batch", "repeats"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_rows is not None and (isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int)
+                                          or self.max_rows < 1):
+            raise ValueError(f"max_rows must be a positive integer or None, got {self.max_rows!r}")
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+
+def macro_f1(truth: np.ndarray, predicted: np.ndarray, num_labels: int) -> float:
+    """Unweighted mean of the per-label F1 over the labels that occur in ``truth`` or
+    ``predicted`` (both (R,) label indices)."""
+    tp = np.bincount(truth[truth == predicted], minlength=num_labels)  # (N,)
+    in_truth = np.bincount(truth, minlength=num_labels)  # (N,) TP + FN
+    in_predicted = np.bincount(predicted, minlength=num_labels)  # (N,) TP + FP
+    present = (in_truth + in_predicted) > 0
+    f1 = 2 * tp[present] / (in_truth[present] + in_predicted[present])
+    return float(f1.mean()) if f1.size else float("nan")
+
+
+def speed_row(exits: AllExits, model: FastBert, speed: float) -> dict:
+    """Accuracy, macro-F1, exits and FLOPs at one speed, from the full pass."""
+    point = at_speed(exits, model, speed)
+    exit_at = exits_at(exits, speed)  # (R,)
+    predicted = predictions_at(exits, exit_at)  # (R,)
+    spent = flop_account.row_flops(model.config, exits.lengths, exit_at + 1, students=speed > 0)  # (R,)
+    return {"speed": speed, "accuracy": point.accuracy,
+            "macro_f1": macro_f1(exits.labels, predicted, model.config.num_labels),
+            "mean_exit_layer": point.mean_exit_layer, "exit_counts": point.exit_counts,
+            "flops_per_row": float(np.mean(spent)), "flop_speedup": point.flop_speedup,
+            "wall_speedup": None, "rows_per_s": None, "engine_agreement": None}
+
+
+def truncation_curve(exits: AllExits, model: FastBert) -> list[dict]:
+    """Baseline (b): every row leaves at layer k, k = 1..L, with that layer's classifier alone."""
+    full = np.sum(flop_account.full_depth_flops(model.config, exits.lengths))
+    curve = []
+    for k in range(1, model.config.num_layers + 1):
+        predicted = exits.predictions[k - 1]  # (R,)
+        spent = np.sum(flop_account.truncated_flops(model.config, exits.lengths, k))
+        curve.append({"layer": k, "accuracy": float(np.mean(predicted == exits.labels)),
+                      "macro_f1": macro_f1(exits.labels, predicted, model.config.num_labels),
+                      "flop_speedup": float(full / spent)})
+    return curve
+
+
+def at_equal_flops(rows: list[dict], curve: list[dict]) -> list[dict]:
+    """Each speed's accuracy against the other curve's at the same FLOP speed-up (interpolated;
+    None where the speed-up lies outside that curve)."""
+    x = np.array([p["flop_speedup"] for p in curve])
+    order = np.argsort(x)
+    x, y = x[order], np.array([curve[i]["accuracy"] for i in order])
+    out = []
+    for row in rows:
+        inside = x[0] - EQUAL <= row["flop_speedup"] <= x[-1] + EQUAL
+        other = float(np.interp(row["flop_speedup"], x, y)) if inside else None
+        out.append({"speed": row["speed"], "flop_speedup": row["flop_speedup"], "accuracy": row["accuracy"],
+                    "baseline_accuracy": other,
+                    "gain_points": None if other is None else 100 * (row["accuracy"] - other)})
+    return out
+
+
+def _verdict(comparison: list[dict]) -> dict:
+    """Whether adaptive exit is at least as accurate at every speed that can be compared."""
+    compared = [c for c in comparison if c["baseline_accuracy"] is not None]
+    return {"speeds_compared": len(compared),
+            "never_worse": all(c["gain_points"] >= -100 * EQUAL for c in compared),
+            "min_gain_points": min((c["gain_points"] for c in compared), default=None)}
+
+
+# -- reading the data -------------------------------------------------------------------------
+
+
+def read_labelled(config: EvaluateConfig, known: list[str]) -> tuple[list[str], list[str]]:
+    """Texts and label names of the evaluation data, checked: a one-line ValueError names the
+    file, column or row when a label column is missing, a row has no text or no label, or a
+    label is not one the model knows (``known``)."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.dataset as pds
+
+    uri = config.data
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        paths = sorted(fs.glob(path)) if any(c in path for c in "*?[") else [path]
+        if not paths or not all(fs.exists(p) for p in paths):
+            raise ValueError(f"{uri}: no such file or folder")
+        dataset = pds.dataset(paths if len(paths) > 1 else paths[0], format="parquet", filesystem=fs)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise ValueError(f"{uri}: not readable as Parquet ({e})") from e
+    columns = dataset.schema.names
+    if config.text_column not in columns:
+        raise ValueError(f"{uri}: no text column {config.text_column!r}; it has {columns} (pass --text-column)")
+    if config.label_column not in columns:
+        raise ValueError(f"{uri}: no label column {config.label_column!r}; it has {columns}. Evaluation needs "
+                         "labelled rows: pass --label-column, or score unlabelled data with jobs.score")
+    table = dataset.head(config.max_rows, columns=[config.text_column, config.label_column]) if config.max_rows \
+        else dataset.to_table(columns=[config.text_column, config.label_column])
+    if table.num_rows == 0:
+        raise ValueError(f"{uri}: no rows")
+    texts = table.column(config.text_column).to_pylist()
+    labels = table.column(config.label_column).to_pylist()
+    for i, (text, label) in enumerate(zip(texts, labels)):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{uri}: row {i} has no text in column {config.text_column!r} ({text!r}); "
+                             "evaluation needs a text in every row: drop such rows first")
+        if label is None:
+            missing = sum(v is None for v in labels)
+            raise ValueError(f"{uri}: column {config.label_column!r} has {missing} null labels (first: row {i}); "
+                             "evaluation needs every row labelled")
+    names = [str(v) for v in labels]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        first = names.index(unknown[0])
+        raise ValueError(f"{uri}: column {config.label_column!r} has labels the model does not know: "
+                         f"{unknown[:10]} ({sum(n in set(unknown) for n in names)} rows, first: row {first}); "
+                         f"the model's labels are {known[:20]}")
+    return texts, names
+
+
+# -- the evaluation ---------------------------------------------------------------------------
+
+
+def run_evaluation(config: EvaluateConfig, log=print) -> dict:
+    """Evaluate ``config.model`` on ``config.data``, write the output folder and print the
+    table; returns the contents of evaluation.json."""
+    import fsspec
+
+    start = time.perf_counter()
+    fs, out = fsspec.core.url_to_fs(config.output)
+    if fs.exists(f"{out.rstrip('/')}/{EVALUATION_FILE}") and not config.overwrite:
+        raise ValueError(f"{config.output}: holds an earlier evaluation ({EVALUATION_FILE}); pass --overwrite "
+                         "to replace it or choose another --output")
+    model = FastBert.from_pretrained(config.model)
+    texts, labels = read_labelled(config, model.config.labels)
+    extra = {}  # baselines' models, loaded (and checked) before the long passes start
+    if config.label_students:
+        extra["label_students"] = FastBert.from_pretrained(config.label_students)
+        _same_labels(extra["label_students"].config.labels, model.config.labels, config.label_students)
+    if config.plain_bert:
+        from pipeline.plain_bert import load_plain_bert, plain_bert_labels
+
+        extra["plain_bert"] = load_plain_bert(config.plain_bert)
+        _same_labels(plain_bert_labels(extra["plain_bert"]), model.config.labels, config.plain_bert)
+
+    log(f"evaluating {config.model} on {len(texts)} rows of {config.data}: one full-depth pass keeping "
+        f"every exit's output, then {'a timed pass per speed' if config.timing else 'no timed passes'}")
+    tick = time.perf_counter()
+    exits = all_exits(model, texts, labels)
+    full_pass_s = time.perf_counter() - tick
+    log(f"full pass: {full_pass_s:.1f} s ({len(texts) / full_pass_s:.0f} rows/s)")
+    teacher = at_speed(exits, model, 0.0)
+    rows = [speed_row(exits, model, s) for s in config.speeds]
+    if config.timing:
+        _time_speeds(model, texts, exits, rows, config, full_pass_s, log)
+
+    baselines = {"truncation": None, "label_students": None, "plain_bert": None}
+    curve = truncation_curve(exits, model)
+    comparison = at_equal_flops(rows, curve)
+    baselines["truncation"] = {"curve": curve, "at_speeds": comparison, **_verdict(comparison)}
+    if "label_students" in extra:
+        log(f"baseline (c): full pass of the label-trained students {config.label_students}")
+        other_exits = all_exits(extra["label_students"], texts, labels)
+        other = [asdict(at_speed(other_exits, extra["label_students"], s)) for s in COMPARISON_SPEEDS]
+        comparison = at_equal_flops(rows, other)
+        baselines["label_students"] = {"model": config.label_students, "teacher_accuracy": other[0]["accuracy"],
+                                       "curve": [{k: p[k] for k in ("speed", "accuracy", "flop_speedup")}
+                                                 for p in other],
+                                       "at_speeds": comparison, **_verdict(comparison)}
+    if "plain_bert" in extra:
+        from pipeline.plain_bert import plain_bert_labels, plain_bert_predict
+
+        log(f"baseline (a): the plain classifier {config.plain_bert}")
+        plain = extra["plain_bert"]
+        plain.tokenizer.model_max_length = model.config.max_length  # the same truncation as FastBERT's
+        index = [model.config.labels.index(n) for n in plain_bert_labels(plain)]
+        predicted = np.array(index)[plain_bert_predict(plain, texts)]  # (R,) in FastBERT's label order
+        accuracy = float(np.mean(predicted == exits.labels))
+        baselines["plain_bert"] = {"model": config.plain_bert, "accuracy": accuracy,
+                                   "macro_f1": macro_f1(exits.labels, predicted, model.config.num_labels),
+                                   "teacher_minus_plain_points": 100 * (teacher.accuracy - accuracy),
+                                   "teacher_within_half_point": teacher.accuracy >= accuracy - 0.005 - EQUAL}
+
+    result = {
+        "model": config.model, "data": config.data, "rows": len(texts), "labels": model.config.labels,
+        "teacher_accuracy": teacher.accuracy,
+        "teacher_macro_f1": macro_f1(exits.labels, exits.predictions[-1], model.config.num_labels),
+        "layers": model.config.num_layers,
+        "speeds": rows,
+        "baselines": baselines,
+        "timing": {"what": "Scorer.score_tokens on rows tokenised once; wall speed-up against speed 0",
+                   "micro_batch": config.micro_batch, "repeats": config.repeats,
+                   "device": str(next(model.parameters()).device), "torch_threads": torch.get_num_threads(),
+                   "cpus": os.cpu_count(), "machine": platform.platform()} if config.timing else None,
+        "full_pass_seconds": full_pass_s,
+        "files": [EVALUATION_FILE, CSV_FILE, TRADEOFF_PLOT, EXITS_PLOT],
+        "config": asdict(config),
+    }
+    _write(result, config.output)
+    result["seconds"] = time.perf_counter() - start
+    for line in format_table(result):
+        log(line)
+    log(f"written to {config.output}: {', '.join(result['files'])} ({result['seconds']:.0f} s)")
+    return result
+
+
+def _same_labels(theirs: list[str], ours: list[str], uri: str) -> None:
+    if sorted(theirs) != sorted(ours):
+        raise ValueError(f"{uri}: its labels {theirs[:10]} are not the evaluated model's {ours[:10]}; a baseline "
+                         "must be trained on the same data")
+
+
+def _time_speeds(model: FastBert, texts: list[str], exits: AllExits, rows: list[dict], config: EvaluateConfig,
+                 full_pass_s: float, log) -> None:
+    """Fill in rows/s, wall speed-up (against speed 0, timed too when not asked for) and the
+    engine's agreement with the full pass."""
+    token_ids, _, _ = tokenize(model.tokenizer, texts, model.config.max_length)
+    Scorer(model, speed=0.0, micro_batch=config.micro_batch).score_tokens(token_ids[:64])  # warm-up
+    speeds = ([0.0] if rows[0]["speed"] != 0.0 else []) + [r["speed"] for r in rows]
+    flop_speedup = {r["speed"]: r["flop_speedup"] for r in rows}
+    seconds: dict[float, float] = {}
+    tick = time.perf_counter()
+    for i, speed in enumerate(speeds):
+        best, table = float("inf"), None
+        for _ in range(config.repeats):
+            scorer = Scorer(model, speed=speed, micro_batch=config.micro_batch)
+            t0 = time.perf_counter()
+            table = scorer.score_tokens(token_ids)
+            best = min(best, time.perf_counter() - t0)
+        seconds[speed] = best
+        row = next((r for r in rows if r["speed"] == speed), None)
+        if row is not None:
+            engine = np.array([model.config.labels.index(p) for p in table.column("prediction").to_pylist()])
+            row["engine_agreement"] = float(np.mean(engine == predictions_at(exits, exits_at(exits, speed))))
+            row["rows_per_s"] = len(texts) / best
+            row["wall_speedup"] = seconds[0.0] / best
+        left = sum(seconds[0.0] / flop_speedup.get(s, 1.0) for s in speeds[i + 1 :]) * config.repeats
+        log(f"timed speed {speed:.2f}: {len(texts) / best:.1f} rows/s"
+            + (f", wall {seconds[0.0] / best:.2f}x vs FLOPs {flop_speedup[speed]:.2f}x" if speed in flop_speedup
+               else "") + f"; timed passes ETA {left:.0f} s ({time.perf_counter() - tick:.0f} s so far)")
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def format_table(result: dict) -> list[str]:
+    """The terminal table: a row per speed, then the baselines."""
+    lines = [f"teacher accuracy {100 * result['teacher_accuracy']:.2f}%, macro-F1 "
+             f"{100 * result['teacher_macro_f1']:.2f}% on {result['rows']} rows",
+             " speed  accuracy  macro-F1  mean exit  FLOP x  wall x  trunc. acc.  label-stud. acc."]
+    truncation = {c["speed"]: c for c in result["baselines"]["truncation"]["at_speeds"]}
+    students = {c["speed"]: c for c in (result["baselines"]["label_students"] or {}).get("at_speeds", [])}
+
+    def pct(value) -> str:
+        return "       -" if value is None else f"{100 * value:7.2f}%"
+
+    for row in result["speeds"]:
+        wall = "     -" if row["wall_speedup"] is None else f"{row['wall_speedup']:5.2f}x"
+        lines.append(f" {row['speed']:5.2f}  {pct(row['accuracy'])}  {pct(row['macro_f1'])}  "
+                     f"{row['mean_exit_layer']:9.2f}  {row['flop_speedup']:5.2f}x  {wall}  "
+                     f"{pct(truncation[row['speed']]['baseline_accuracy'])}     "
+                     f"{pct(students.get(row['speed'], {}).get('baseline_accuracy'))}")
+    b = result["baselines"]
+    lines.append(f"(b) fixed-depth truncation at equal FLOPs: adaptive exit "
+                 f"{'never worse' if b['truncation']['never_worse'] else 'WORSE at some speed'} "
+                 f"(min gain {_points(b['truncation']['min_gain_points'])} over "
+                 f"{b['truncation']['speeds_compared']} speeds)")
+    if b["label_students"]:
+        lines.append(f"(c) label-trained students at equal FLOPs: self-distillation "
+                     f"{'never worse' if b['label_students']['never_worse'] else 'WORSE at some speed'} "
+                     f"(min gain {_points(b['label_students']['min_gain_points'])} over "
+                     f"{b['label_students']['speeds_compared']} speeds)")
+    if b["plain_bert"]:
+        lines.append(f"(a) plain BERT classifier: {100 * b['plain_bert']['accuracy']:.2f}%; teacher "
+                     f"{b['plain_bert']['teacher_minus_plain_points']:+.2f} points")
+    return lines
+
+
+def _points(value) -> str:
+    return "n/a" if value is None else f"{value:+.2f} points"
+
+
+def to_csv(result: dict) -> str:
+    """A row per speed: the metrics, the exit histogram and the baselines at equal FLOPs."""
+    layers = result["layers"]
+    truncation = {c["speed"]: c["baseline_accuracy"] for c in result["baselines"]["truncation"]["at_speeds"]}
+    students = {c["speed"]: c["baseline_accuracy"]
+                for c in (result["baselines"]["label_students"] or {}).get("at_speeds", [])}
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    names = ["speed", "accuracy", "macro_f1", "mean_exit_layer", "flops_per_row", "flop_speedup", "wall_speedup",
+             "rows_per_s", "engine_agreement"]
+    writer.writerow(names + [f"exits_layer_{k}" for k in range(1, layers + 1)]
+                    + ["truncation_accuracy_equal_flops", "label_students_accuracy_equal_flops"])
+    for row in result["speeds"]:
+        writer.writerow([row[n] for n in names] + row["exit_counts"]
+                        + [truncation.get(row["speed"]), students.get(row["speed"])])
+    return buffer.getvalue()
+
+
+def plot_tradeoff(result: dict, path: str) -> None:
+    """Accuracy against FLOP speed-up: the teacher as a line, each speed a labelled point with
+    its measured wall speed-up, and the baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ax.axhline(100 * result["teacher_accuracy"], color="grey", linestyle="--", linewidth=1,
+               label=f"teacher (full depth) {100 * result['teacher_accuracy']:.2f}%")
+    b = result["baselines"]
+    if b["plain_bert"]:
+        ax.axhline(100 * b["plain_bert"]["accuracy"], color="tab:purple", linestyle=":", linewidth=1,
+                   label=f"plain BERT classifier {100 * b['plain_bert']['accuracy']:.2f}%")
+    trunc = sorted(b["truncation"]["curve"], key=lambda p: p["flop_speedup"])
+    ax.plot([p["flop_speedup"] for p in trunc], [100 * p["accuracy"] for p in trunc], "s-", color="tab:orange",
+            markersize=4, linewidth=1, label="fixed-depth truncation (layer k)")
+    for p in trunc:
+        ax.annotate(f"L{p['layer']}", (p["flop_speedup"], 100 * p["accuracy"]), fontsize=7, color="tab:orange",
+                    xytext=(3, -9), textcoords="offset points")
+    if b["label_students"]:
+        curve = sorted(b["label_students"]["curve"], key=lambda p: p["flop_speedup"])
+        ax.plot([p["flop_speedup"] for p in curve], [100 * p["accuracy"] for p in curve], "-", color="tab:green",
+                linewidth=1, label="students trained on labels")
+    rows = sorted(result["speeds"], key=lambda r: r["flop_speedup"])
+    ax.plot([r["flop_speedup"] for r in rows], [100 * r["accuracy"] for r in rows], "o-", color="tab:blue",
+            label="FastBERT, adaptive exit (speed; measured wall speed-up)")
+    low = min([100 * r["accuracy"] for r in rows] + [100 * p["accuracy"] for p in trunc])
+    ax.set_ylim(max(0.0, low - 2), min(100.0, 100 * max(r["accuracy"] for r in rows) + 2))
+    _label_points(ax, [(r["flop_speedup"], 100 * r["accuracy"],
+                        f"{r['speed']:g}" + ("" if r["wall_speedup"] is None else f": wall {r['wall_speedup']:.2f}x"))
+                       for r in rows])
+    ax.set_xlabel("FLOP speed-up over a full-depth BERT classifier")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{_short(result['model'])} on {result['rows']} rows of {_short(result['data'])}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _short(uri: str) -> str:
+    """The last two parts of a path: enough to tell runs apart in a title."""
+    return "/".join(uri.rstrip("/").split("/")[-2:])
+
+
+def _label_points(ax, points: list[tuple[float, float, str]]) -> None:
+    """Label each point beside it, moving a label up or down where it would cover one placed
+    before (points close on the curve); a label that fits nowhere is left out."""
+    ax.figure.canvas.draw()  # fixes the data -> pixel transform
+    scale = ax.figure.dpi / 72  # pixels per point
+    placed: list[tuple[float, float, float, float]] = []  # pixel boxes (x0, y0, x1, y1)
+    for x, y, text in points:
+        px, py = ax.transData.transform((x, y))
+        width, height = (4.1 * len(text) + 2) * scale, 9 * scale  # 7-point text
+        for dy in (3, -12, 15, -24, 27, -36, 39, -48):
+            box = (px + 4 * scale, py + dy * scale, px + 4 * scale + width, py + dy * scale + height)
+            if all(box[2] < b[0] or box[0] > b[2] or box[3] < b[1] or box[1] > b[3] for b in placed):
+                placed.append(box)
+                leader = None if dy == 3 else {"arrowstyle": "-", "lw": 0.5, "color": "tab:blue", "alpha": 0.6}
+                ax.annotate(text, (x, y), xytext=(4, dy), textcoords="offset points", fontsize=7,
+                            color="tab:blue", arrowprops=leader)
+                break
+
+
+def plot_exits(result: dict, path: str) -> None:
+    """The share of rows leaving at each layer, one panel per speed (the paper's Figure 5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["speeds"]
+    columns = min(4, len(rows))
+    lines = -(-len(rows) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(2.6 * columns, 2.1 * lines), sharey=True, squeeze=False)
+    layers = np.arange(1, result["layers"] + 1)
+    for ax, row in zip(axes.flat, rows):
+        share = 100 * np.array(row["exit_counts"]) / max(1, sum(row["exit_counts"]))
+        ax.bar(layers, share, color="tab:blue")
+        ax.set_title(f"speed {row['speed']:g}: {row['flop_speedup']:.2f}x FLOPs", fontsize=8)
+        ax.set_xticks(layers)
+        ax.tick_params(labelsize=7)
+        ax.set_ylim(0, 100)
+    for ax in axes.flat[len(rows):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("rows leaving (%)", fontsize=8)
+    for ax in axes[-1, :]:
+        ax.set_xlabel("exit layer", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _write(result: dict, output: str) -> None:
+    """The four files, built in a local temporary folder and copied to ``output`` with
+    evaluation.json last, so its presence means the others are complete."""
+    import fsspec
+
+    fs, out = fsspec.core.url_to_fs(output)
+    if fs.exists(f"{out.rstrip('/')}/{EVALUATION_FILE}"):  # an earlier evaluation (overwrite): no longer complete
+        fs.rm(f"{out.rstrip('/')}/{EVALUATION_FILE}")
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, CSV_FILE), "w", newline="") as f:
+            f.write(to_csv(result))
+        plot_tradeoff(result, os.path.join(tmp, TRADEOFF_PLOT))
+        plot_exits(result, os.path.join(tmp, EXITS_PLOT))
+        with open(os.path.join(tmp, EVALUATION_FILE), "w") as f:
+            json.dump(result, f, indent=2)
+        fs.makedirs(out, exist_ok=True)
+        for name in (CSV_FILE, TRADEOFF_PLOT, EXITS_PLOT, EVALUATION_FILE):
+            target = f"{out.rstrip('/')}/{name}"
+            fs.put_file(os.path.join(tmp, name), f"{target}.tmp")
+            fs.mv(f"{target}.tmp", target)

@@ -1,0 +1,149 @@
+"""pipeline.evaluate and jobs.evaluate on tiny trained models: the numbers per speed equal the
+engine's, the baselines are computed on the same rows, the files are complete, bad input is a
+clear error."""
+
+from __future__ import annotations
+
+import csv
+import re
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.evaluate import main, parse_args
+from pipeline import Scorer
+from pipeline.evaluate import EvaluateConfig, macro_f1, run_evaluation
+from pipeline.plain_bert import load_plain_bert, new_plain_bert, plain_bert_predict, save_plain_bert
+from pipeline.train import TrainConfig, fit
+from test_train import FAST, LABELS, accuracy, toy_task
+from tiny import tiny_model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A self-distilled tiny FastBERT, one whose students learnt the labels, a plain classifier
+    on the same tiny backbone, and labelled test rows as Parquet."""
+    root = tmp_path_factory.mktemp("evaluate")
+    rng = np.random.default_rng(0)
+    train_texts, train_labels = toy_task(rng, 192)
+    val_texts, val_labels = toy_task(rng, 64)
+    paths = {}
+    for name, targets in (("distilled", "teacher"), ("labels", "labels")):
+        model = tiny_model(labels=LABELS, seed=0)
+        fit(model, train_texts, train_labels, val_texts, val_labels,
+            TrainConfig(epochs=3, distill_epochs=2, seed=0, student_targets=targets, **FAST), log=lambda *_: None)
+        paths[name] = str(root / name)
+        model.save_pretrained(paths[name])
+    backbone = root / "backbone"
+    model.backbone.save_pretrained(backbone)
+    model.tokenizer.save_pretrained(backbone)
+    paths["plain"] = str(root / "plain")
+    save_plain_bert(new_plain_bert(str(backbone), list(LABELS), max_length=32), paths["plain"])
+    texts, labels = toy_task(np.random.default_rng(1), 120)
+    paths["data"] = str(root / "test.parquet")
+    pq.write_table(pa.table({"review": texts, "sentiment": labels}), paths["data"])
+    return paths
+
+
+def test_macro_f1_is_the_mean_of_the_labels_f1():
+    truth, predicted = np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 0])
+    # label 0: tp 1, fp 1, fn 1 -> 0.5; label 1: tp 2, fp 1, fn 0 -> 0.8; label 2: tp 0 -> 0
+    assert macro_f1(truth, predicted, 4) == pytest.approx((0.5 + 0.8 + 0.0) / 3)  # label 3 occurs nowhere
+    assert macro_f1(truth, truth, 3) == 1.0
+
+
+def test_evaluation_matches_the_engine_and_writes_every_file(models, tmp_path):
+    output = tmp_path / "eval"
+    lines: list[str] = []
+    speeds = [0.0, 0.05, 0.3, 1.0]
+    result = run_evaluation(EvaluateConfig(model=models["distilled"], data=models["data"], output=str(output),
+                                           speeds=speeds, text_column="review", label_column="sentiment",
+                                           max_rows=100, plain_bert=models["plain"],
+                                           label_students=models["labels"], micro_batch=8), log=lines.append)
+    assert result["rows"] == 100 and [r["speed"] for r in result["speeds"]] == speeds
+    table = pq.read_table(models["data"]).slice(0, 100)
+    texts, labels = table.column("review").to_pylist(), table.column("sentiment").to_pylist()
+
+    from pipeline.model import FastBert
+
+    model = FastBert.from_pretrained(models["distilled"])
+    for row in result["speeds"]:  # the full pass says what the engine does at each speed
+        scorer = Scorer(model, speed=row["speed"])
+        predicted = scorer(texts).column("prediction").to_pylist()
+        assert row["accuracy"] == pytest.approx(accuracy(predicted, labels))
+        assert row["exit_counts"] == scorer.stats.exit_counts
+        assert row["flop_speedup"] == pytest.approx(scorer.stats.flop_speedup)
+        assert row["engine_agreement"] == 1.0 and row["rows_per_s"] > 0 and row["wall_speedup"] > 0
+        assert row["flops_per_row"] == pytest.approx(scorer.stats.flops / 100)
+        assert 0.0 <= row["macro_f1"] <= 1.0
+    assert result["speeds"][0]["wall_speedup"] == 1.0 and result["speeds"][0]["flop_speedup"] == pytest.approx(1.0)
+    assert result["teacher_accuracy"] == result["speeds"][0]["accuracy"] > 0.8
+    assert result["speeds"][-1]["exit_counts"] == [100, 0, 0]  # speed 1: every row leaves at layer 1
+
+    truncation = result["baselines"]["truncation"]
+    assert [p["layer"] for p in truncation["curve"]] == [1, 2, 3]
+    assert truncation["curve"][-1]["accuracy"] == result["teacher_accuracy"]  # layer L is the teacher
+    assert truncation["curve"][-1]["flop_speedup"] == pytest.approx(1.0)
+    at_one = truncation["at_speeds"][-1]  # speed 1 runs exactly what truncation at layer 1 runs
+    assert at_one["flop_speedup"] == pytest.approx(truncation["curve"][0]["flop_speedup"])
+    assert at_one["gain_points"] == pytest.approx(0.0)
+
+    students = result["baselines"]["label_students"]
+    assert students["model"] == models["labels"] and students["speeds_compared"] >= 1
+    plain = result["baselines"]["plain_bert"]
+    classifier = load_plain_bert(models["plain"])
+    expected = accuracy([LABELS[i] for i in plain_bert_predict(classifier, texts)], labels)
+    assert plain["accuracy"] == pytest.approx(expected)
+    assert plain["teacher_minus_plain_points"] == pytest.approx(100 * (result["teacher_accuracy"] - expected))
+
+    on_disk = json.loads((output / "evaluation.json").read_text())
+    assert on_disk["speeds"] == json.loads(json.dumps(result["speeds"]))
+    with open(output / "evaluation.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["speed"]) for r in rows] == speeds
+    assert {"accuracy", "macro_f1", "flop_speedup", "wall_speedup", "exits_layer_3",
+            "truncation_accuracy_equal_flops", "label_students_accuracy_equal_flops"} <= set(rows[0])
+    for name in ("tradeoff.png", "exits.png"):
+        assert (output / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any("speed  accuracy" in line for line in lines) and any("(a) plain BERT" in line for line in lines)
+
+    with pytest.raises(ValueError, match="holds an earlier evaluation"):  # never overwritten silently
+        run_evaluation(EvaluateConfig(model=models["distilled"], data=models["data"], output=str(output),
+                                      text_column="review", label_column="sentiment"))
+
+
+def test_the_command_line_runs_and_refuses_bad_input_in_one_line(models, tmp_path, capsys):
+    data = ["--model", models["distilled"], "--data", models["data"], "--text-column", "review"]
+    result = main(data + ["--label-column", "sentiment", "--output", str(tmp_path / "ok"), "--speeds", "0,0.5",
+                          "--max-rows", "20", "--no-timing"])
+    assert [r["speed"] for r in result["speeds"]] == [0.0, 0.5] and result["speeds"][1]["wall_speedup"] is None
+    assert parse_args(["--model", "m", "--data", "d", "--output", "o"]).speeds == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6,
+                                                                                  0.7, 0.8, 0.9, 1.0]
+    unknown = tmp_path / "unknown.parquet"
+    pq.write_table(pa.table({"review": ["good w1", "bad w2", "w3 good"], "sentiment": ["pos", "meh", "neutral"]}),
+                   unknown)
+    cases = [
+        (data + ["--output", str(tmp_path / "a")], r"no label column 'label'; it has \['review', 'sentiment'\]"),
+        (["--model", models["distilled"], "--data", str(unknown), "--text-column", "review", "--label-column",
+          "sentiment", "--output", str(tmp_path / "b")],
+         r"labels the model does not know: \['meh', 'neutral'\] \(2 rows, first: row 1\); the model's labels"),
+        (data + ["--label-column", "sentiment", "--output", str(tmp_path / "c"), "--speeds", "0,1.5"],
+         r"speeds must be numbers in \[0, 1\].*\[1.5\]"),
+        (data + ["--label-column", "sentiment", "--output", str(tmp_path / "d"), "--plain-bert",
+                 models["distilled"]], "a FastBERT model, not a plain classifier"),
+        (["--model", models["data"], "--data", models["data"], "--output", str(tmp_path / "e")],
+         "no such folder"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code.startswith("error: ") and "\n" not in stop.value.code
+        assert re.search(message, stop.value.code), stop.value.code
+    assert not any((tmp_path / name).exists() for name in "abcde")  # nothing written
+    nulls = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"text": ["good w1", "bad w2"], "label": ["pos", None]}), nulls)
+    with pytest.raises(ValueError, match=r"nulls.parquet: column 'label' has 1 null labels \(first: row 1\)"):
+        run_evaluation(EvaluateConfig(model=models["distilled"], data=str(nulls), output=str(tmp_path / "f")))
