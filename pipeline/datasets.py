@@ -185,11 +185,18 @@ def write_bundled(name: str, folder: str, validation_rows: int = 500, seed: int 
     }
     rng = np.random.default_rng(seed + 1)
     for split, rows in (("train", train_rows), ("test", test_rows)):
-        if rows is not None:
-            if not 0 < rows <= tables[split].num_rows:
-                raise ValueError(f"{split}_rows must be between 1 and {tables[split].num_rows} for {name!r}, "
-                                 f"got {rows}")
-            tables[split] = tables[split].take(np.sort(rng.permutation(tables[split].num_rows)[:rows]))
+        if rows is None:
+            continue
+        labels = np.array(tables[split]["label"].to_pylist(), dtype=object)
+        names = sorted(set(labels))
+        if not len(names) <= rows <= len(labels):
+            raise ValueError(f"{split}_rows must be between {len(names)} (one row per label) and {len(labels)} "
+                             f"for {name!r}, got {rows}")
+        first = [rng.choice(np.flatnonzero(labels == n)) for n in names]  # every label appears at least once
+        others = np.ones(len(labels), dtype=bool)
+        others[first] = False
+        rest = rng.permutation(np.flatnonzero(others))[: rows - len(first)]
+        tables[split] = tables[split].take(np.sort(np.concatenate([first, rest]).astype(np.int64)))
     fs, root = fsspec.core.url_to_fs(folder)
     fs.makedirs(root, exist_ok=True)
     uris = {}

@@ -186,6 +186,10 @@ def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None =
             fs, path = fsspec.core.url_to_fs(uri)
             if fs.exists(path):
                 fs.rm(path, recursive=True)
+    finished = _finished(job)
+    if finished is not None:
+        log(f"{job.output} already holds the finished model of this job ({METRICS_FILE}): nothing to train")
+        return finished
     use_gpu = job.use_gpu if job.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
 
     def read(uri: str, with_labels: bool):
@@ -261,6 +265,21 @@ def _validation_tradeoff(job: TrainJobConfig) -> TradeoffTable:
     table = tradeoff_table(model, rows.column(job.text_column).to_pylist(), labels, data=job.validation)
     save_table(table, job.output)
     return table
+
+
+def _finished(job: TrainJobConfig) -> dict[str, Any] | None:
+    """The metrics of a finished run of this job in ``output``, or None: metrics.json is
+    published after the model files and the trade-off table after it, so with both there the
+    run had finished. ``check_inputs`` has compared the arguments."""
+    import fsspec
+
+    fs, out = fsspec.core.url_to_fs(job.output)
+    out = out.rstrip("/")
+    needed = [METRICS_FILE, CONFIG_FILE] + ([] if job.plain_bert else [TRADEOFF_FILE])
+    if not all(fs.isfile(f"{out}/{name}") for name in needed):
+        return None
+    with fs.open(f"{out}/{METRICS_FILE}") as f:
+        return json.load(f)
 
 
 def check_inputs(job: TrainJobConfig, labels: list[str] | None = None, labels_from: str | None = None) -> Inputs:

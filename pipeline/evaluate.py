@@ -35,7 +35,7 @@ import torch
 from pipeline import flops as flop_account
 from pipeline.engine import Scorer, tokenize
 from pipeline.model import FastBert
-from pipeline.tradeoff import SPEED_GRID, AllExits, accuracy_at_speedup, all_exits, at_speed, exits_at, predictions_at
+from pipeline.tradeoff import SPEED_GRID, AllExits, all_exits, at_speed, exits_at, predictions_at
 
 EVALUATION_FILE = "evaluation.json"
 CSV_FILE = "evaluation.csv"

@@ -102,3 +102,19 @@ def test_bundled_backbone_path():
     cfg = json.loads((p / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 6
     assert cfg["hidden_size"] == 384
+
+
+def test_write_bundled_samples_rows_that_cover_every_label(tmp_path: Path):
+    import pyarrow.parquet as pq
+
+    from pipeline.datasets import write_bundled
+
+    uris = write_bundled("r8", str(tmp_path), validation_rows=20, train_rows=16, test_rows=10, seed=3)
+    train, val, test = (pq.read_table(uris[s]) for s in ("train", "validation", "test"))
+    assert (train.num_rows, val.num_rows, test.num_rows) == (16, 20, 10)
+    assert len(set(train["label"].to_pylist())) == 8  # every label, though 16 random rows would miss some
+    assert not set(train["text"].to_pylist()) & set(val["text"].to_pylist())
+    again = write_bundled("r8", str(tmp_path / "again"), validation_rows=20, train_rows=16, test_rows=10, seed=3)
+    assert pq.read_table(again["train"]).equals(train)  # the seed decides
+    with pytest.raises(ValueError, match="train_rows must be between 8"):
+        write_bundled("r8", str(tmp_path / "bad"), validation_rows=20, train_rows=4)

@@ -107,7 +107,9 @@ def test_the_model_carries_its_validation_tradeoff_and_keeps_its_promises(traine
 
 def test_running_a_finished_job_again_resumes(trained, data):
     output, metrics = trained
-    again = run(job(data, output, distill=str(data / "distill.parquet"), workers=1))  # workers may change
+    lines: list[str] = []
+    again = run(job(data, output, distill=str(data / "distill.parquet"), workers=1), log=lines.append)  # workers may change
+    assert any("nothing to train" in line for line in lines)  # no trainer started
     assert again["finetune"] == metrics["finetune"]  # the same epochs (their timings too): nothing retrained
     assert again["distill"] == metrics["distill"]
 
@@ -158,7 +160,7 @@ def test_killed_driver_rerun_continues_from_the_last_checkpoint(ray_session, dat
     the same command run again finishes the job without redoing the committed epochs."""
     output = tmp_path / "model"
     argv = ["--train", str(data / "train.parquet"), "--validation", str(data / "validation.parquet"),
-            "--output", str(output), "--backbone", str(data / "backbone"), "--epochs", "3", "--distill-epochs", "0",
+            "--output", str(output), "--backbone", str(data / "backbone"), "--epochs", "2", "--distill-epochs", "0",
             "--lr", "3e-3", "--batch-size", "16", "--max-length", "32"]
     driver = start_driver("jobs.train", argv, tmp_path / "driver.log")
     snapshot = output / "_ray" / "finetune" / "checkpoint_manager_snapshot.json"  # what Ray Train committed
@@ -183,8 +185,8 @@ def test_killed_driver_rerun_continues_from_the_last_checkpoint(ray_session, dat
 
     metrics = run(parse_args(argv))
     history = metrics["finetune"]
-    assert [e["epoch"] for e in history] == [1, 2, 3]
-    assert done[-1] < 3, f"the driver was killed too late (committed epochs {done})"
+    assert [e["epoch"] for e in history] == [1, 2]
+    assert done[-1] < 2, f"the driver was killed too late (committed epochs {done})"
     assert all(e["finished_at"] < killed_at for e in history if e["epoch"] <= done[-1])  # carried over
     assert all(e["finished_at"] > killed_at for e in history if e["epoch"] > done[-1])  # trained after the kill
     assert max(e["teacher_accuracy"] for e in history) > 0.9
@@ -300,8 +302,10 @@ def test_command_line_mirrors_the_config():
 
 
 def test_config_is_validated():
-    with pytest.raises(ValueError, match="workers, epochs"):
+    with pytest.raises(ValueError, match="workers, cpus_per_worker, epochs.* got 0, 1"):
         TrainJobConfig(train="t", validation="v", output="o", workers=0)
+    with pytest.raises(ValueError, match="workers, cpus_per_worker, epochs.* got 2, 0"):
+        TrainJobConfig(train="t", validation="v", output="o", cpus_per_worker=0)
     with pytest.raises(ValueError, match="use_gpu"):
         TrainJobConfig(train="t", validation="v", output="o", use_gpu="yes")
     with pytest.raises(ValueError, match="unlabelled distill input"):
@@ -318,7 +322,8 @@ def test_the_plain_bert_baseline_trains_through_stage_one_alone(trained, data, t
     from pipeline.plain_bert import load_plain_bert, plain_bert_labels, plain_bert_predict
 
     output = tmp_path / "plain"
-    metrics = run(job(data, output, plain_bert=True))
+    # from a random tiny backbone, [CLS] pooling needs more steps than FastBERT's teacher
+    metrics = run(job(data, output, plain_bert=True, workers=1, epochs=2, batch_size=8, lr=1e-2))
     assert [e["epoch"] for e in metrics["finetune"]] == [1, 2] and metrics["distill"] == []
     assert max(e["teacher_accuracy"] for e in metrics["finetune"]) > 0.9
     assert not (output / "tradeoff.json").exists() and not (output / "state.json").exists()
