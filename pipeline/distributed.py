@@ -444,8 +444,9 @@ def _publish(checkpoint, output: str, metrics: dict[str, Any]) -> None:
         names = sorted((n for n in os.listdir(d) if n not in CHECKPOINT_ONLY), key=lambda n: n == CONFIG_FILE)
         for name in names:
             fs.put_file(os.path.join(d, name), f"{out.rstrip('/')}/{name}")
-    with fs.open(f"{out.rstrip('/')}/{METRICS_FILE}", "w") as f:
+    with fs.open(f"{out.rstrip('/')}/{METRICS_FILE}.tmp", "w") as f:  # then moved: never seen half-written
         json.dump(metrics, f, indent=2)
+    fs.mv(f"{out.rstrip('/')}/{METRICS_FILE}.tmp", f"{out.rstrip('/')}/{METRICS_FILE}")
 
 
 # -- the worker -------------------------------------------------------------------------------

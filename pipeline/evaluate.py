@@ -88,12 +88,12 @@ class EvaluateConfig:
 
 
 def macro_f1(truth: np.ndarray, predicted: np.ndarray, num_labels: int) -> float:
-    """Unweighted mean of the per-label F1 over the labels that occur in ``truth`` or
-    ``predicted`` (both (R,) label indices)."""
+    """Unweighted mean of the per-label F1 over the labels that occur in ``truth`` (both (R,)
+    label indices): the same labels at every speed and for every model on the same rows."""
     tp = np.bincount(truth[truth == predicted], minlength=num_labels)  # (N,)
     in_truth = np.bincount(truth, minlength=num_labels)  # (N,) TP + FN
     in_predicted = np.bincount(predicted, minlength=num_labels)  # (N,) TP + FP
-    present = (in_truth + in_predicted) > 0
+    present = in_truth > 0
     f1 = 2 * tp[present] / (in_truth[present] + in_predicted[present])
     return float(f1.mean()) if f1.size else float("nan")
 
@@ -135,14 +135,17 @@ def at_equal_flops(rows: list[dict], curve: list[dict]) -> list[dict]:
         inside = x[0] - EQUAL <= row["flop_speedup"] <= x[-1] + EQUAL
         other = float(np.interp(row["flop_speedup"], x, y)) if inside else None
         out.append({"speed": row["speed"], "flop_speedup": row["flop_speedup"], "accuracy": row["accuracy"],
+                    "one_exit_layer": max(row["exit_counts"]) == sum(row["exit_counts"]),
                     "baseline_accuracy": other,
                     "gain_points": None if other is None else 100 * (row["accuracy"] - other)})
     return out
 
 
 def _verdict(comparison: list[dict]) -> dict:
-    """Whether adaptive exit is at least as accurate at every speed that can be compared."""
-    compared = [c for c in comparison if c["baseline_accuracy"] is not None]
+    """Whether adaptive exit is at least as accurate at every speed that can be compared. A
+    speed whose rows all leave at one layer runs what truncation at that layer runs (and, at
+    speed 0, the same teacher as baseline (c)): a tie by construction, left out."""
+    compared = [c for c in comparison if c["baseline_accuracy"] is not None and not c["one_exit_layer"]]
     return {"speeds_compared": len(compared),
             "never_worse": all(c["gain_points"] >= -100 * EQUAL for c in compared),
             "min_gain_points": min((c["gain_points"] for c in compared), default=None)}
@@ -191,7 +194,7 @@ def read_labelled(config: EvaluateConfig, known: list[str]) -> tuple[list[str], 
     names = [str(v) for v in labels]
     unknown = sorted(set(names) - set(known))
     if unknown:
-        first = names.index(unknown[0])
+        first = next(i for i, n in enumerate(names) if n not in set(known))
         raise ValueError(f"{uri}: column {config.label_column!r} has labels the model does not know: "
                          f"{unknown[:10]} ({sum(n in set(unknown) for n in names)} rows, first: row {first}); "
                          f"the model's labels are {known[:20]}")
@@ -295,7 +298,8 @@ def _time_speeds(model: FastBert, texts: list[str], exits: AllExits, rows: list[
     """Fill in rows/s, wall speed-up (against speed 0, timed too when not asked for) and the
     engine's agreement with the full pass."""
     token_ids, _, _ = tokenize(model.tokenizer, texts, model.config.max_length)
-    Scorer(model, speed=0.0, micro_batch=config.micro_batch).score_tokens(token_ids[:64])  # warm-up
+    log("warm-up: one untimed pass at speed 0 (allocator and threads, so speed 0 is not timed cold)")
+    Scorer(model, speed=0.0, micro_batch=config.micro_batch).score_tokens(token_ids)
     speeds = ([0.0] if rows[0]["speed"] != 0.0 else []) + [r["speed"] for r in rows]
     flop_speedup = {r["speed"]: r["flop_speedup"] for r in rows}
     seconds: dict[float, float] = {}
@@ -406,8 +410,10 @@ def plot_tradeoff(result: dict, path: str) -> None:
     rows = sorted(result["speeds"], key=lambda r: r["flop_speedup"])
     ax.plot([r["flop_speedup"] for r in rows], [100 * r["accuracy"] for r in rows], "o-", color="tab:blue",
             label="FastBERT, adaptive exit (speed; measured wall speed-up)")
-    low = min([100 * r["accuracy"] for r in rows] + [100 * p["accuracy"] for p in trunc])
-    ax.set_ylim(max(0.0, low - 2), min(100.0, 100 * max(r["accuracy"] for r in rows) + 2))
+    shown = ([100 * r["accuracy"] for r in rows] + [100 * p["accuracy"] for p in trunc]
+             + [100 * result["teacher_accuracy"]] + ([100 * b["plain_bert"]["accuracy"]] if b["plain_bert"] else [])
+             + ([100 * p["accuracy"] for p in b["label_students"]["curve"]] if b["label_students"] else []))
+    ax.set_ylim(max(0.0, min(shown) - 2), min(100.0, max(shown) + 2))
     _label_points(ax, [(r["flop_speedup"], 100 * r["accuracy"],
                         f"{r['speed']:g}" + ("" if r["wall_speedup"] is None else f": wall {r['wall_speedup']:.2f}x"))
                        for r in rows])
@@ -481,8 +487,6 @@ def _write(result: dict, output: str) -> None:
     import fsspec
 
     fs, out = fsspec.core.url_to_fs(output)
-    if fs.exists(f"{out.rstrip('/')}/{EVALUATION_FILE}"):  # an earlier evaluation (overwrite): no longer complete
-        fs.rm(f"{out.rstrip('/')}/{EVALUATION_FILE}")
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, CSV_FILE), "w", newline="") as f:
             f.write(to_csv(result))
@@ -491,6 +495,8 @@ def _write(result: dict, output: str) -> None:
         with open(os.path.join(tmp, EVALUATION_FILE), "w") as f:
             json.dump(result, f, indent=2)
         fs.makedirs(out, exist_ok=True)
+        if fs.exists(f"{out.rstrip('/')}/{EVALUATION_FILE}"):  # an earlier evaluation (overwrite): no longer complete
+            fs.rm(f"{out.rstrip('/')}/{EVALUATION_FILE}")
         for name in (CSV_FILE, TRADEOFF_PLOT, EXITS_PLOT, EVALUATION_FILE):
             target = f"{out.rstrip('/')}/{name}"
             fs.put_file(os.path.join(tmp, name), f"{target}.tmp")

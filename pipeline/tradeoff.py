@@ -86,16 +86,6 @@ def at_speed(exits: AllExits, model: FastBert, speed: float) -> Point:
                  exit_counts=np.bincount(exit_at, minlength=layers).tolist())
 
 
-def accuracy_at_speedup(points: list[Point], speedup: float) -> float:
-    """Accuracy at a FLOP speed-up, linearly interpolated between the measured points (nan
-    outside their range): compares two models at equal FLOPs."""
-    ordered = sorted(points, key=lambda p: p.flop_speedup)
-    x = np.array([p.flop_speedup for p in ordered])
-    if not x[0] <= speedup <= x[-1]:
-        return float("nan")
-    return float(np.interp(speedup, x, [p.accuracy for p in ordered]))
-
-
 # -- the validation table a trained model carries, and choosing a speed from it ---------------
 
 TRADEOFF_FILE = "tradeoff.json"  # in the model folder, beside config.json
@@ -146,8 +136,10 @@ def save_table(table: TradeoffTable, model: str) -> None:
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(model)
-    with fs.open(f"{root.rstrip('/')}/{TRADEOFF_FILE}", "w") as f:
+    path = f"{root.rstrip('/')}/{TRADEOFF_FILE}"
+    with fs.open(f"{path}.tmp", "w") as f:  # then moved: a finished job is one whose table is whole
         json.dump(table.to_json(), f, indent=2)
+    fs.mv(f"{path}.tmp", path)
 
 
 def choose_speed(table: TradeoffTable | None, max_accuracy_drop: float | None = None,

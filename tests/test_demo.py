@@ -33,7 +33,8 @@ def test_demo_end_to_end(ray_session, tmp_path):
     lines: list[str] = []
     result = run_demo(config, log=lines.append)
 
-    assert [pq.read_metadata(out / "data" / f"{split}.parquet").num_rows
+    data = out / "data" / "r8-64-32-40-seed0"  # the sample's own folder
+    assert [pq.read_metadata(data / f"{split}.parquet").num_rows
             for split in ("train", "validation", "test")] == [64, 32, 40]
     model = FastBert.from_pretrained(str(out / "model"))
     assert len(model.config.labels) == 8 and model.tradeoff is not None and model.tradeoff.rows == 32

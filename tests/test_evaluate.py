@@ -15,7 +15,7 @@ import pytest
 
 from jobs.evaluate import main, parse_args
 from pipeline import Scorer
-from pipeline.evaluate import EvaluateConfig, macro_f1, run_evaluation
+from pipeline.evaluate import EvaluateConfig, at_equal_flops, macro_f1, run_evaluation
 from pipeline.plain_bert import load_plain_bert, new_plain_bert, plain_bert_predict, save_plain_bert
 from pipeline.train import TrainConfig, fit
 from test_train import FAST, LABELS, accuracy, toy_task
@@ -53,6 +53,19 @@ def test_macro_f1_is_the_mean_of_the_labels_f1():
     # label 0: tp 1, fp 1, fn 1 -> 0.5; label 1: tp 2, fp 1, fn 0 -> 0.8; label 2: tp 0 -> 0
     assert macro_f1(truth, predicted, 4) == pytest.approx((0.5 + 0.8 + 0.0) / 3)  # label 3 occurs nowhere
     assert macro_f1(truth, truth, 3) == 1.0
+    # a wrong prediction of a label the rows do not hold costs its row, not a whole F1 term
+    assert macro_f1(np.array([0, 0]), np.array([0, 1]), 2) == pytest.approx(2 / 3)
+
+
+def test_at_equal_flops_interpolates_the_other_curve_inside_its_range():
+    curve = [{"flop_speedup": 1.0, "accuracy": 0.9}, {"flop_speedup": 3.0, "accuracy": 0.8},
+             {"flop_speedup": 2.0, "accuracy": 0.88}]  # any order
+    rows = [{"speed": s, "flop_speedup": x, "accuracy": 0.87, "exit_counts": [5, 1, 0]}
+            for s, x in ((0.1, 2.5), (0.0, 1.0), (0.9, 3.5))]
+    out = at_equal_flops(rows, curve)
+    assert out[0]["baseline_accuracy"] == pytest.approx(0.84) and out[0]["gain_points"] == pytest.approx(3.0)
+    assert out[1]["baseline_accuracy"] == pytest.approx(0.9)
+    assert out[2]["baseline_accuracy"] is None and out[2]["gain_points"] is None  # beyond the curve
 
 
 def test_evaluation_matches_the_engine_and_writes_every_file(models, tmp_path):
@@ -89,10 +102,17 @@ def test_evaluation_matches_the_engine_and_writes_every_file(models, tmp_path):
     assert truncation["curve"][-1]["flop_speedup"] == pytest.approx(1.0)
     at_one = truncation["at_speeds"][-1]  # speed 1 runs exactly what truncation at layer 1 runs
     assert at_one["flop_speedup"] == pytest.approx(truncation["curve"][0]["flop_speedup"])
-    assert at_one["gain_points"] == pytest.approx(0.0)
+    assert at_one["gain_points"] == pytest.approx(0.0) and at_one["one_exit_layer"]
+    assert truncation["speeds_compared"] == sum(not c["one_exit_layer"] and c["baseline_accuracy"] is not None
+                                                for c in truncation["at_speeds"]) <= 2  # ties left out
 
     students = result["baselines"]["label_students"]
-    assert students["model"] == models["labels"] and students["speeds_compared"] >= 1
+    assert students["model"] == models["labels"] and len(students["at_speeds"]) == 4
+    curve = sorted(students["curve"], key=lambda p: p["flop_speedup"])
+    for c in students["at_speeds"]:  # the label-trained model's accuracy at the same FLOP speed-up
+        if c["baseline_accuracy"] is not None:
+            assert c["baseline_accuracy"] == pytest.approx(np.interp(
+                c["flop_speedup"], [p["flop_speedup"] for p in curve], [p["accuracy"] for p in curve]))
     plain = result["baselines"]["plain_bert"]
     classifier = load_plain_bert(models["plain"])
     expected = accuracy([LABELS[i] for i in plain_bert_predict(classifier, texts)], labels)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
 from pipeline import Scorer
-from pipeline.tradeoff import Point, TradeoffTable, accuracy_at_speedup, all_exits, at_speed, choose_speed
+from pipeline.tradeoff import Point, TradeoffTable, all_exits, at_speed, choose_speed
 from test_train import LABELS, toy_task
 from tiny import tiny_model
 
@@ -34,13 +32,6 @@ def test_every_speed_matches_the_engine_row_for_row():
         seen_exits |= {k for k, c in enumerate(point.exit_counts) if c}
     assert seen_exits == {0, 1, 2}  # the speeds made rows leave at every layer
     assert at_speed(exits, model, 0.0).flop_speedup == pytest.approx(1.0)  # speed 0: the full-depth classifier
-
-
-def test_accuracy_at_speedup_interpolates_inside_the_measured_range():
-    points = [Point(0.0, 0.9, 1.0, 3.0, []), Point(0.5, 0.8, 3.0, 1.5, []), Point(0.2, 0.88, 2.0, 2.0, [])]
-    assert accuracy_at_speedup(points, 2.5) == pytest.approx(0.84)
-    assert accuracy_at_speedup(points, 1.0) == pytest.approx(0.9)
-    assert math.isnan(accuracy_at_speedup(points, 3.5))
 
 
 def _table() -> TradeoffTable:
