@@ -172,8 +172,8 @@ class _Plan:
         now = time.perf_counter()
         if self.current is not None:
             took = now - self.phase_start
-            self.scale = max(0.5, min(3.0, took / self.expected[self.current])) if self.expected[self.current] \
-                == self.expected[self.current] else 1.0
+            if self.expected[self.current] >= 30:  # a short phase says little about the machine's pace
+                self.scale = max(0.5, min(3.0, took / self.expected[self.current]))
             self.log(f"    {self.current} done in {_clock(took)}")
         self.current, self.phase_start = name, now
         left = sum(self.expected[n] for n in self.names[self.names.index(name):]) * self.scale
