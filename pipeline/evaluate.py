@@ -303,6 +303,7 @@ def _time_speeds(model: FastBert, texts: list[str], exits: AllExits, rows: list[
     speeds = ([0.0] if rows[0]["speed"] != 0.0 else []) + [r["speed"] for r in rows]
     flop_speedup = {r["speed"]: r["flop_speedup"] for r in rows}
     seconds: dict[float, float] = {}
+    index = {name: i for i, name in enumerate(model.config.labels)}
     tick = time.perf_counter()
     for i, speed in enumerate(speeds):
         best, table = float("inf"), None
@@ -314,7 +315,7 @@ def _time_speeds(model: FastBert, texts: list[str], exits: AllExits, rows: list[
         seconds[speed] = best
         row = next((r for r in rows if r["speed"] == speed), None)
         if row is not None:
-            engine = np.array([model.config.labels.index(p) for p in table.column("prediction").to_pylist()])
+            engine = np.array([index[p] for p in table.column("prediction").to_pylist()])
             row["engine_agreement"] = float(np.mean(engine == predictions_at(exits, exits_at(exits, speed))))
             row["rows_per_s"] = len(texts) / best
             row["wall_speedup"] = seconds[0.0] / best
