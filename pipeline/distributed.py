@@ -195,6 +195,9 @@ def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None =
     def read(uri: str, with_labels: bool):
         return _dataset(uri, job, tokenizer, inputs.labels if with_labels else None)
 
+    def read_shuffled(uri: str, with_labels: bool):
+        return _shuffled(read(uri, with_labels))
+
     validation = read(job.validation, True)
     loop_config = {"job": dataclasses.asdict(job), "labels": inputs.labels, "fail_once": fail_once}
 
@@ -216,7 +219,7 @@ def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None =
     device = "GPU" if use_gpu else "CPU"
     if job.finetuned is None:
         log(f"finetune: {inputs.train_rows} rows on {job.workers} workers ({device})")
-        result = trainer("finetune", {"train": read(job.train, True)}, inputs.train_rows).fit()
+        result = trainer("finetune", {"train": read_shuffled(job.train, True)}, inputs.train_rows).fit()
         state = _read_state(result.checkpoint)
         best = final = _checkpoint_of_epoch(result, state["best_epoch"])
         start, origin = best, f"epoch {state['best_epoch']} of the fine-tuning ({_uri(best)})"
@@ -224,9 +227,9 @@ def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None =
         state, best, start, origin = {"best_epoch": None, "history": []}, None, job.finetuned, job.finetuned
     if job.distill_epochs > 0 and not job.plain_bert:
         if job.distill is not None:
-            datasets, rows = {"train": read(job.distill, False)}, inputs.distill_rows
+            datasets, rows = {"train": read_shuffled(job.distill, False)}, inputs.distill_rows
         else:
-            datasets, rows = {"train": read(job.train, job.student_targets == "labels")}, inputs.train_rows
+            datasets, rows = {"train": read_shuffled(job.train, job.student_targets == "labels")}, inputs.train_rows
         log(f"distill: {rows} rows on {job.workers} workers ({device}), from {origin}")
         result = trainer("distill", datasets, rows, start=start).fit()
         final = result.checkpoint
@@ -382,6 +385,14 @@ def _check_output(job: TrainJobConfig) -> None:
     if changed:
         raise ValueError(f"{job.output}: output already holds a model trained with other arguments "
                          f"(differing: {changed}); pass overwrite=True (--overwrite) to replace it")
+
+
+def _shuffled(ds):
+    """Training rows in a random order, a new one each epoch (Ray Train runs the dataset again
+    every epoch). Files are often sorted (by label, by date): the shard's local shuffle mixes
+    only within a bucket, so every batch would hold one label and the teacher collapses
+    (20 Newsgroups, label-sorted: 6% validation accuracy after an epoch, chance is 5%)."""
+    return ds.random_shuffle()
 
 
 def _dataset(uri: str, job: TrainJobConfig, tokenizer: Any, labels: list[str] | None):

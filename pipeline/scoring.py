@@ -451,8 +451,9 @@ def _stream(job: ScoreJobConfig, work: Plan, todo: list[Chunk], max_length: int,
         # idles; a GPU replica gets its next call's rows while it computes
         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high,
                                            max_tasks_in_flight_per_actor=2 if gpus else 1),
-        num_gpus=gpus, num_cpus=job.cpus_per_replica,
-        max_restarts=-1, max_task_retries=-1)  # a replica that dies is replaced and its batch retried
+        # Ray Data's actors default to max_restarts=-1 and max_task_retries=-1: a replica that dies
+        # is replaced and its batch retried (tests/test_scoring.py kills one)
+        num_gpus=gpus, num_cpus=job.cpus_per_replica)
     ds = ds.map_batches(write_pieces, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"output": job.output, "schema": work.output_schema, "layers": layers})
     for _ in ds.iter_batches(batch_size=None):  # drives the stream; the pieces are written as it goes

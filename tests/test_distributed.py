@@ -16,7 +16,7 @@ import pytest
 
 from pipeline import FastBert, Scorer
 from jobs.train import parse_args
-from pipeline.distributed import TrainJobConfig, _dataset, bucketed_batches, check_inputs, run
+from pipeline.distributed import TrainJobConfig, _dataset, _shuffled, bucketed_batches, check_inputs, run
 from pipeline.tradeoff import SPEED_GRID
 from test_train import LABELS, accuracy, toy_task
 from driver import start_driver
@@ -149,7 +149,7 @@ def test_killed_driver_rerun_continues_from_the_last_checkpoint(ray_session, dat
     output = tmp_path / "model"
     argv = ["--train", str(data / "train.parquet"), "--validation", str(data / "validation.parquet"),
             "--output", str(output), "--backbone", str(data / "backbone"), "--epochs", "2", "--distill-epochs", "0",
-            "--lr", "3e-3", "--batch-size", "16", "--max-length", "32"]
+            "--lr", "3e-3", "--batch-size", "16", "--max-length", "32", "--workers", "1", "--cpus-per-worker", "2"]
     driver = start_driver("jobs.train", argv, tmp_path / "driver.log")
     snapshot = output / "_ray" / "finetune" / "checkpoint_manager_snapshot.json"  # what Ray Train committed
 
@@ -181,37 +181,43 @@ def test_killed_driver_rerun_continues_from_the_last_checkpoint(ray_session, dat
     FastBert.from_pretrained(str(output))
 
 
-def test_two_workers_get_disjoint_shards_that_cover_the_data_every_epoch(ray_session, data, tmp_path):
+def test_two_workers_get_disjoint_shuffled_shards_that_cover_the_data_every_epoch(ray_session, data, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     def record_shards(config: dict) -> None:  # nested, so that Ray ships it by value to the workers
-        """Each worker writes the rows (token ids) of every training batch it gets, by epoch."""
+        """Each worker writes the rows (token ids) and labels of every training batch it gets, by epoch."""
         import ray.train
 
         rank = ray.train.get_context().get_world_rank()
         shard = ray.train.get_dataset_shard("train")
         for epoch in range(2):
-            rows = []
-            for batch in bucketed_batches(shard, batch_size=8, pad_id=0, seed=epoch):
+            rows, labels = [], []
+            for batch in bucketed_batches(shard, batch_size=8, pad_id=0, seed=epoch, batches_per_bucket=2):
                 rows += [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+                labels.append(batch["labels"].tolist())
             with open(f"{config['folder']}/{rank}-{epoch}.json", "w") as f:
-                json.dump(rows, f)
+                json.dump({"rows": rows, "labels": labels}, f)
 
     texts = [f"w{i % 60} w{i // 60} {'good' if i % 2 else 'bad'}" + " w1" * (i % 7) for i in range(200)]  # unique
-    uri = write(tmp_path / "rows.parquet", text=texts, label=[LABELS[i % 2] for i in range(200)])
+    texts = sorted(texts, key=lambda t: "good" in t)  # a file sorted by label
+    uri = write(tmp_path / "rows.parquet", text=texts,
+                label=[LABELS[1] if "good" in t else LABELS[0] for t in texts])
     config = job(data, tmp_path / "out", batch_size=8)
     tokenizer = tiny_model().tokenizer
-    dataset = _dataset(uri, config, tokenizer, list(LABELS))
+    dataset = _shuffled(_dataset(uri, config, tokenizer, list(LABELS)))
     TorchTrainer(record_shards, train_loop_config={"folder": str(tmp_path)}, datasets={"train": dataset},
                  scaling_config=ScalingConfig(num_workers=2),
                  run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="shards")).fit()
     expected = sorted(tokenizer(t)["input_ids"] for t in texts)
     for epoch in range(2):
         seen = [json.loads((tmp_path / f"{rank}-{epoch}.json").read_text()) for rank in range(2)]
-        assert len(seen[0]) == len(seen[1]) == 100  # equal shards: the same number of DDP steps
-        assert sorted(seen[0] + seen[1]) == expected  # together every row once, so the shards are disjoint
-    assert seen[0] != json.loads((tmp_path / "0-0.json").read_text())  # shuffled anew each epoch
+        assert len(seen[0]["rows"]) == len(seen[1]["rows"]) == 100  # equal shards: the same number of DDP steps
+        assert sorted(seen[0]["rows"] + seen[1]["rows"]) == expected  # together every row once: disjoint shards
+        batches = seen[0]["labels"] + seen[1]["labels"]
+        mixed = sum(len(set(b)) > 1 for b in batches)
+        assert mixed >= 0.8 * len(batches), f"only {mixed} of {len(batches)} batches mix labels: the file's order leaks"
+    assert seen[0]["rows"] != json.loads((tmp_path / "0-0.json").read_text())["rows"]  # shuffled anew each epoch
 
 
 def test_integer_labels_are_named_by_their_strings(data, tmp_path):
