@@ -2,7 +2,7 @@
 its label-trained-students twin and a plain BERT classifier with the same budget, then
 evaluate them all on the test split and check the acceptance criteria.
 
-    python -m benchmarks.ablation --dataset r8 [--train-rows 2000] [--test-rows 0] [--work DIR] [--json out.json]
+    python -m benchmarks.ablation --dataset r8 [--train-rows 2000] [--test-rows 0] [--repeats 3] [--work DIR] [--json out.json]
 
 Steps, all with the production code (Ray Train on a local Ray, then jobs.evaluate's code):
 1. the data set to Parquet (train / validation / test);
@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--cpus-per-worker", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--speeds", default=",".join(f"{s:g}" for s in DEFAULT_SPEEDS))
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed passes per speed, the fastest counts (one pass is noisy on a shared machine)")
     parser.add_argument("--work", default=None, help="default: /tmp/fastbert-ablation-DATASET")
     parser.add_argument("--json", help="also write the evaluation and the checks here")
     args = parser.parse_args(argv)
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = run_evaluation(EvaluateConfig(model=f"{work}/fastbert", data=data["test"], output=f"{work}/evaluation",
                                            speeds=[float(s) for s in args.speeds.split(",")],
                                            plain_bert=f"{work}/plain-bert", label_students=f"{work}/label-students",
-                                           overwrite=True))
+                                           repeats=args.repeats, overwrite=True))
     result["checks"] = checks(result)
     result["benchmark_seconds"] = time.perf_counter() - start
     print(json.dumps(result["checks"], indent=2))

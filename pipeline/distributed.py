@@ -90,7 +90,7 @@ class TrainJobConfig:
     max_rows: int | None = None  # read at most this many rows of each input (for trials)
     student_targets: Literal["teacher", "labels"] = "teacher"  # "labels": the paper's ablation
     plain_bert: bool = False  # train the baseline instead: a plain BertForSequenceClassification, stage 1 only
-    kl: Literal["paper", "reverse"] = "paper"  # stage 2 loss: KL(p_s || p_t) (paper) or KL(p_t || p_s)
+    kl: Literal["paper", "reverse"] = "reverse"  # stage 2 loss: KL(p_t || p_s), or KL(p_s || p_t) ("paper")
     max_failures: int = 2  # worker failures each stage survives (restarts from its last checkpoint)
     overwrite: bool = False  # replace a different model already in output
     storage: str | None = None  # Ray run storage; None: <output>/_ray

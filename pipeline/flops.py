@@ -5,7 +5,8 @@ One FLOP is counted per multiply and per add, so a multiply-accumulate
 embedding lookup are not counted. All counts are per row (one sample).
 
 Symbols: H hidden size, I intermediate (FFN) size, T sequence length,
-W branch width, N number of labels.
+W branch width (the students' ``branch_width``, the teacher's ``teacher_width``),
+N number of labels.
 
 Two conventions are offered:
 
@@ -64,14 +65,15 @@ def _check_seq_len(seq_len: IntOrArray) -> None:
         raise ValueError(f"seq_len must be >= 1, got {seq_len!r}")
 
 
-def _dims(config: Any) -> tuple[int, int, int, int, int]:
-    """Read (hidden, intermediate, num_layers, branch_width, n_labels)."""
+def _dims(config: Any) -> tuple[int, int, int, int, int, int]:
+    """Read (hidden, intermediate, num_layers, student width, teacher width, n_labels)."""
     bb = config.backbone
     return (
         int(bb["hidden_size"]),
         int(bb["intermediate_size"]),
         int(bb["num_hidden_layers"]),
         int(config.branch_width),
+        int(config.teacher_width),
         len(config.labels),
     )
 
@@ -123,12 +125,13 @@ def row_flops(
 ) -> IntOrArray:
     """FLOPs spent on a row that exits after ``exit_layer`` (1-based) layers.
 
-    With ``students=True`` every branch up to the exit layer was evaluated;
-    with ``students=False`` only the teacher branch ran, which requires
+    With ``students=True`` every branch up to the exit layer was evaluated (the
+    students, and the teacher when the row went the full depth); with
+    ``students=False`` only the teacher branch ran, which requires
     ``exit_layer`` to equal the number of layers.
     """
     _check_convention(convention)
-    h, i, n_layers, w, n = _dims(config)
+    h, i, n_layers, w, w_teacher, n = _dims(config)
     t = _as_int_or_array(seq_len)
     k = _as_int_or_array(exit_layer)
     _check_seq_len(t)
@@ -140,10 +143,12 @@ def row_flops(
             f"students=False means only the teacher ran, so exit_layer must be "
             f"{n_layers}, got {exit_layer!r}"
         )
-    n_branches = k if students else 1
-    return k * layer_flops(h, i, t, convention) + n_branches * branch_flops(
-        h, w, n, t, convention
-    )
+    teacher = branch_flops(h, w_teacher, n, t, convention)
+    if not students:
+        return k * layer_flops(h, i, t, convention) + teacher
+    full = _as_int_or_array(k_arr == n_layers)  # 1 where the teacher ran too
+    student_count = k - full  # the students that ran: k, or L - 1 at full depth
+    return k * layer_flops(h, i, t, convention) + student_count * branch_flops(h, w, n, t, convention) + full * teacher
 
 
 def full_depth_flops(
@@ -151,9 +156,9 @@ def full_depth_flops(
 ) -> IntOrArray:
     """FLOPs of a plain BERT classifier on a row: all layers plus the teacher branch."""
     _check_convention(convention)
-    h, i, n_layers, w, n = _dims(config)
+    h, i, n_layers, _, w_teacher, n = _dims(config)
     return n_layers * layer_flops(h, i, seq_len, convention) + branch_flops(
-        h, w, n, seq_len, convention
+        h, w_teacher, n, seq_len, convention
     )
 
 
@@ -163,7 +168,8 @@ def truncated_flops(
     """FLOPs of fixed-depth truncation on a row: the first ``layers`` layers and that
     layer's classifier alone (no student before it runs), as every row leaving at one layer."""
     _check_convention(convention)
-    h, i, n_layers, w, n = _dims(config)
+    h, i, n_layers, w, w_teacher, n = _dims(config)
     if not 1 <= int(layers) <= n_layers:
         raise ValueError(f"layers must be in [1, {n_layers}], got {layers!r}")
-    return int(layers) * layer_flops(h, i, seq_len, convention) + branch_flops(h, w, n, seq_len, convention)
+    width = w_teacher if int(layers) == n_layers else w
+    return int(layers) * layer_flops(h, i, seq_len, convention) + branch_flops(h, width, n, seq_len, convention)

@@ -22,11 +22,12 @@ PAPER_BRANCH = 46.1e6
 PAPER_FULL = 21785e6
 
 
-def make_config(layers: int = N_LAYERS, n_labels: int = 2) -> types.SimpleNamespace:
+def make_config(layers: int = N_LAYERS, n_labels: int = 2, teacher_width: int = W) -> types.SimpleNamespace:
     return types.SimpleNamespace(
         backbone={"hidden_size": H, "intermediate_size": I, "num_hidden_layers": layers},
         labels=[f"l{j}" for j in range(n_labels)],
         branch_width=W,
+        teacher_width=teacher_width,
     )
 
 
@@ -104,6 +105,23 @@ def test_truncation_runs_k_layers_and_one_classifier() -> None:
         assert np.array_equal(truncated_flops(cfg, lengths, k), row_flops(cfg, lengths, k) - saved)
     with pytest.raises(ValueError, match="layers must be in"):
         truncated_flops(cfg, 10, 0)
+
+
+@pytest.mark.parametrize("convention", ["executed", "paper"])
+def test_a_wider_teacher_counts_only_where_the_teacher_runs(convention: str) -> None:
+    narrow, wide = make_config(), make_config(teacher_width=H)
+    teacher_extra = branch_flops(H, H, 2, T, convention) - branch_flops(H, W, 2, T, convention)
+    assert teacher_extra > 0
+    for k in range(1, N_LAYERS):  # the students before the teacher: the same cost
+        assert row_flops(wide, T, k, convention=convention) == row_flops(narrow, T, k, convention=convention)
+        assert truncated_flops(wide, T, k, convention) == truncated_flops(narrow, T, k, convention)
+    for f in (lambda c: row_flops(c, T, N_LAYERS, convention=convention), lambda c: full_depth_flops(c, T, convention),
+              lambda c: truncated_flops(c, T, N_LAYERS, convention),
+              lambda c: row_flops(c, T, N_LAYERS, students=False, convention=convention)):
+        assert f(wide) - f(narrow) == teacher_extra
+    exits = np.array([1, N_LAYERS, 3, N_LAYERS])  # vectorised: the teacher only in rows 2 and 4
+    assert (row_flops(wide, T, exits, convention=convention) - row_flops(narrow, T, exits, convention=convention)
+            ).tolist() == [0, teacher_extra, 0, teacher_extra]
 
 
 def test_vectorised_matches_scalar() -> None:

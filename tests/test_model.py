@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -101,6 +102,20 @@ def test_save_replaces_an_old_checkpoint_whole(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["m"]  # no staging folder left behind
 
 
+def test_the_teacher_is_as_wide_as_the_backbone_and_older_checkpoints_still_load(tmp_path):
+    model = tiny_model()  # hidden 32, students 16 wide
+    assert [b.query.out_features for b in model.branches] == [16, 16, 32] and model.config.teacher_width == 32
+    # a checkpoint written before the teacher had its own width: config.json has no teacher_width
+    old = FastBert(dataclasses.replace(model.config, teacher_width=16), tokenizer=model.tokenizer).eval()
+    old.save_pretrained(str(tmp_path / "old"))
+    raw = json.loads((tmp_path / "old" / "config.json").read_text())
+    del raw["teacher_width"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(raw))
+    loaded = FastBert.from_pretrained(str(tmp_path / "old"))
+    assert loaded.config.teacher_width == 16
+    assert_same_model(old, loaded, ["good movie", "w1 w2 awful"])
+
+
 def test_missing_folder_and_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such folder"):
         FastBert.from_pretrained(str(tmp_path / "nowhere"))
@@ -160,6 +175,7 @@ TINY_BERT = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_a
         ({"labels": ["only"]}, "at least 2 labels"),
         ({"labels": ["a", "a"]}, "unique"),
         ({"labels": ["a", "b"], "branch_width": 10, "branch_heads": 3}, "multiple"),
+        ({"labels": ["a", "b"], "teacher_width": 15}, r"teacher_width \(15\) must be a positive multiple"),
         ({"labels": ["a", "b"], "max_length": 100}, "max_length"),
         ({"labels": ["a", "b"], "max_length": 32, "dropout": 1.0}, "dropout"),
     ],
