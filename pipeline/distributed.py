@@ -61,7 +61,8 @@ METRICS_FILE = "metrics.json"
 CHECKPOINT_ONLY = (STATE_FILE, OPTIMIZER_STATE, OPTIMIZER_TENSORS)  # in checkpoints, not in the published model
 RAY_FOLDER = "_ray"  # default storage of the Ray runs, inside the output folder
 # arguments that do not change what is trained: a re-run may change them and still resume
-NOT_COMPARED = ("overwrite", "max_failures", "workers", "cpus_per_worker", "use_gpu", "storage", "log_every")
+NOT_COMPARED = ("overwrite", "max_failures", "workers", "cpus_per_worker", "use_gpu", "storage", "log_every", "cache")
+CACHE_SHARE = 0.25  # cache="auto" keeps an input in the object store when its token ids fit in this share of it
 
 
 @dataclass
@@ -86,6 +87,8 @@ class TrainJobConfig:
     distill_lr: float = 2e-4
     batch_size: int = 32  # rows per step on each worker
     max_length: int = 128  # tokens per text; longer texts are truncated
+    branch_width: int = 128  # width of the students (the paper's 128); a new model only
+    teacher_width: int | None = None  # width of the teacher; None: the backbone's hidden size; a new model only
     seed: int = 0
     max_rows: int | None = None  # read at most this many rows of each input (for trials)
     student_targets: Literal["teacher", "labels"] = "teacher"  # "labels": the paper's ablation
@@ -94,14 +97,18 @@ class TrainJobConfig:
     max_failures: int = 2  # worker failures each stage survives (restarts from its last checkpoint)
     overwrite: bool = False  # replace a different model already in output
     storage: str | None = None  # Ray run storage; None: <output>/_ray
+    # read and tokenise each input once and keep it in Ray's object store, so that every epoch only
+    # reshuffles it ("auto": when its token ids fit in a quarter of the object store; "off": stream
+    # it from the files every epoch, for inputs too large to keep)
+    cache: Literal["auto", "on", "off"] = "auto"
     log_every: int = 50  # steps between progress lines (rank 0)
 
     def __post_init__(self) -> None:
         for name in ("train", "validation", "output", "text_column", "label_column", "backbone"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"TrainJobConfig.{name} must be a non-empty string, got {getattr(self, name)!r}")
-        for name in ("workers", "cpus_per_worker", "epochs", "distill_epochs", "batch_size", "max_length", "seed", "max_failures",
-                     "log_every"):
+        for name in ("workers", "cpus_per_worker", "epochs", "distill_epochs", "batch_size", "max_length", "branch_width",
+                     "seed", "max_failures", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"TrainJobConfig.{name} must be an integer, got {value!r}")
@@ -110,12 +117,18 @@ class TrainJobConfig:
                 f"workers, cpus_per_worker, epochs, batch_size and log_every must be >= 1, got {self.workers}, "
                 f"{self.cpus_per_worker}, {self.epochs}, {self.batch_size} and {self.log_every}"
             )
+        if self.branch_width < 1 or (self.teacher_width is not None and (
+                isinstance(self.teacher_width, bool) or not isinstance(self.teacher_width, int) or self.teacher_width < 1)):
+            raise ValueError(f"branch_width must be a positive integer and teacher_width one or None (the backbone's "
+                             f"hidden size), got {self.branch_width!r} and {self.teacher_width!r}")
         if self.distill_epochs < 0 or self.max_failures < 0:
             raise ValueError(f"distill_epochs and max_failures must be >= 0, got {self.distill_epochs} "
                              f"and {self.max_failures}")
         if self.max_rows is not None and (isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int)
                                           or self.max_rows < 1):
             raise ValueError(f"max_rows must be a positive integer or None, got {self.max_rows!r}")
+        if self.cache not in ("auto", "on", "off"):
+            raise ValueError(f"cache must be 'auto', 'on' or 'off', got {self.cache!r}")
         if self.use_gpu not in (None, True, False):
             raise ValueError(f"use_gpu must be True, False or None (use GPUs if the cluster has them), "
                              f"got {self.use_gpu!r}")
@@ -131,6 +144,10 @@ class TrainJobConfig:
             raise ValueError("student_targets='labels' trains the students on the training labels; "
                              "an unlabelled distill input cannot be used with it")
         self.train_config()  # checks the learning rates and student_targets
+
+    def model_fields(self) -> dict[str, Any]:
+        """The FastBertConfig fields of a new model (stage 1 builds one on the backbone)."""
+        return {"max_length": self.max_length, "branch_width": self.branch_width, "teacher_width": self.teacher_width}
 
     def train_config(self) -> TrainConfig:
         """The TrainConfig of ``pipeline.train`` for these settings."""
@@ -175,7 +192,7 @@ def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None =
 
     if job.finetuned is None:
         inputs = check_inputs(job)
-        model = FastBert.from_backbone(job.backbone, labels=inputs.labels, max_length=job.max_length)  # checks both
+        model = FastBert.from_backbone(job.backbone, labels=inputs.labels, **job.model_fields())  # checks all
     else:
         model = FastBert.from_pretrained(job.finetuned)  # its labels; clear error if it is no FastBERT
         inputs = check_inputs(job, labels=model.config.labels, labels_from=job.finetuned)
@@ -192,13 +209,18 @@ def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None =
         return finished
     use_gpu = job.use_gpu if job.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
 
-    def read(uri: str, with_labels: bool):
-        return _dataset(uri, job, tokenizer, inputs.labels if with_labels else None)
-
-    def read_shuffled(uri: str, with_labels: bool):
-        return _shuffled(read(uri, with_labels), job.seed)
-
-    validation = read(job.validation, True)
+    # every input read (and cached) before training starts; stage 2 on the training texts reuses
+    # stage 1's rows (the distillation ignores their labels)
+    distills = job.distill_epochs > 0 and not job.plain_bert
+    inputs_used = {"validation": (job.validation, True, inputs.validation_rows)}
+    if job.finetuned is None or (distills and job.distill is None):
+        inputs_used["train"] = (job.train, True, inputs.train_rows)
+    if distills and job.distill is not None:
+        inputs_used["distill"] = (job.distill, False, inputs.distill_rows)
+    data = _cached({name: (_dataset(uri, job, tokenizer, inputs.labels if with_labels else None), rows)
+                    for name, (uri, with_labels, rows) in inputs_used.items()}, job, log)
+    validation, train = data["validation"], data.get("train")
+    stage2, stage2_rows = (data["distill"], inputs.distill_rows) if "distill" in data else (train, inputs.train_rows)
     loop_config = {"job": dataclasses.asdict(job), "labels": inputs.labels, "fail_once": fail_once}
 
     def trainer(stage: Stage, datasets: dict, rows: int, **extra: Any) -> TorchTrainer:
@@ -219,19 +241,15 @@ def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None =
     device = "GPU" if use_gpu else "CPU"
     if job.finetuned is None:
         log(f"finetune: {inputs.train_rows} rows on {job.workers} workers ({device})")
-        result = trainer("finetune", {"train": read_shuffled(job.train, True)}, inputs.train_rows).fit()
+        result = trainer("finetune", {"train": _shuffled(train, job.seed)}, inputs.train_rows).fit()
         state = _read_state(result.checkpoint)
         best = final = _checkpoint_of_epoch(result, state["best_epoch"])
         start, origin = best, f"epoch {state['best_epoch']} of the fine-tuning ({_uri(best)})"
     else:
         state, best, start, origin = {"best_epoch": None, "history": []}, None, job.finetuned, job.finetuned
-    if job.distill_epochs > 0 and not job.plain_bert:
-        if job.distill is not None:
-            datasets, rows = {"train": read_shuffled(job.distill, False)}, inputs.distill_rows
-        else:
-            datasets, rows = {"train": read_shuffled(job.train, job.student_targets == "labels")}, inputs.train_rows
-        log(f"distill: {rows} rows on {job.workers} workers ({device}), from {origin}")
-        result = trainer("distill", datasets, rows, start=start).fit()
+    if distills:
+        log(f"distill: {stage2_rows} rows on {job.workers} workers ({device}), from {origin}")
+        result = trainer("distill", {"train": _shuffled(stage2, job.seed)}, stage2_rows, start=start).fit()
         final = result.checkpoint
     final_state = _read_state(final)
     metrics = {
@@ -398,6 +416,34 @@ def _shuffled(ds, seed: int):
     return ds.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))  # Ray
 
 
+def _cached(datasets: dict[str, tuple[Any, int]], job: TrainJobConfig, log=print) -> dict[str, Any]:
+    """Each named (dataset, rows) read and tokenised now and kept in the object store
+    (``job.cache``; "auto" while they fit in a quarter of it), or left as it is, to stream
+    from its files every epoch.
+
+    A Ray Data pipeline runs again from the files every epoch; on a 2-core machine reading,
+    tokenising and splitting a few hundred rows that way costs 7-14 s per epoch and per input,
+    while a cached input only reshuffles (under a second)."""
+    import ray
+
+    out = {name: ds for name, (ds, _) in datasets.items()}
+    if job.cache == "off":
+        return out
+    budget = CACHE_SHARE * ray.available_resources().get("object_store_memory", 0)
+    keep, total = [], 0
+    for name, (_, rows) in datasets.items():
+        size = rows * (job.max_length * 4 + 16)  # int32 token ids at most, the label and list offsets
+        if job.cache == "auto" and total + size > budget:
+            log(f"{name}: {rows} rows (up to {size / 2**20:.0f} MiB of token ids) do not fit in a quarter of the "
+                f"object store ({budget / CACHE_SHARE / 2**20:.0f} MiB free) beside the other inputs: streamed "
+                f"from the files every epoch")
+            continue
+        keep.append(name)
+        total += size
+    out.update({name: datasets[name][0].materialize() for name in keep})  # Ray: read and tokenise once
+    return out
+
+
 def _dataset(uri: str, job: TrainJobConfig, tokenizer: Any, labels: list[str] | None):
     """A Ray Dataset of tokenised rows: ``input_ids`` (token id lists) and, with labels,
     ``labels`` (int64 indices into ``labels``)."""
@@ -530,7 +576,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     elif job.plain_bert:
         model = new_plain_bert(job.backbone, loop_config["labels"], job.max_length)
     else:
-        model = FastBert.from_backbone(job.backbone, labels=loop_config["labels"], max_length=job.max_length)
+        model = FastBert.from_backbone(job.backbone, labels=loop_config["labels"], **job.model_fields())
     pad_id = model.tokenizer.pad_token_id or 0
 
     fastbert = model  # (or the plain classifier)

@@ -16,7 +16,7 @@ import pytest
 
 from pipeline import FastBert, Scorer
 from jobs.train import parse_args
-from pipeline.distributed import TrainJobConfig, _dataset, _shuffled, bucketed_batches, check_inputs, run
+from pipeline.distributed import TrainJobConfig, _cached, _dataset, _shuffled, bucketed_batches, check_inputs, run
 from pipeline.tradeoff import SPEED_GRID
 from test_train import LABELS, accuracy, toy_task
 from driver import start_driver
@@ -24,7 +24,8 @@ from tiny import tiny_model
 
 ray = pytest.importorskip("ray")
 
-FAST = dict(epochs=2, distill_epochs=2, lr=3e-3, distill_lr=1e-2, batch_size=16, max_length=32, log_every=4)
+FAST = dict(epochs=2, distill_epochs=2, lr=3e-3, head_lr=1e-2, distill_lr=1e-2, batch_size=8, max_length=32, log_every=4,
+            branch_width=16)  # students narrower than the 32-wide backbone, or no exit saves FLOPs
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +206,8 @@ def test_two_workers_get_disjoint_shuffled_shards_that_cover_the_data_every_epoc
                 label=[LABELS[1] if "good" in t else LABELS[0] for t in texts])
     config = job(data, tmp_path / "out", batch_size=8)
     tokenizer = tiny_model().tokenizer
-    dataset = _shuffled(_dataset(uri, config, tokenizer, list(LABELS)), config.seed)
+    dataset = _shuffled(_cached({"train": (_dataset(uri, config, tokenizer, list(LABELS)), 200)}, config)["train"],
+                        config.seed)  # as the job does (the S3 test streams instead: cache="off")
     TorchTrainer(record_shards, train_loop_config={"folder": str(tmp_path)}, datasets={"train": dataset},
                  scaling_config=ScalingConfig(num_workers=2),
                  run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="shards")).fit()
@@ -288,9 +290,9 @@ def test_unfinished_run_of_another_job_is_refused(data, tmp_path):
 
 def test_command_line_mirrors_the_config():
     config = parse_args(["--train", "t", "--validation", "v", "--output", "o", "--no-gpu", "--head-lr", "1e-3",
-                         "--max-rows", "5", "--overwrite", "--student-targets", "labels"])
+                         "--max-rows", "5", "--overwrite", "--student-targets", "labels", "--teacher-width", "96"])
     assert config == TrainJobConfig(train="t", validation="v", output="o", use_gpu=False, head_lr=1e-3, max_rows=5,
-                                    overwrite=True, student_targets="labels")
+                                    overwrite=True, student_targets="labels", teacher_width=96)
     assert parse_args(["--train", "t", "--validation", "v", "--output", "o", "--gpu"]).use_gpu is True
     assert parse_args(["--train", "t", "--validation", "v", "--output", "o"]).use_gpu is None
 
@@ -306,6 +308,8 @@ def test_config_is_validated():
         TrainJobConfig(train="t", validation="v", output="o", distill="d", student_targets="labels")
     with pytest.raises(ValueError, match="lr"):
         TrainJobConfig(train="t", validation="v", output="o", lr=0.0)
+    with pytest.raises(ValueError, match="branch_width must be a positive integer and teacher_width.* got 128 and 0"):
+        TrainJobConfig(train="t", validation="v", output="o", teacher_width=0)
 
 
 def test_the_shuffle_is_new_each_epoch_and_the_same_on_every_run(ray_session):
@@ -318,6 +322,44 @@ def test_the_shuffle_is_new_each_epoch_and_the_same_on_every_run(ray_session):
     first, second = orders(0)
     assert sorted(first) == sorted(second) == list(range(200)) and first != second
     assert orders(0) == [first, second] and orders(1)[0] != first
+
+
+def test_inputs_are_cached_in_the_object_store_while_they_fit(ray_session, data, monkeypatch):
+    """cache="auto" reads and tokenises an input once when its token ids fit in a quarter of
+    the object store, and streams it from its files otherwise; "on" and "off" decide alone."""
+    from ray.data.dataset import MaterializedDataset
+
+    import pipeline.distributed as distributed
+
+    model = tiny_model()
+    uri = str(data / "train.parquet")
+
+    def cached(cache: str, names: tuple[str, ...], share: float = distributed.CACHE_SHARE):
+        monkeypatch.setattr(distributed, "CACHE_SHARE", share)
+        lines: list[str] = []
+        j = job(data, data / "unused", cache=cache)
+        rows = {"train": 256, "validation": 128}
+        out = _cached({name: (_dataset(str(data / f"{name}.parquet"), j, model.tokenizer, list(LABELS)),
+                                          rows[name]) for name in names}, j, lines.append)
+        return out, lines
+
+    out, lines = cached("auto", ("train",))
+    assert isinstance(out["train"], MaterializedDataset) and lines == []
+    rows = out["train"].take_all()  # the rows, tokenised
+    assert len(rows) == 256 and {int(r["labels"]) for r in rows} == {0, 1}
+    # a budget that holds the first input but not both: the second streams from its file
+    size = 256 * (32 * 4 + 16)
+    share_for_one = size / ray.available_resources()["object_store_memory"] * 1.2  # validation: half as many
+    out, lines = cached("auto", ("train", "validation"), share_for_one)
+    assert isinstance(out["train"], MaterializedDataset)
+    assert not isinstance(out["validation"], MaterializedDataset)
+    assert len(lines) == 1 and lines[0].startswith("validation: 128 rows") and "streamed" in lines[0]
+    out, lines = cached("on", ("validation",), 0.0)
+    assert isinstance(out["validation"], MaterializedDataset) and lines == []
+    out, lines = cached("off", ("train",))
+    assert not isinstance(out["train"], MaterializedDataset) and lines == []
+    with pytest.raises(ValueError, match="cache must be 'auto', 'on' or 'off'"):
+        TrainJobConfig(train="t", validation="v", output="o", cache="always")
 
 
 def test_plain_bert_baseline_survives_a_worker_failing_mid_epoch(trained, data, tmp_path):
