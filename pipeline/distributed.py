@@ -121,6 +121,9 @@ class TrainJobConfig:
                 isinstance(self.teacher_width, bool) or not isinstance(self.teacher_width, int) or self.teacher_width < 1)):
             raise ValueError(f"branch_width must be a positive integer and teacher_width one or None (the backbone's "
                              f"hidden size), got {self.branch_width!r} and {self.teacher_width!r}")
+        if (self.finetuned is not None or self.plain_bert) and (self.branch_width, self.teacher_width) != (128, None):
+            raise ValueError("branch_width and teacher_width size the branches of a new FastBERT; a finetuned model "
+                             "keeps its own, and plain_bert has none")
         if self.distill_epochs < 0 or self.max_failures < 0:
             raise ValueError(f"distill_epochs and max_failures must be >= 0, got {self.distill_epochs} "
                              f"and {self.max_failures}")
@@ -187,7 +190,8 @@ def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None =
     starts to ``folder/starts.log``."""
     import fsspec
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if job.finetuned is None:
@@ -236,12 +240,17 @@ def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None =
                 checkpoint_config=CheckpointConfig(num_to_keep=None),  # stage 2 starts from stage 1's best
             ),
             datasets={**datasets, "validation": validation},
+            # blocks reach the shuffle and the split in a fixed order, not as tasks finish: with the
+            # seeded shuffle, a job run again trains on the same orders (Ray's default does not)
+            dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         )
 
     device = "GPU" if use_gpu else "CPU"
     if job.finetuned is None:
         log(f"finetune: {inputs.train_rows} rows on {job.workers} workers ({device})")
         result = trainer("finetune", {"train": _shuffled(train, job.seed)}, inputs.train_rows).fit()
+        if stage2 is not train:
+            train = data["train"] = None  # stage 1's rows leave the object store
         state = _read_state(result.checkpoint)
         best = final = _checkpoint_of_epoch(result, state["best_epoch"])
         start, origin = best, f"epoch {state['best_epoch']} of the fine-tuning ({_uri(best)})"
@@ -429,14 +438,15 @@ def _cached(datasets: dict[str, tuple[Any, int]], job: TrainJobConfig, log=print
     out = {name: ds for name, (ds, _) in datasets.items()}
     if job.cache == "off":
         return out
-    budget = CACHE_SHARE * ray.available_resources().get("object_store_memory", 0)
+    free = ray.available_resources().get("object_store_memory", 0)
     keep, total = [], 0
     for name, (_, rows) in datasets.items():
-        size = rows * (job.max_length * 4 + 16)  # int32 token ids at most, the label and list offsets
-        if job.cache == "auto" and total + size > budget:
-            log(f"{name}: {rows} rows (up to {size / 2**20:.0f} MiB of token ids) do not fit in a quarter of the "
-                f"object store ({budget / CACHE_SHARE / 2**20:.0f} MiB free) beside the other inputs: streamed "
-                f"from the files every epoch")
+        size = rows * (job.max_length * 4 + 24)  # int32 token ids at most; the label, list offset and shape
+        if job.cache == "auto" and total + size > CACHE_SHARE * free:
+            beside = f" beside the {total / 2**20:.1f} MiB of the inputs kept" if total else ""
+            log(f"{name}: {rows} rows (up to {size / 2**20:.1f} MiB of token ids) do not fit in a quarter of the "
+                f"free object store ({free / 2**20:.0f} MiB){beside}: streamed from the files every epoch "
+                f"(--cache on keeps it anyway)")
             continue
         keep.append(name)
         total += size
@@ -451,6 +461,7 @@ def _dataset(uri: str, job: TrainJobConfig, tokenizer: Any, labels: list[str] | 
 
     columns = [job.text_column] + ([job.label_column] if labels is not None else [])
     ds = ray.data.read_parquet(uri).select_columns(columns)
+    ds.context.execution_options.preserve_order = True  # this pipeline's own context: rows in file order
     if job.max_rows:
         ds = ds.limit(job.max_rows)
     # the 2.60 Parquet reader may pack a whole input into one block: cut it so every worker gets rows
