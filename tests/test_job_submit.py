@@ -4,6 +4,7 @@ and the submitting CLI share a token generated for the test."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -90,3 +91,18 @@ def test_score_job_submitted_to_a_ray_head(head, tmp_path):
     refused = subprocess.run([RAY, "job", "list", "--address", address], env={**no_token, "HOME": str(tmp_path)},
                              capture_output=True, text=True)
     assert refused.returncode != 0  # without the token the cluster refuses: auth was on all along
+
+
+def test_a_job_without_a_cluster_starts_its_own_instance_without_a_dashboard():
+    """No RAY_ADDRESS: the job's own instance, with CPU slack for the Ray Data tasks and no
+    dashboard processes taking CPU from the replicas."""
+    code = ("import json, ray; from pipeline.ray_init import init_ray; context = init_ray(); "
+            "print(json.dumps({'dashboard': context.dashboard_url, 'cpus': ray.cluster_resources()['CPU']})); "
+            "ray.shutdown()")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code], env={**env, "RAY_USAGE_STATS_ENABLED": "0"}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    started = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not started["dashboard"]
+    assert started["cpus"] == max(4, 2 * os.cpu_count())
