@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-length", type=int, default=128)
     args = p.parse_args(argv)
 
-    init_ray()
+    init_ray(dashboard=False)  # as jobs.score starts it
     start = time.perf_counter()
     ds = ray.data.read_parquet(args.input).repartition(target_num_rows_per_block=args.batch_size)
     ds = ds.map_batches(HuggingFaceClassifier, batch_size=args.batch_size, num_cpus=1,

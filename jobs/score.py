@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> ScoreJobConfig:
 
 def main(argv: list[str] | None = None) -> None:
     job = parse_args(argv)
-    init_ray()
+    init_ray(dashboard=False)  # Ray Data needs no dashboard: its processes would take CPU from the replicas
     run(job)
 
 

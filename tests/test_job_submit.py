@@ -93,10 +93,10 @@ def test_score_job_submitted_to_a_ray_head(head, tmp_path):
     assert refused.returncode != 0  # without the token the cluster refuses: auth was on all along
 
 
-def test_a_job_without_a_cluster_starts_its_own_instance_without_a_dashboard():
-    """No RAY_ADDRESS: the job's own instance, with CPU slack for the Ray Data tasks and no
-    dashboard processes taking CPU from the replicas."""
-    code = ("import json, ray; from pipeline.ray_init import init_ray; context = init_ray(); "
+def test_the_scoring_job_without_a_cluster_starts_its_own_instance_without_a_dashboard():
+    """No RAY_ADDRESS: jobs.score's own instance (``init_ray(dashboard=False)``) has CPU slack
+    for the Ray Data tasks and no dashboard processes taking CPU from the replicas."""
+    code = ("import json, ray; from pipeline.ray_init import init_ray; context = init_ray(dashboard=False); "
             "print(json.dumps({'dashboard': context.dashboard_url, 'cpus': ray.cluster_resources()['CPU']})); "
             "ray.shutdown()")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
