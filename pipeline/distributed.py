@@ -121,7 +121,9 @@ class TrainJobConfig:
                 isinstance(self.teacher_width, bool) or not isinstance(self.teacher_width, int) or self.teacher_width < 1)):
             raise ValueError(f"branch_width must be a positive integer and teacher_width one or None (the backbone's "
                              f"hidden size), got {self.branch_width!r} and {self.teacher_width!r}")
-        if (self.finetuned is not None or self.plain_bert) and (self.branch_width, self.teacher_width) != (128, None):
+        widths = (self.branch_width, self.teacher_width)
+        defaults = tuple(type(self).__dataclass_fields__[name].default for name in ("branch_width", "teacher_width"))
+        if (self.finetuned is not None or self.plain_bert) and widths != defaults:
             raise ValueError("branch_width and teacher_width size the branches of a new FastBERT; a finetuned model "
                              "keeps its own, and plain_bert has none")
         if self.distill_epochs < 0 or self.max_failures < 0:
