@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cpus-per-worker", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--speeds", default=",".join(f"{s:g}" for s in DEFAULT_SPEEDS))
     parser.add_argument("--repeats", type=int, default=3,
-                        help="timed passes per speed, the fastest counts (one pass is noisy on a shared machine)")
+                        help="rounds of timed passes, every speed once per round; wall speed-up is the median of the "
+                             "per-round ratios to speed 0 (one pass is noisy on a shared machine)")
     parser.add_argument("--work", default=None, help="default: /tmp/fastbert-ablation-DATASET")
     parser.add_argument("--json", help="also write the evaluation and the checks here")
     args = parser.parse_args(argv)

@@ -60,7 +60,7 @@ class EvaluateConfig:
     label_students: str | None = None  # baseline (c): jobs.train --finetuned ... --student-targets labels
     micro_batch: int = 32  # the engine's rows per layer step in the timed passes
     timing: bool = True  # False: no timed passes (wall_speedup is null)
-    repeats: int = 1  # timed passes per speed; the fastest counts
+    repeats: int = 1  # rounds of timed passes (every speed once per round); see _time_speeds
     overwrite: bool = False  # replace an earlier evaluation in output
 
     def __post_init__(self) -> None:
@@ -271,7 +271,8 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
         "layers": model.config.num_layers,
         "speeds": rows,
         "baselines": baselines,
-        "timing": {"what": "Scorer.score_tokens on rows tokenised once; wall speed-up against speed 0",
+        "timing": {"what": "Scorer.score_tokens on rows tokenised once, in rounds that time every speed once; "
+                           "wall speed-up: median over rounds of speed 0's pass time over the speed's",
                    "micro_batch": config.micro_batch, "repeats": config.repeats,
                    "device": str(next(model.parameters()).device), "torch_threads": torch.get_num_threads(),
                    "cpus": os.cpu_count(), "machine": platform.platform()} if config.timing else None,
@@ -295,34 +296,54 @@ def _same_labels(theirs: list[str], ours: list[str], uri: str) -> None:
 
 def _time_speeds(model: FastBert, texts: list[str], exits: AllExits, rows: list[dict], config: EvaluateConfig,
                  full_pass_s: float, log) -> None:
-    """Fill in rows/s, wall speed-up (against speed 0, timed too when not asked for) and the
-    engine's agreement with the full pass."""
+    """Fill in rows/s, wall speed-up against speed 0 (timed too when not asked for) and the
+    engine's agreement with the full pass.
+
+    The passes run in ``repeats`` rounds, each round timing every speed once, speed 0 first.
+    A speed's wall speed-up is the median over rounds of speed 0's time in that round over its
+    own: a machine that slows down for a minute slows both passes of a pair, so the ratio keeps
+    what the speed saves, where timing each speed's passes one after the other would charge
+    the slow minute to whichever speed ran in it. rows/s is from a speed's fastest pass."""
     token_ids, _, _ = tokenize(model.tokenizer, texts, model.config.max_length)
     log("warm-up: one untimed pass at speed 0 (allocator and threads, so speed 0 is not timed cold)")
     Scorer(model, speed=0.0, micro_batch=config.micro_batch).score_tokens(token_ids)
-    speeds = ([0.0] if rows[0]["speed"] != 0.0 else []) + [r["speed"] for r in rows]
+    speeds = [0.0] + [r["speed"] for r in rows if r["speed"] != 0.0]
     flop_speedup = {r["speed"]: r["flop_speedup"] for r in rows}
-    seconds: dict[float, float] = {}
+    seconds: dict[float, list[float]] = {speed: [] for speed in speeds}  # one pass per round
     index = {name: i for i, name in enumerate(model.config.labels)}
     tick = time.perf_counter()
-    for i, speed in enumerate(speeds):
-        best, table = float("inf"), None
-        for _ in range(config.repeats):
+    for round_ in range(config.repeats):
+        for speed in speeds:
             scorer = Scorer(model, speed=speed, micro_batch=config.micro_batch)
             t0 = time.perf_counter()
             table = scorer.score_tokens(token_ids)
-            best = min(best, time.perf_counter() - t0)
-        seconds[speed] = best
-        row = next((r for r in rows if r["speed"] == speed), None)
-        if row is not None:
-            engine = np.array([index[p] for p in table.column("prediction").to_pylist()])
-            row["engine_agreement"] = float(np.mean(engine == predictions_at(exits, exits_at(exits, speed))))
-            row["rows_per_s"] = len(texts) / best
-            row["wall_speedup"] = seconds[0.0] / best
-        left = sum(seconds[0.0] / flop_speedup.get(s, 1.0) for s in speeds[i + 1 :]) * config.repeats
-        log(f"timed speed {speed:.2f}: {len(texts) / best:.1f} rows/s"
-            + (f", wall {seconds[0.0] / best:.2f}x vs FLOPs {flop_speedup[speed]:.2f}x" if speed in flop_speedup
-               else "") + f"; timed passes ETA {left:.0f} s ({time.perf_counter() - tick:.0f} s so far)")
+            seconds[speed].append(time.perf_counter() - t0)
+            row = next((r for r in rows if r["speed"] == speed), None)
+            if row is not None and round_ == 0:
+                engine = np.array([index[p] for p in table.column("prediction").to_pylist()])
+                row["engine_agreement"] = float(np.mean(engine == predictions_at(exits, exits_at(exits, speed))))
+            wall = wall_speedups({0.0: seconds[0.0], speed: seconds[speed]})[speed]
+            done = round_ * len(speeds) + speeds.index(speed) + 1
+            per_round = sum(seconds[0.0][0] / flop_speedup.get(s, 1.0) for s in speeds)
+            left = per_round * config.repeats - (time.perf_counter() - tick)
+            log(f"timed speed {speed:.2f}" + (f" (round {round_ + 1}/{config.repeats})" if config.repeats > 1 else "")
+                + f": {len(texts) / seconds[speed][-1]:.1f} rows/s"
+                + (f", wall {wall:.2f}x vs FLOPs {flop_speedup[speed]:.2f}x" if speed in flop_speedup else "")
+                + f"; timed passes ETA {max(0.0, left):.0f} s ({done}/{len(speeds) * config.repeats} passes, "
+                f"{time.perf_counter() - tick:.0f} s so far)")
+    walls = wall_speedups(seconds)
+    for row in rows:
+        row["rows_per_s"] = len(texts) / min(seconds[row["speed"]])
+        row["wall_speedup"] = walls[row["speed"]]
+
+
+def wall_speedups(seconds: dict[float, list[float]]) -> dict[float, float]:
+    """Pass times per speed, one per round (rounds in the same order for every speed, speed 0
+    among them) -> each speed's wall speed-up: the median over rounds of speed 0's time in a
+    round over the speed's time in the same round."""
+    reference = np.asarray(seconds[0.0], dtype=np.float64)  # (R,)
+    return {speed: float(np.median(reference[: len(times)] / np.asarray(times, dtype=np.float64)))
+            for speed, times in seconds.items()}
 
 
 # -- output -----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 
 from jobs.evaluate import main, parse_args
 from pipeline import Scorer
-from pipeline.evaluate import EvaluateConfig, at_equal_flops, macro_f1, run_evaluation
+from pipeline.evaluate import EvaluateConfig, at_equal_flops, macro_f1, run_evaluation, wall_speedups
 from pipeline.plain_bert import load_plain_bert, new_plain_bert, plain_bert_predict, save_plain_bert
 from pipeline.train import TrainConfig, fit
 from test_train import FAST, LABELS, accuracy, toy_task
@@ -68,6 +68,14 @@ def test_at_equal_flops_interpolates_the_other_curve_inside_its_range():
     assert out[2]["baseline_accuracy"] is None and out[2]["gain_points"] is None  # beyond the curve
 
 
+def test_wall_speedup_pairs_each_pass_with_speed_0_in_its_own_round():
+    # round 2 ran on a machine twice as slow throughout: its ratios are round 1's
+    walls = wall_speedups({0.0: [10.0, 20.0], 0.5: [4.0, 8.0], 1.0: [2.0, 4.0]})
+    assert walls == {0.0: 1.0, 0.5: pytest.approx(2.5), 1.0: pytest.approx(5.0)}
+    # a slow spell during one pass counts once, in the median: fastest passes compared unpaired would say 10/5 = 2
+    assert wall_speedups({0.0: [20.0, 10.0, 10.0], 0.5: [5.0, 5.0, 3.0]})[0.5] == pytest.approx(3.3333333)
+
+
 def test_evaluation_matches_the_engine_and_writes_every_file(models, tmp_path):
     output = tmp_path / "eval"
     lines: list[str] = []
@@ -75,7 +83,8 @@ def test_evaluation_matches_the_engine_and_writes_every_file(models, tmp_path):
     result = run_evaluation(EvaluateConfig(model=models["distilled"], data=models["data"], output=str(output),
                                            speeds=speeds, text_column="review", label_column="sentiment",
                                            max_rows=100, plain_bert=models["plain"],
-                                           label_students=models["labels"], micro_batch=8), log=lines.append)
+                                           label_students=models["labels"], micro_batch=8, repeats=2),
+                            log=lines.append)
     assert result["rows"] == 100 and [r["speed"] for r in result["speeds"]] == speeds
     table = pq.read_table(models["data"]).slice(0, 100)
     texts, labels = table.column("review").to_pylist(), table.column("sentiment").to_pylist()
@@ -128,6 +137,7 @@ def test_evaluation_matches_the_engine_and_writes_every_file(models, tmp_path):
             "truncation_accuracy_equal_flops", "label_students_accuracy_equal_flops"} <= set(rows[0])
     for name in ("tradeoff.png", "exits.png"):
         assert (output / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sum("(round 2/2)" in line for line in lines) == len(speeds)  # every speed timed once per round
     assert any("speed  accuracy" in line for line in lines) and any("(a) plain BERT" in line for line in lines)
 
     with pytest.raises(ValueError, match="holds an earlier evaluation"):  # never overwritten silently
