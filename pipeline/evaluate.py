@@ -4,9 +4,10 @@ measured wall time, the exit-layer distribution, and the paper's baselines.
 1. **One full-depth pass** keeps every exit's prediction and uncertainty
    (``pipeline.tradeoff.all_exits``). Accuracy, macro-F1, mean exit layer, exit-layer
    histogram, FLOPs per row and FLOP speed-up at every speed follow from it exactly.
-2. **A timed pass per speed** with the engine (``Scorer.score_tokens`` on rows tokenised
-   once: tokenising costs the same at every speed and FLOPs do not count it) gives the wall
-   speed-up against speed 0, and checks that the engine predicts what the full pass says.
+2. **Timed passes** with the engine, ``repeats`` rounds of one pass per speed
+   (``Scorer.score_tokens`` on rows tokenised once: tokenising costs the same at every speed
+   and FLOPs do not count it), give the wall speed-up against speed 0 and check that the
+   engine predicts what the full pass says.
 3. **Baselines on the same rows** (the paper's Table 3): (a) a plain Hugging Face classifier
    fine-tuned with the same budget (``jobs.train --plain-bert``) against the teacher;
    (b) fixed-depth truncation (every row leaves at layer k) against adaptive exit at equal
@@ -227,7 +228,7 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
         _same_labels(plain_bert_labels(extra["plain_bert"]), model.config.labels, config.plain_bert)
 
     log(f"evaluating {config.model} on {len(texts)} rows of {config.data}: one full-depth pass keeping "
-        f"every exit's output, then {'a timed pass per speed' if config.timing else 'no timed passes'}")
+        f"every exit's output, then {f'{config.repeats} round(s) of a timed pass per speed' if config.timing else 'no timed passes'}")
     tick = time.perf_counter()
     exits = all_exits(model, texts, labels)
     full_pass_s = time.perf_counter() - tick
@@ -324,12 +325,15 @@ def _time_speeds(model: FastBert, texts: list[str], exits: AllExits, rows: list[
                 row["engine_agreement"] = float(np.mean(engine == predictions_at(exits, exits_at(exits, speed))))
             wall = wall_speedups({0.0: seconds[0.0], speed: seconds[speed]})[speed]
             done = round_ * len(speeds) + speeds.index(speed) + 1
-            per_round = sum(seconds[0.0][0] / flop_speedup.get(s, 1.0) for s in speeds)
-            left = per_round * config.repeats - (time.perf_counter() - tick)
+            # what is left: a pass of each speed costs what its first pass did, or, before that,
+            # speed 0's first pass over its FLOP speed-up
+            guess = [seconds[s][0] if seconds[s] else seconds[0.0][0] / flop_speedup.get(s, 1.0) for s in speeds]
+            left = sum(guess[i % len(speeds)] for i in range(done, len(speeds) * config.repeats))
             log(f"timed speed {speed:.2f}" + (f" (round {round_ + 1}/{config.repeats})" if config.repeats > 1 else "")
                 + f": {len(texts) / seconds[speed][-1]:.1f} rows/s"
-                + (f", wall {wall:.2f}x vs FLOPs {flop_speedup[speed]:.2f}x" if speed in flop_speedup else "")
-                + f"; timed passes ETA {max(0.0, left):.0f} s ({done}/{len(speeds) * config.repeats} passes, "
+                + (f", wall {wall:.2f}x{' (median so far)' if round_ else ''} vs FLOPs {flop_speedup[speed]:.2f}x"
+                   if speed in flop_speedup else "")
+                + f"; timed passes ETA {left:.0f} s ({done}/{len(speeds) * config.repeats} passes, "
                 f"{time.perf_counter() - tick:.0f} s so far)")
     walls = wall_speedups(seconds)
     for row in rows:
