@@ -227,8 +227,9 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
         extra["plain_bert"] = load_plain_bert(config.plain_bert)
         _same_labels(plain_bert_labels(extra["plain_bert"]), model.config.labels, config.plain_bert)
 
+    timed = f"{config.repeats} round(s) of a timed pass per speed" if config.timing else "no timed passes"
     log(f"evaluating {config.model} on {len(texts)} rows of {config.data}: one full-depth pass keeping "
-        f"every exit's output, then {f'{config.repeats} round(s) of a timed pass per speed' if config.timing else 'no timed passes'}")
+        f"every exit's output, then {timed}")
     tick = time.perf_counter()
     exits = all_exits(model, texts, labels)
     full_pass_s = time.perf_counter() - tick
@@ -236,7 +237,7 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
     teacher = at_speed(exits, model, 0.0)
     rows = [speed_row(exits, model, s) for s in config.speeds]
     if config.timing:
-        _time_speeds(model, texts, exits, rows, config, full_pass_s, log)
+        _time_speeds(model, texts, exits, rows, config, log)
 
     baselines = {"truncation": None, "label_students": None, "plain_bert": None}
     curve = truncation_curve(exits, model)
@@ -296,7 +297,7 @@ def _same_labels(theirs: list[str], ours: list[str], uri: str) -> None:
 
 
 def _time_speeds(model: FastBert, texts: list[str], exits: AllExits, rows: list[dict], config: EvaluateConfig,
-                 full_pass_s: float, log) -> None:
+                 log) -> None:
     """Fill in rows/s, wall speed-up against speed 0 (timed too when not asked for) and the
     engine's agreement with the full pass.
 
@@ -309,7 +310,7 @@ def _time_speeds(model: FastBert, texts: list[str], exits: AllExits, rows: list[
     log("warm-up: one untimed pass at speed 0 (allocator and threads, so speed 0 is not timed cold)")
     Scorer(model, speed=0.0, micro_batch=config.micro_batch).score_tokens(token_ids)
     speeds = [0.0] + [r["speed"] for r in rows if r["speed"] != 0.0]
-    flop_speedup = {r["speed"]: r["flop_speedup"] for r in rows}
+    row_of = {r["speed"]: r for r in rows}
     seconds: dict[float, list[float]] = {speed: [] for speed in speeds}  # one pass per round
     index = {name: i for i, name in enumerate(model.config.labels)}
     tick = time.perf_counter()
@@ -319,7 +320,7 @@ def _time_speeds(model: FastBert, texts: list[str], exits: AllExits, rows: list[
             t0 = time.perf_counter()
             table = scorer.score_tokens(token_ids)
             seconds[speed].append(time.perf_counter() - t0)
-            row = next((r for r in rows if r["speed"] == speed), None)
+            row = row_of.get(speed)
             if row is not None and round_ == 0:
                 engine = np.array([index[p] for p in table.column("prediction").to_pylist()])
                 row["engine_agreement"] = float(np.mean(engine == predictions_at(exits, exits_at(exits, speed))))
@@ -327,12 +328,12 @@ def _time_speeds(model: FastBert, texts: list[str], exits: AllExits, rows: list[
             done = round_ * len(speeds) + speeds.index(speed) + 1
             # what is left: a pass of each speed costs what its first pass did, or, before that,
             # speed 0's first pass over its FLOP speed-up
-            guess = [seconds[s][0] if seconds[s] else seconds[0.0][0] / flop_speedup.get(s, 1.0) for s in speeds]
+            guess = [seconds[s][0] if seconds[s] else seconds[0.0][0] / row_of[s]["flop_speedup"] for s in speeds]
             left = sum(guess[i % len(speeds)] for i in range(done, len(speeds) * config.repeats))
             log(f"timed speed {speed:.2f}" + (f" (round {round_ + 1}/{config.repeats})" if config.repeats > 1 else "")
                 + f": {len(texts) / seconds[speed][-1]:.1f} rows/s"
-                + (f", wall {wall:.2f}x{' (median so far)' if round_ else ''} vs FLOPs {flop_speedup[speed]:.2f}x"
-                   if speed in flop_speedup else "")
+                + (f", wall {wall:.2f}x{' (median so far)' if round_ else ''} vs FLOPs {row['flop_speedup']:.2f}x"
+                   if row is not None else "")
                 + f"; timed passes ETA {left:.0f} s ({done}/{len(speeds) * config.repeats} passes, "
                 f"{time.perf_counter() - tick:.0f} s so far)")
     walls = wall_speedups(seconds)
@@ -346,7 +347,7 @@ def wall_speedups(seconds: dict[float, list[float]]) -> dict[float, float]:
     among them) -> each speed's wall speed-up: the median over rounds of speed 0's time in a
     round over the speed's time in the same round."""
     reference = np.asarray(seconds[0.0], dtype=np.float64)  # (R,)
-    return {speed: float(np.median(reference[: len(times)] / np.asarray(times, dtype=np.float64)))
+    return {speed: float(np.median(reference / np.asarray(times, dtype=np.float64)))
             for speed, times in seconds.items()}
 
 
