@@ -32,6 +32,7 @@ import torch
 
 from pipeline import flops as flop_account
 from pipeline.model import FastBert, uncertainty
+from pipeline.text import tokenize
 from pipeline.tradeoff import choose_speed
 
 SCHEMA = pa.schema(
@@ -143,7 +144,7 @@ class Scorer:
 
     def score_tokens(self, token_ids: Sequence[Sequence[int] | None], errors: Sequence[str | None] | None = None,
                      truncated: Sequence[bool] | None = None) -> pa.Table:
-        """Score rows tokenised elsewhere (``tokenize``, e.g. in other processes): token ids
+        """Score rows tokenised elsewhere (``pipeline.text.tokenize``, e.g. in other processes): token ids
         with the special tokens, at most ``max_length`` of them; None for a row that has an
         ``errors`` entry. Returns one row per input row, in order (see ``SCHEMA``)."""
         n = len(token_ids)
@@ -306,41 +307,3 @@ def _split(chunk: _Chunk, cut: int) -> tuple[_Chunk, _Chunk]:
         lengths = chunk.lengths[sl]
         parts.append(_Chunk(chunk.hidden[sl, : int(lengths.max())], lengths, chunk.rows[sl]))
     return parts[0], parts[1]
-
-
-def tokenize(tokenizer, texts: Sequence[str | None], max_length: int
-             ) -> tuple[list[list[int] | None], list[str | None], np.ndarray]:
-    """Texts -> (token ids or None, error or None, truncated) per row, for
-    ``Scorer.score_tokens``. A null, non-string or blank text gets an error, not token ids;
-    a text longer than ``max_length`` tokens is cut to it and flagged as truncated."""
-    texts = _as_list(texts)
-    errors = [_text_error(t) for t in texts]
-    valid = [i for i, e in enumerate(errors) if e is None]
-    token_ids: list[list[int] | None] = [None] * len(texts)
-    truncated = np.zeros(len(texts), dtype=bool)
-    if valid:
-        batch = tokenizer([texts[i] for i in valid], truncation=True, max_length=max_length,
-                          return_attention_mask=False, return_token_type_ids=False)
-        for j, i in enumerate(valid):
-            token_ids[i] = batch["input_ids"][j]
-            truncated[i] = bool(batch.encodings[j].overflowing)
-    return token_ids, errors, truncated
-
-
-def _as_list(texts) -> list:
-    if isinstance(texts, (str, bytes)):
-        raise TypeError("Scorer expects a list of texts, got a single string: wrap it in a list")
-    if isinstance(texts, (pa.Array, pa.ChunkedArray)):
-        return texts.to_pylist()
-    return list(texts)
-
-
-def _text_error(text) -> str | None:
-    """Why a text cannot be scored, or None when it can."""
-    if text is None:
-        return "text is null"
-    if not isinstance(text, str):
-        return f"text is not a string (got {type(text).__name__})"
-    if not text.strip():
-        return "text is empty"
-    return None

@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from pipeline import flops as flop_account
-from pipeline.engine import Scorer, tokenize
+from pipeline.engine import Scorer
 from pipeline.model import FastBert
+from pipeline.text import tokenize
 from pipeline.tradeoff import SPEED_GRID, AllExits, all_exits, at_speed, exits_at, predictions_at
 
 EVALUATION_FILE = "evaluation.json"

@@ -316,23 +316,6 @@ def load_config(path: str) -> FastBertConfig:
     return FastBertConfig(**raw)
 
 
-def load_tokenizer(path: str):
-    """Only the tokenizer of a folder written by ``FastBert.save_pretrained`` (local path or
-    fsspec URI): for processes that tokenise and never run the model."""
-    import fsspec
-    from transformers import AutoTokenizer
-
-    fs, root = fsspec.core.url_to_fs(path)
-    if _is_local(fs):
-        return AutoTokenizer.from_pretrained(root)
-    with tempfile.TemporaryDirectory() as tmp:
-        for entry in fs.ls(root, detail=True):
-            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            if entry["type"] == "file" and name != WEIGHTS_FILE:
-                fs.get_file(entry["name"], os.path.join(tmp, name))
-        return AutoTokenizer.from_pretrained(tmp)
-
-
 # -- helpers ----------------------------------------------------------------------------------
 
 

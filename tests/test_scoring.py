@@ -18,8 +18,8 @@ import torch
 
 from jobs.score import parse_args
 from pipeline import FastBert, Scorer, uncertainty
-from pipeline.engine import tokenize
 from pipeline.scoring import Replica, ScoreJobConfig, read_chunk, run
+from pipeline.text import tokenize
 from pipeline.tradeoff import choose_speed, tradeoff_table
 from test_train import LABELS, toy_task
 from driver import start_driver

@@ -1,0 +1,71 @@
+"""Tokenisation without transformers gives the Hugging Face tokenizer's ids, and the scoring
+job's CPU tasks can import what they run without importing torch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoTokenizer
+
+from pipeline.datasets import bundled_backbone_path
+from pipeline.text import load_tokenizer, tokenize
+from tiny import tiny_model
+
+TEXTS = [
+    "Shares of ACME Corp. rose 4.5% on Tuesday, traders said.",
+    "  leading and trailing spaces  ",
+    "Crème brûlée, naïve café: ÀÉÎÕÜ accents",
+    "東京の株式市場は上昇した 北京 上海",
+    "emoji 😀🚀 and symbols ™ © ∑ ≠",
+    "a [SEP] inside [CLS] the text [MASK] [PAD]",
+    "tabs\tand\nnew\r\nlines",
+    "word " * 300,  # longer than max_length: truncated
+    "x",
+]
+
+
+def _hf_ids(tokenizer, texts, max_length):
+    enc = tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False,
+                    return_token_type_ids=False)
+    return enc["input_ids"], [bool(e.overflowing) for e in enc.encodings]
+
+
+@pytest.mark.parametrize("max_length", [8, 128])
+def test_the_bundled_tokenizer_without_transformers_matches_the_wrapper(tmp_path, max_length):
+    hf = AutoTokenizer.from_pretrained(bundled_backbone_path())
+    hf.save_pretrained(str(tmp_path))  # what FastBert.save_pretrained writes beside the weights
+    ids, errors, truncated = tokenize(load_tokenizer(str(tmp_path)), TEXTS, max_length)
+    expected_ids, expected_truncated = _hf_ids(hf, TEXTS, max_length)
+    assert ids == expected_ids
+    assert truncated.tolist() == expected_truncated
+    assert errors == [None] * len(TEXTS)
+    assert truncated[TEXTS.index("word " * 300)] and max(map(len, ids)) == max_length
+
+
+def test_the_wrapper_is_used_through_its_backend_whatever_it_was_set_to_before(tmp_path):
+    model = tiny_model()
+    texts = ["w1 w2 w3 w4 w5 w6 w7 w8", "good", None, "   "]
+    model.tokenizer(["w1", "w1 w2 w3"], padding="max_length", max_length=20, truncation=True)  # leaves padding on
+    ids, errors, truncated = tokenize(model.tokenizer, texts, 5)
+    expected_ids, expected_truncated = _hf_ids(model.tokenizer, texts[:2], 5)
+    assert ids[:2] == expected_ids and ids[2:] == [None, None]  # unpadded, cut to 5
+    assert truncated.tolist() == expected_truncated + [False, False] == [True, False, False, False]
+    assert errors == [None, None, "text is null", "text is empty"]
+    model.save_pretrained(str(tmp_path / "m"))
+    assert tokenize(load_tokenizer(str(tmp_path / "m")), texts, 5)[0] == ids
+
+
+def test_a_folder_without_tokenizer_json_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere: no tokenizer.json"):
+        load_tokenizer(str(tmp_path / "nowhere"))
+
+
+def test_the_scoring_jobs_cpu_tasks_import_no_torch():
+    code = ("import sys, pipeline.scoring, pipeline.text; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
