@@ -319,6 +319,26 @@ class Replica:
         return batch.append_column("__truncated_out", pa.array(truncated & ok))
 
 
+# glibc malloc settings of a CPU replica's process (read at its start, so they travel as an
+# environment variable): tensors of 4 MiB and more get their own mmap, returned to the OS when
+# freed, in transparent huge pages where the kernel offers them (THP "madvise" mode; glibc >=
+# 2.35). With glibc's defaults the threshold rises as big blocks are freed, the layers' tensors
+# then come from a heap that fragments with every call's new shapes, and a replica's peak during
+# a call climbed 776, 923, 1013, 1044, 1073, 1129 MB over its first 6 calls of 1,024 rows; with
+# these settings it stays at 721-749 MB, at the same speed (26.2 against 26.0-26.3 s for the 6
+# calls). A fixed threshold without huge pages was as flat but 15% slower (a page fault per 4 KiB
+# of every new tensor). Other C libraries ignore the variable.
+REPLICA_GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4194304:glibc.malloc.hugetlb=1"
+
+
+def cpu_replica_env() -> dict[str, Any]:
+    """The runtime environment of CPU replicas: ``REPLICA_GLIBC_TUNABLES``, followed by the
+    driver's own ``GLIBC_TUNABLES`` when it has some (glibc takes the last value of a tunable,
+    so the user's settings win)."""
+    tunables = ":".join(t for t in (REPLICA_GLIBC_TUNABLES, os.environ.get("GLIBC_TUNABLES")) if t)
+    return {"env_vars": {"GLIBC_TUNABLES": tunables}}
+
+
 def _release_freed_memory() -> None:
     """Hand the heap's free pages back to the OS (glibc). Every call's tensors have other
     shapes, and without this a replica's memory grows with the rows it has scored (measured:
@@ -465,7 +485,7 @@ def _stream(job: ScoreJobConfig, work: Plan, todo: list[Chunk], max_length: int,
         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=2),
         # Ray Data's actors default to max_restarts=-1 and max_task_retries=-1: a replica that dies
         # is replaced and its batch retried (tests/test_scoring.py kills one)
-        num_gpus=gpus, num_cpus=job.cpus_per_replica)
+        num_gpus=gpus, num_cpus=job.cpus_per_replica, runtime_env=None if gpus else cpu_replica_env())
     ds = ds.map_batches(write_pieces, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"output": job.output, "schema": work.output_schema, "layers": layers})
     for _ in ds.iter_batches(batch_size=None):  # drives the stream; the pieces are written as it goes

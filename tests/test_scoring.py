@@ -220,6 +220,45 @@ def test_replica_scores_one_batch_without_ray(inputs):
     assert out.column("prediction").to_pylist() == Scorer(model, speed=0.0)(texts).column("prediction").to_pylist()
 
 
+# a process that allocates, fills and frees an 8 MiB block three times, then prints how much its
+# resident memory grew: with glibc's floating mmap threshold the first free raises the
+# threshold, the next blocks come from the heap and stay resident
+_BIG_BLOCKS = """
+import numpy as np
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+base = rss()
+for _ in range(3):
+    block = np.ones(2**20)  # 8 MiB
+    del block
+print(rss() - base)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                    reason="glibc on Linux only")
+def test_cpu_replica_malloc_settings_give_big_blocks_back_to_the_os(monkeypatch):
+    import subprocess
+    import sys
+
+    from pipeline.scoring import REPLICA_GLIBC_TUNABLES, cpu_replica_env
+
+    def grown(tunables: str | None) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        if tunables:
+            env["GLIBC_TUNABLES"] = tunables
+        return int(subprocess.run([sys.executable, "-c", _BIG_BLOCKS], env=env, capture_output=True, text=True,
+                                  check=True).stdout)
+
+    assert grown(None) > 6 * 2**20  # glibc's default keeps the freed blocks
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    tunables = cpu_replica_env()["env_vars"]["GLIBC_TUNABLES"]
+    assert tunables == REPLICA_GLIBC_TUNABLES
+    assert grown(tunables) < 2**20  # what the replicas get: each block goes back when freed
+    # a user's own tunables come last, so that glibc takes theirs where both set one
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")
+    assert cpu_replica_env()["env_vars"]["GLIBC_TUNABLES"] == REPLICA_GLIBC_TUNABLES + ":glibc.malloc.mmap_threshold=65536"
+
+
 def test_a_big_row_group_is_read_in_blocks_of_the_batch_size(tmp_path):
     path = str(tmp_path / "one-group.parquet")
     pq.write_table(pa.table({"id": np.arange(50), "text": [f"w{i}" for i in range(50)], "x": np.arange(50.0)}),
