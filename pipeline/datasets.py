@@ -165,7 +165,10 @@ def write_bundled(name: str, folder: str, validation_rows: int = 500, seed: int 
     jobs take. ``validation`` is ``validation_rows`` training rows drawn at random with
     ``seed``; ``train`` is the rest, in file order, or ``train_rows`` of them drawn at random
     with every label at least once; ``test`` is the test split, or ``test_rows`` of it drawn
-    at random. Returns split -> URI.
+    at random. With ``train_rows``, ``unlabelled`` (column ``text`` only) also holds the texts
+    of every training row outside ``validation``, the sample's included: text that a
+    self-distillation can learn from (``jobs.train --distill``) where labels are scarce.
+    Returns split -> URI.
 
     Each file is written under a temporary name and then moved into place, so a failed
     write leaves no half-written Parquet."""
@@ -184,6 +187,8 @@ def write_bundled(name: str, folder: str, validation_rows: int = 500, seed: int 
         "validation": train.filter(pa.array(held_out)),
         "test": load_bundled(name, "test"),
     }
+    if train_rows is not None:
+        tables["unlabelled"] = tables["train"].select(["text"])
     rng = np.random.default_rng(seed + 1)
     for split, rows in (("train", train_rows), ("test", test_rows)):
         if rows is None:

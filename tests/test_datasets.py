@@ -114,7 +114,28 @@ def test_write_bundled_samples_rows_that_cover_every_label(tmp_path: Path):
     assert (train.num_rows, val.num_rows, test.num_rows) == (16, 20, 10)
     assert len(set(train["label"].to_pylist())) == 8  # every label, though 16 random rows would miss some
     assert not set(train["text"].to_pylist()) & set(val["text"].to_pylist())
+    unlabelled = pq.read_table(uris["unlabelled"])  # every training text outside validation, no labels
+    assert unlabelled.column_names == ["text"]
+    assert unlabelled.num_rows + val.num_rows == load_bundled("r8", "train").num_rows
+    assert set(train["text"].to_pylist()) <= set(unlabelled["text"].to_pylist())
+    assert not set(unlabelled["text"].to_pylist()) & set(val["text"].to_pylist())
+    assert "unlabelled" not in write_bundled("r8", str(tmp_path / "whole"), validation_rows=20)
     again = write_bundled("r8", str(tmp_path / "again"), validation_rows=20, train_rows=16, test_rows=10, seed=3)
     assert pq.read_table(again["train"]).equals(train)  # the seed decides
     with pytest.raises(ValueError, match="train_rows must be between 8"):
         write_bundled("r8", str(tmp_path / "bad"), validation_rows=20, train_rows=4)
+
+
+def test_bundled_data_job_writes_a_labelled_sample_and_the_unlabelled_texts(tmp_path: Path, capsys):
+    import pyarrow.parquet as pq
+
+    from jobs.bundled_data import main
+
+    main(["--name", "r8", "--output", str(tmp_path), "--validation-rows", "20", "--train-rows", "16"])
+    printed = capsys.readouterr().out
+    assert f"unlabelled: {tmp_path}/unlabelled.parquet" in printed
+    assert pq.read_table(tmp_path / "train.parquet").num_rows == 16
+    assert pq.read_table(tmp_path / "unlabelled.parquet").column_names == ["text"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["--name", "r8", "--output", str(tmp_path / "bad"), "--train-rows", "3"])
+    assert exit_.value.code == 2 and "train_rows must be between 8" in capsys.readouterr().err
