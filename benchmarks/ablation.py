@@ -1,15 +1,17 @@
 """The paper's comparison (Table 3) in one command: on one bundled data set, train FastBERT,
-its label-trained-students twin and a plain BERT classifier with the same budget, then
-evaluate them all on the test split and check the acceptance criteria.
+its label-trained-students twin and a plain BERT classifier with the same epochs and rates,
+then evaluate them all on the test split and check the acceptance criteria.
 
-    python -m benchmarks.ablation --dataset r8 [--train-rows 2000] [--test-rows 0] [--repeats 3] [--work DIR] [--json out.json]
+    python -m benchmarks.ablation --dataset r8 [--train-rows 2000] [--test-rows 0] [--distill-on unlabelled|train]
+        [--repeats 3] [--work DIR] [--json out.json]
 
 Steps, all with the production code (Ray Train on a local Ray, then jobs.evaluate's code):
 1. the data set to Parquet (train / validation / test);
 2. FastBERT: fine-tuning, then self-distillation (``jobs.train``). With ``--distill-on
    unlabelled`` (the default) stage 2 learns from the texts of the whole training split
    outside validation, their labels dropped: what a self-distillation can use and a student
-   trained on labels cannot (the paper: "any amount of unlabelled text can be used");
+   trained on labels cannot (the paper: "any amount of unlabelled text can be used"), and
+   with as many more optimiser steps as there are more texts (the same epochs);
    ``--distill-on train`` distils on the labelled sample's texts alone;
 3. baseline (c): stage 2 again from FastBERT's stage-1 checkpoint, the students trained on the
    labels of the sample (``--finetuned ... --student-targets labels``): the same backbone and
@@ -96,15 +98,15 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     sample = f"{work}/data/{args.train_rows}-{args.val_rows}-{args.test_rows}"  # models of another sample are not reused
     data = write_bundled(args.dataset, sample, validation_rows=args.val_rows, train_rows=args.train_rows,
-                         test_rows=args.test_rows or None)
+                         test_rows=args.test_rows or None, unlabelled=True)
     init_ray()
     common = dict(train=data["train"], validation=data["validation"], backbone=args.backbone, workers=1,
                   cpus_per_worker=args.cpus_per_worker, epochs=args.epochs, distill_epochs=args.distill_epochs,
                   lr=args.lr, head_lr=args.head_lr, distill_lr=args.distill_lr, max_length=args.max_length,
                   log_every=20)
     distill = data["unlabelled"] if args.distill_on == "unlabelled" else None
-    # (c) starts from this FastBERT's stage-1 checkpoint, so each choice has its own pair of folders
-    suffix = "-distilled-on-unlabelled" if distill else ""
+    # (c) starts from this FastBERT's stage-1 checkpoint, so each choice has its own folders
+    suffix = "-distilled-on-unlabelled" if args.distill_on == "unlabelled" else ""
     fastbert, label_students = f"{work}/fastbert{suffix}", f"{work}/label-students{suffix}"
     print(f"== FastBERT: fine-tuning + self-distillation on the {args.distill_on} texts "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
@@ -112,12 +114,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"== (c) students trained on the labels, from the same stage 1 ({time.perf_counter() - start:.0f} s)",
           flush=True)
     train(TrainJobConfig(output=label_students, **{**common, "finetuned": metrics["finetuned"],
-                                                            "student_targets": "labels"}))
+                                                  "student_targets": "labels"}))
     print(f"== (a) plain BERT classifier, the same budget ({time.perf_counter() - start:.0f} s)", flush=True)
     train(TrainJobConfig(output=f"{work}/plain-bert", **{**common, "plain_bert": True}))
     ray.shutdown()  # the timed passes get the machine to themselves
     print(f"== evaluation ({time.perf_counter() - start:.0f} s)", flush=True)
-    result = run_evaluation(EvaluateConfig(model=fastbert, data=data["test"], output=f"{work}/evaluation",
+    result = run_evaluation(EvaluateConfig(model=fastbert, data=data["test"], output=f"{work}/evaluation{suffix}",
                                            speeds=[float(s) for s in args.speeds.split(",")],
                                            plain_bert=f"{work}/plain-bert", label_students=label_students,
                                            repeats=args.repeats, overwrite=True))

