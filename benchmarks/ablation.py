@@ -2,7 +2,7 @@
 its label-trained-students twin and a plain BERT classifier with the same epochs and rates,
 then evaluate them all on the test split and check the acceptance criteria.
 
-    python -m benchmarks.ablation --dataset r8 [--train-rows 2000] [--test-rows 0] [--distill-on unlabelled|train]
+    python -m benchmarks.ablation --dataset r8 [--train-rows 2000] [--test-rows 0] [--distill-on train|unlabelled]
         [--repeats 3] [--work DIR] [--json out.json]
 
 Steps, all with the production code (Ray Train on a local Ray, then jobs.evaluate's code):
