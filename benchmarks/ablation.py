@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
                   log_every=20)
     distill = data["unlabelled"] if args.distill_on == "unlabelled" else None
     # (c) gets the optimiser steps of FastBERT's stage 2: on fewer rows, more epochs
-    distill_rows = pq.ParquetFile(distill or data["train"]).metadata.num_rows
-    label_epochs = max(1, round(args.distill_epochs * distill_rows / pq.ParquetFile(data["train"]).metadata.num_rows))
+    train_rows = pq.ParquetFile(data["train"]).metadata.num_rows
+    distill_rows = pq.ParquetFile(distill).metadata.num_rows if distill else train_rows
+    label_epochs = max(1, round(args.distill_epochs * distill_rows / train_rows))
     # (c) starts from this FastBERT's stage-1 checkpoint, so each choice has its own folders
     suffix = "-distilled-on-unlabelled" if args.distill_on == "unlabelled" else ""
     fastbert, label_students = f"{work}/fastbert{suffix}", f"{work}/label-students{suffix}-{label_epochs}-epochs"
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"({time.perf_counter() - start:.0f} s)", flush=True)
     metrics = train(TrainJobConfig(output=fastbert, distill=distill, **common))
     print(f"== (c) students trained on the labels, from the same stage 1, {label_epochs} epochs of "
-          f"{args.train_rows} rows ({time.perf_counter() - start:.0f} s)", flush=True)
+          f"{train_rows} rows ({time.perf_counter() - start:.0f} s)", flush=True)
     train(TrainJobConfig(output=label_students, **{**common, "finetuned": metrics["finetuned"],
                                                   "student_targets": "labels", "distill_epochs": label_epochs}))
     print(f"== (a) plain BERT classifier, the same budget ({time.perf_counter() - start:.0f} s)", flush=True)
