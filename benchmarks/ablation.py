@@ -51,8 +51,11 @@ def checks(result: dict) -> dict:
     out = {
         "adaptive_beats_truncation": b["truncation"]["never_worse"],
         "truncation_min_gain_points": b["truncation"]["min_gain_points"],
+        "truncation_worse_beyond_chance_at": b["truncation"]["worse_beyond_chance_at"],
         "distillation_beats_label_students": b["label_students"]["never_worse"] if b["label_students"] else None,
         "label_students_min_gain_points": b["label_students"]["min_gain_points"] if b["label_students"] else None,
+        "label_students_worse_beyond_chance_at": (b["label_students"]["worse_beyond_chance_at"]
+                                                  if b["label_students"] else None),
         "speed_at_2x": fastest_2x and fastest_2x["speed"],
         "drop_at_2x_points": fastest_2x and 100 * (result["teacher_accuracy"] - fastest_2x["accuracy"]),
         "within_1_point_at_2x": bool(fastest_2x) and result["teacher_accuracy"] - fastest_2x["accuracy"] <= 0.01,
@@ -62,6 +65,7 @@ def checks(result: dict) -> dict:
         "wall_at_least_0_9_of_flops": bool(ratios) and min(ratios.values()) >= 0.9,
         "teacher_minus_plain_points": b["plain_bert"]["teacher_minus_plain_points"] if b["plain_bert"] else None,
         "teacher_within_half_point_of_plain": b["plain_bert"]["teacher_within_half_point"] if b["plain_bert"] else None,
+        "teacher_minus_plain_ci95_points": b["plain_bert"]["teacher_minus_plain_ci95_points"] if b["plain_bert"] else None,
     }
     return out
 

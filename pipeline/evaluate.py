@@ -126,31 +126,57 @@ def truncation_curve(exits: AllExits, model: FastBert) -> list[dict]:
     return curve
 
 
-def at_equal_flops(rows: list[dict], curve: list[dict]) -> list[dict]:
+def at_equal_flops(rows: list[dict], curve: list[dict], correct: np.ndarray, curve_correct: np.ndarray
+                   ) -> list[dict]:
     """Each speed's accuracy against the other curve's at the same FLOP speed-up (interpolated;
-    None where the speed-up lies outside that curve)."""
+    None where the speed-up lies outside that curve), with a 95% interval of the gain.
+
+    correct: (speeds, R) whether each speed gets each row right; curve_correct: (points, R) the
+    same for the other curve's points. Both are measured on the same rows, so the gain is the
+    mean of a per-row difference, ``correct - ((1 - w) * lower + w * upper)`` with the
+    interpolation weight ``w`` of the two neighbouring points, and its interval is the normal
+    one of a paired mean: +-1.96 standard errors. A row both get right or both get wrong
+    adds no variance, so the interval is narrow where the two disagree on few rows.
+    """
     x = np.array([p["flop_speedup"] for p in curve])
-    order = np.argsort(x)
-    x, y = x[order], np.array([curve[i]["accuracy"] for i in order])
+    order = np.argsort(x, kind="stable")
+    x, y, hits = x[order], np.array([curve[i]["accuracy"] for i in order]), curve_correct[order].astype(float)
     out = []
-    for row in rows:
+    for row, ours in zip(rows, correct.astype(float)):
         inside = x[0] - EQUAL <= row["flop_speedup"] <= x[-1] + EQUAL
         other = float(np.interp(row["flop_speedup"], x, y)) if inside else None
+        interval = None
+        if inside:
+            upper = int(np.clip(np.searchsorted(x, row["flop_speedup"]), 1, len(x) - 1)) if len(x) > 1 else 0
+            lower = max(upper - 1, 0)
+            span = x[upper] - x[lower]
+            w = float(np.clip((row["flop_speedup"] - x[lower]) / span, 0.0, 1.0)) if span > 0 else 0.0
+            interval = paired_interval(ours - ((1 - w) * hits[lower] + w * hits[upper]))  # of (R,)
         out.append({"speed": row["speed"], "flop_speedup": row["flop_speedup"], "accuracy": row["accuracy"],
                     "one_exit_layer": max(row["exit_counts"]) == sum(row["exit_counts"]),
                     "baseline_accuracy": other,
-                    "gain_points": None if other is None else 100 * (row["accuracy"] - other)})
+                    "gain_points": None if other is None else 100 * (row["accuracy"] - other),
+                    "gain_ci95_points": interval})
     return out
 
 
+def paired_interval(diff: np.ndarray) -> list[float]:
+    """The 95% interval, in points, of the mean of per-row differences between two models on
+    the same rows (diff: (R,), each in [-1, 1]): the mean +- 1.96 standard errors."""
+    half = 1.96 * diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("inf")
+    return [100 * (float(diff.mean()) - half), 100 * (float(diff.mean()) + half)]
+
+
 def _verdict(comparison: list[dict]) -> dict:
-    """Whether adaptive exit is at least as accurate at every speed that can be compared. A
-    speed whose rows all leave at one layer runs what truncation at that layer runs (and, at
-    speed 0, the same teacher as baseline (c)): a tie by construction, left out."""
+    """Whether adaptive exit is at least as accurate at every speed that can be compared, and
+    the speeds where it is worse beyond chance (the gain's 95% interval below 0). A speed
+    whose rows all leave at one layer runs what truncation at that layer runs (and, at speed 0,
+    the same teacher as baseline (c)): a tie by construction, left out."""
     compared = [c for c in comparison if c["baseline_accuracy"] is not None and not c["one_exit_layer"]]
     return {"speeds_compared": len(compared),
             "never_worse": all(c["gain_points"] >= -100 * EQUAL for c in compared),
-            "min_gain_points": min((c["gain_points"] for c in compared), default=None)}
+            "min_gain_points": min((c["gain_points"] for c in compared), default=None),
+            "worse_beyond_chance_at": [c["speed"] for c in compared if c["gain_ci95_points"][1] < 0]}
 
 
 # -- reading the data -------------------------------------------------------------------------
@@ -237,18 +263,21 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
     log(f"full pass: {full_pass_s:.1f} s ({len(texts) / full_pass_s:.0f} rows/s)")
     teacher = at_speed(exits, model, 0.0)
     rows = [speed_row(exits, model, s) for s in config.speeds]
+    correct = np.stack([predictions_at(exits, exits_at(exits, s)) == exits.labels for s in config.speeds])  # (S, R)
     if config.timing:
         _time_speeds(model, texts, exits, rows, config, log)
 
     baselines = {"truncation": None, "label_students": None, "plain_bert": None}
     curve = truncation_curve(exits, model)
-    comparison = at_equal_flops(rows, curve)
+    comparison = at_equal_flops(rows, curve, correct, exits.predictions == exits.labels[None])  # (L, R)
     baselines["truncation"] = {"curve": curve, "at_speeds": comparison, **_verdict(comparison)}
     if "label_students" in extra:
         log(f"baseline (c): full pass of the label-trained students {config.label_students}")
         other_exits = all_exits(extra["label_students"], texts, labels)
         other = [asdict(at_speed(other_exits, extra["label_students"], s)) for s in COMPARISON_SPEEDS]
-        comparison = at_equal_flops(rows, other)
+        other_correct = np.stack([predictions_at(other_exits, exits_at(other_exits, s)) == other_exits.labels
+                                  for s in COMPARISON_SPEEDS])  # (P, R)
+        comparison = at_equal_flops(rows, other, correct, other_correct)
         baselines["label_students"] = {"model": config.label_students, "teacher_accuracy": other[0]["accuracy"],
                                        "curve": [{k: p[k] for k in ("speed", "accuracy", "flop_speedup")}
                                                  for p in other],
@@ -262,9 +291,11 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
         index = [model.config.labels.index(n) for n in plain_bert_labels(plain)]
         predicted = np.array(index)[plain_bert_predict(plain, texts)]  # (R,) in FastBERT's label order
         accuracy = float(np.mean(predicted == exits.labels))
+        diff = (exits.predictions[-1] == exits.labels).astype(float) - (predicted == exits.labels)  # (R,) teacher - plain
         baselines["plain_bert"] = {"model": config.plain_bert, "accuracy": accuracy,
                                    "macro_f1": macro_f1(exits.labels, predicted, model.config.num_labels),
                                    "teacher_minus_plain_points": 100 * (teacher.accuracy - accuracy),
+                                   "teacher_minus_plain_ci95_points": paired_interval(diff),
                                    "teacher_within_half_point": teacher.accuracy >= accuracy - 0.005 - EQUAL}
 
     result = {
@@ -373,18 +404,20 @@ def format_table(result: dict) -> list[str]:
                      f"{pct(truncation[row['speed']]['baseline_accuracy'])}     "
                      f"{pct(students.get(row['speed'], {}).get('baseline_accuracy'))}")
     b = result["baselines"]
-    lines.append(f"(b) fixed-depth truncation at equal FLOPs: adaptive exit "
-                 f"{'never worse' if b['truncation']['never_worse'] else 'WORSE at some speed'} "
-                 f"(min gain {_points(b['truncation']['min_gain_points'])} over "
-                 f"{b['truncation']['speeds_compared']} speeds)")
-    if b["label_students"]:
-        lines.append(f"(c) label-trained students at equal FLOPs: self-distillation "
-                     f"{'never worse' if b['label_students']['never_worse'] else 'WORSE at some speed'} "
-                     f"(min gain {_points(b['label_students']['min_gain_points'])} over "
-                     f"{b['label_students']['speeds_compared']} speeds)")
+    for tag, key, what, ours in (("(b)", "truncation", "fixed-depth truncation", "adaptive exit"),
+                                 ("(c)", "label_students", "label-trained students", "self-distillation")):
+        if b[key]:
+            worse = b[key].get("worse_beyond_chance_at", [])
+            lines.append(f"{tag} {what} at equal FLOPs: {ours} "
+                         f"{'never worse' if b[key]['never_worse'] else 'WORSE at some speed'} "
+                         f"(min gain {_points(b[key]['min_gain_points'])} over {b[key]['speeds_compared']} speeds; "
+                         + (f"worse beyond chance at speed {', '.join(f'{s:g}' for s in worse)})" if worse
+                            else "nowhere worse beyond chance: 95% intervals of the paired gain)"))
     if b["plain_bert"]:
+        low, high = b["plain_bert"].get("teacher_minus_plain_ci95_points", (None, None))
         lines.append(f"(a) plain BERT classifier: {100 * b['plain_bert']['accuracy']:.2f}%; teacher "
-                     f"{b['plain_bert']['teacher_minus_plain_points']:+.2f} points")
+                     f"{b['plain_bert']['teacher_minus_plain_points']:+.2f} points"
+                     + ("" if low is None else f" (95% interval {low:+.2f} to {high:+.2f})"))
     return lines
 
 

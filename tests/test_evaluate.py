@@ -15,7 +15,7 @@ import pytest
 
 from jobs.evaluate import main, parse_args
 from pipeline import Scorer
-from pipeline.evaluate import EvaluateConfig, at_equal_flops, macro_f1, run_evaluation, wall_speedups
+from pipeline.evaluate import EvaluateConfig, _verdict, at_equal_flops, macro_f1, run_evaluation, wall_speedups
 from pipeline.plain_bert import load_plain_bert, new_plain_bert, plain_bert_predict, save_plain_bert
 from pipeline.train import TrainConfig, fit
 from test_train import FAST, LABELS, accuracy, toy_task
@@ -57,15 +57,46 @@ def test_macro_f1_is_the_mean_of_the_labels_f1():
     assert macro_f1(np.array([0, 0]), np.array([0, 1]), 2) == pytest.approx(2 / 3)
 
 
+def _hits(accuracy: float, rows: int = 20) -> np.ndarray:
+    """(rows,) the first ``accuracy * rows`` rows right."""
+    return np.arange(rows) < round(accuracy * rows)
+
+
 def test_at_equal_flops_interpolates_the_other_curve_inside_its_range():
     curve = [{"flop_speedup": 1.0, "accuracy": 0.9}, {"flop_speedup": 3.0, "accuracy": 0.8},
-             {"flop_speedup": 2.0, "accuracy": 0.88}]  # any order
-    rows = [{"speed": s, "flop_speedup": x, "accuracy": 0.87, "exit_counts": [5, 1, 0]}
+             {"flop_speedup": 2.0, "accuracy": 0.85}]  # any order
+    curve_correct = np.stack([_hits(p["accuracy"]) for p in curve])  # (3, 20)
+    rows = [{"speed": s, "flop_speedup": x, "accuracy": 0.85, "exit_counts": [5, 1, 0]}
             for s, x in ((0.1, 2.5), (0.0, 1.0), (0.9, 3.5))]
-    out = at_equal_flops(rows, curve)
-    assert out[0]["baseline_accuracy"] == pytest.approx(0.84) and out[0]["gain_points"] == pytest.approx(3.0)
+    out = at_equal_flops(rows, curve, np.stack([_hits(0.85)] * 3), curve_correct)
+    assert out[0]["baseline_accuracy"] == pytest.approx(0.825) and out[0]["gain_points"] == pytest.approx(2.5)
     assert out[1]["baseline_accuracy"] == pytest.approx(0.9)
     assert out[2]["baseline_accuracy"] is None and out[2]["gain_points"] is None  # beyond the curve
+    assert out[2]["gain_ci95_points"] is None
+    for c in out[:2]:  # the interval lies around the gain
+        low, high = c["gain_ci95_points"]
+        assert low < c["gain_points"] < high and (low + high) / 2 == pytest.approx(c["gain_points"])
+
+
+def test_gain_intervals_are_paired_over_the_same_rows():
+    rows = [{"speed": 0.5, "flop_speedup": 2.0, "accuracy": 0.5, "exit_counts": [10, 10]}]
+    curve = [{"flop_speedup": 1.0, "accuracy": 0.5}, {"flop_speedup": 3.0, "accuracy": 0.5}]
+    same = _hits(0.5, 400)  # (400,)
+    # the same rows right: no gain, and no doubt about it, however uncertain each accuracy is alone
+    tie = at_equal_flops(rows, curve, same[None], np.stack([same, same]))[0]
+    assert tie["gain_points"] == pytest.approx(0.0) and tie["gain_ci95_points"] == pytest.approx([0.0, 0.0])
+    # as many rows right, but other rows: still no gain, now with a wide interval
+    other = ~same
+    swap = at_equal_flops(rows, curve, same[None], np.stack([other, other]))[0]
+    assert swap["gain_points"] == pytest.approx(0.0)
+    assert swap["gain_ci95_points"][0] < -5 and swap["gain_ci95_points"][1] > 5
+    # worse on 40 of 400 rows, right on none the other gets wrong: worse beyond chance
+    worse = same & (np.arange(400) >= 40)
+    lost = at_equal_flops([{**rows[0], "accuracy": 0.4}], curve, worse[None], np.stack([same, same]))
+    assert lost[0]["gain_points"] == pytest.approx(-10.0) and lost[0]["gain_ci95_points"][1] < 0
+    verdict = _verdict(lost)
+    assert verdict["never_worse"] is False and verdict["worse_beyond_chance_at"] == [0.5]
+    assert _verdict(at_equal_flops(rows, curve, same[None], np.stack([other, other])))["worse_beyond_chance_at"] == []
 
 
 def test_wall_speedup_pairs_each_pass_with_speed_0_in_its_own_round():
@@ -127,6 +158,12 @@ def test_evaluation_matches_the_engine_and_writes_every_file(models, tmp_path):
     expected = accuracy([LABELS[i] for i in plain_bert_predict(classifier, texts)], labels)
     assert plain["accuracy"] == pytest.approx(expected)
     assert plain["teacher_minus_plain_points"] == pytest.approx(100 * (result["teacher_accuracy"] - expected))
+    low, high = plain["teacher_minus_plain_ci95_points"]
+    assert (low + high) / 2 == pytest.approx(plain["teacher_minus_plain_points"]) and low <= high
+    for c in truncation["at_speeds"] + students["at_speeds"]:  # every compared speed has its interval
+        if c["baseline_accuracy"] is not None:
+            low, high = c["gain_ci95_points"]
+            assert (low + high) / 2 == pytest.approx(c["gain_points"]) and low <= high
 
     on_disk = json.loads((output / "evaluation.json").read_text())
     assert on_disk["speeds"] == json.loads(json.dumps(result["speeds"]))
