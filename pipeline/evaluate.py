@@ -128,55 +128,69 @@ def truncation_curve(exits: AllExits, model: FastBert) -> list[dict]:
 
 def at_equal_flops(rows: list[dict], curve: list[dict], correct: np.ndarray, curve_correct: np.ndarray
                    ) -> list[dict]:
-    """Each speed's accuracy against the other curve's at the same FLOP speed-up (interpolated;
-    None where the speed-up lies outside that curve), with a 95% interval of the gain.
+    """Each speed's accuracy against the other curve's at the same FLOP speed-up (interpolated
+    between its two neighbouring points; None where the speed-up lies outside that curve), with
+    a 95% interval of the gain.
 
     correct: (speeds, R) whether each speed gets each row right; curve_correct: (points, R) the
     same for the other curve's points. Both are measured on the same rows, so the gain is the
     mean of a per-row difference, ``correct - ((1 - w) * lower + w * upper)`` with the
-    interpolation weight ``w`` of the two neighbouring points, and its interval is the normal
-    one of a paired mean: +-1.96 standard errors. A row both get right or both get wrong
-    adds no variance, so the interval is narrow where the two disagree on few rows.
+    interpolation weight ``w``, and its interval is that of a paired mean (``paired_interval``).
+    ``differing_rows`` counts the rows on which the difference is not 0.
     """
     x = np.array([p["flop_speedup"] for p in curve])
     order = np.argsort(x, kind="stable")
     x, y, hits = x[order], np.array([curve[i]["accuracy"] for i in order]), curve_correct[order].astype(float)
     out = []
     for row, ours in zip(rows, correct.astype(float)):
-        inside = x[0] - EQUAL <= row["flop_speedup"] <= x[-1] + EQUAL
-        other = float(np.interp(row["flop_speedup"], x, y)) if inside else None
-        interval = None
-        if inside:
-            upper = int(np.clip(np.searchsorted(x, row["flop_speedup"]), 1, len(x) - 1)) if len(x) > 1 else 0
+        at = row["flop_speedup"]
+        other, interval, differing = None, None, None
+        if x[0] - EQUAL <= at <= x[-1] + EQUAL:
+            # the last point at or below ``at`` and the one after it (with equal speed-ups, the last)
+            upper = int(np.clip(np.searchsorted(x, at, side="right"), 1, len(x) - 1)) if len(x) > 1 else 0
             lower = max(upper - 1, 0)
             span = x[upper] - x[lower]
-            w = float(np.clip((row["flop_speedup"] - x[lower]) / span, 0.0, 1.0)) if span > 0 else 0.0
-            interval = paired_interval(ours - ((1 - w) * hits[lower] + w * hits[upper]))  # of (R,)
-        out.append({"speed": row["speed"], "flop_speedup": row["flop_speedup"], "accuracy": row["accuracy"],
+            w = float(np.clip((at - x[lower]) / span, 0.0, 1.0)) if span > 0 else float(at >= x[upper])
+            other = float((1 - w) * y[lower] + w * y[upper])
+            diff = ours - ((1 - w) * hits[lower] + w * hits[upper])  # (R,)
+            interval, differing = paired_interval(diff), int(np.count_nonzero(diff))
+        out.append({"speed": row["speed"], "flop_speedup": at, "accuracy": row["accuracy"],
                     "one_exit_layer": max(row["exit_counts"]) == sum(row["exit_counts"]),
                     "baseline_accuracy": other,
                     "gain_points": None if other is None else 100 * (row["accuracy"] - other),
-                    "gain_ci95_points": interval})
+                    "gain_ci95_points": interval, "differing_rows": differing})
     return out
 
 
-def paired_interval(diff: np.ndarray) -> list[float]:
+MIN_DIFFERING_ROWS = 10  # fewer rows on which two models differ decide nothing (see paired_interval)
+
+
+def paired_interval(diff: np.ndarray) -> list[float] | None:
     """The 95% interval, in points, of the mean of per-row differences between two models on
-    the same rows (diff: (R,), each in [-1, 1]): the mean +- 1.96 standard errors."""
-    half = 1.96 * diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("inf")
+    the same rows (diff: (R,), each in [-1, 1]): the mean +- 1.96 standard errors (None for
+    fewer than 2 rows). A row both models get right, or both wrong, adds no spread, so two
+    models that agree on most rows get a narrow interval. The normal approximation needs
+    enough rows that differ: with 4 rows lost and none won, the interval lies below 0 while an
+    exact sign test gives p = 0.125, so verdicts also ask for ``MIN_DIFFERING_ROWS``."""
+    if len(diff) < 2:
+        return None
+    half = 1.96 * diff.std(ddof=1) / np.sqrt(len(diff))
     return [100 * (float(diff.mean()) - half), 100 * (float(diff.mean()) + half)]
 
 
 def _verdict(comparison: list[dict]) -> dict:
     """Whether adaptive exit is at least as accurate at every speed that can be compared, and
-    the speeds where it is worse beyond chance (the gain's 95% interval below 0). A speed
-    whose rows all leave at one layer runs what truncation at that layer runs (and, at speed 0,
-    the same teacher as baseline (c)): a tie by construction, left out."""
+    the speeds where it is worse beyond chance (the gain's 95% interval below 0, on at least
+    ``MIN_DIFFERING_ROWS`` rows that differ). A speed whose rows all leave at one layer runs
+    what truncation at that layer runs (and, at speed 0, the same teacher as baseline (c)): a
+    tie by construction, left out."""
     compared = [c for c in comparison if c["baseline_accuracy"] is not None and not c["one_exit_layer"]]
     return {"speeds_compared": len(compared),
             "never_worse": all(c["gain_points"] >= -100 * EQUAL for c in compared),
             "min_gain_points": min((c["gain_points"] for c in compared), default=None),
-            "worse_beyond_chance_at": [c["speed"] for c in compared if c["gain_ci95_points"][1] < 0]}
+            "worse_beyond_chance_at": [c["speed"] for c in compared if c["gain_ci95_points"] is not None
+                                       and c["gain_ci95_points"][1] < 0
+                                       and c["differing_rows"] >= MIN_DIFFERING_ROWS]}
 
 
 # -- reading the data -------------------------------------------------------------------------
@@ -414,10 +428,10 @@ def format_table(result: dict) -> list[str]:
                          + (f"worse beyond chance at speed {', '.join(f'{s:g}' for s in worse)})" if worse
                             else "nowhere worse beyond chance: 95% intervals of the paired gain)"))
     if b["plain_bert"]:
-        low, high = b["plain_bert"].get("teacher_minus_plain_ci95_points", (None, None))
+        interval = b["plain_bert"].get("teacher_minus_plain_ci95_points")
         lines.append(f"(a) plain BERT classifier: {100 * b['plain_bert']['accuracy']:.2f}%; teacher "
                      f"{b['plain_bert']['teacher_minus_plain_points']:+.2f} points"
-                     + ("" if low is None else f" (95% interval {low:+.2f} to {high:+.2f})"))
+                     + ("" if interval is None else f" (95% interval {interval[0]:+.2f} to {interval[1]:+.2f})"))
     return lines
 
 

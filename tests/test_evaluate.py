@@ -94,9 +94,31 @@ def test_gain_intervals_are_paired_over_the_same_rows():
     worse = same & (np.arange(400) >= 40)
     lost = at_equal_flops([{**rows[0], "accuracy": 0.4}], curve, worse[None], np.stack([same, same]))
     assert lost[0]["gain_points"] == pytest.approx(-10.0) and lost[0]["gain_ci95_points"][1] < 0
+    assert lost[0]["differing_rows"] == 40
     verdict = _verdict(lost)
     assert verdict["never_worse"] is False and verdict["worse_beyond_chance_at"] == [0.5]
     assert _verdict(at_equal_flops(rows, curve, same[None], np.stack([other, other])))["worse_beyond_chance_at"] == []
+    # 4 rows lost and none won: below 0 by the normal interval, but too few rows to decide
+    few = same & (np.arange(400) >= 4)
+    four = at_equal_flops([{**rows[0], "accuracy": 0.49}], curve, few[None], np.stack([same, same]))
+    assert four[0]["gain_ci95_points"][1] < 0 and four[0]["differing_rows"] == 4
+    assert _verdict(four)["worse_beyond_chance_at"] == [] and _verdict(four)["never_worse"] is False
+
+
+def test_equal_speedups_in_the_other_curve_keep_gain_and_interval_together():
+    # two points at 2.0x with different rows right: the gain and its interval use the same point
+    curve = [{"flop_speedup": 1.0, "accuracy": 0.9}, {"flop_speedup": 2.0, "accuracy": 0.8},
+             {"flop_speedup": 2.0, "accuracy": 0.6}, {"flop_speedup": 3.0, "accuracy": 0.5}]
+    curve_correct = np.stack([_hits(p["accuracy"]) for p in curve])  # (4, 20)
+    for at in (1.0, 2.0, 2.5, 3.0, 3.0 + 5e-10):
+        out = at_equal_flops([{"speed": 0.3, "flop_speedup": at, "accuracy": 0.7, "exit_counts": [1, 1]}], curve,
+                             _hits(0.7)[None], curve_correct)[0]
+        assert (out["gain_ci95_points"][0] + out["gain_ci95_points"][1]) / 2 == pytest.approx(out["gain_points"])
+    # one row: a gain, no interval, and no verdict of chance
+    one = at_equal_flops([{"speed": 0.3, "flop_speedup": 1.0, "accuracy": 0.0, "exit_counts": [1, 0]}],
+                         [{"flop_speedup": 1.0, "accuracy": 1.0}], np.zeros((1, 1), bool), np.ones((1, 1), bool))
+    assert one[0]["gain_points"] == pytest.approx(-100.0) and one[0]["gain_ci95_points"] is None
+    assert _verdict(one)["worse_beyond_chance_at"] == []
 
 
 def test_wall_speedup_pairs_each_pass_with_speed_0_in_its_own_round():
