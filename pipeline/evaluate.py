@@ -113,6 +113,11 @@ def speed_row(exits: AllExits, model: FastBert, speed: float) -> dict:
             "wall_speedup": None, "rows_per_s": None, "engine_agreement": None}
 
 
+def correct_at(exits: AllExits, speeds) -> np.ndarray:
+    """(S, R) bool: whether each speed gets each row right, from the full pass."""
+    return np.stack([predictions_at(exits, exits_at(exits, s)) == exits.labels for s in speeds])
+
+
 def truncation_curve(exits: AllExits, model: FastBert) -> list[dict]:
     """Baseline (b): every row leaves at layer k, k = 1..L, with that layer's classifier alone."""
     full = np.sum(flop_account.full_depth_flops(model.config, exits.lengths))
@@ -277,7 +282,7 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
     log(f"full pass: {full_pass_s:.1f} s ({len(texts) / full_pass_s:.0f} rows/s)")
     teacher = at_speed(exits, model, 0.0)
     rows = [speed_row(exits, model, s) for s in config.speeds]
-    correct = np.stack([predictions_at(exits, exits_at(exits, s)) == exits.labels for s in config.speeds])  # (S, R)
+    correct = correct_at(exits, config.speeds)  # (S, R)
     if config.timing:
         _time_speeds(model, texts, exits, rows, config, log)
 
@@ -289,9 +294,7 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
         log(f"baseline (c): full pass of the label-trained students {config.label_students}")
         other_exits = all_exits(extra["label_students"], texts, labels)
         other = [asdict(at_speed(other_exits, extra["label_students"], s)) for s in COMPARISON_SPEEDS]
-        other_correct = np.stack([predictions_at(other_exits, exits_at(other_exits, s)) == other_exits.labels
-                                  for s in COMPARISON_SPEEDS])  # (P, R)
-        comparison = at_equal_flops(rows, other, correct, other_correct)
+        comparison = at_equal_flops(rows, other, correct, correct_at(other_exits, COMPARISON_SPEEDS))
         baselines["label_students"] = {"model": config.label_students, "teacher_accuracy": other[0]["accuracy"],
                                        "curve": [{k: p[k] for k in ("speed", "accuracy", "flop_speedup")}
                                                  for p in other],
@@ -421,14 +424,14 @@ def format_table(result: dict) -> list[str]:
     for tag, key, what, ours in (("(b)", "truncation", "fixed-depth truncation", "adaptive exit"),
                                  ("(c)", "label_students", "label-trained students", "self-distillation")):
         if b[key]:
-            worse = b[key].get("worse_beyond_chance_at", [])
+            worse = b[key]["worse_beyond_chance_at"]
             lines.append(f"{tag} {what} at equal FLOPs: {ours} "
                          f"{'never worse' if b[key]['never_worse'] else 'WORSE at some speed'} "
                          f"(min gain {_points(b[key]['min_gain_points'])} over {b[key]['speeds_compared']} speeds; "
                          + (f"worse beyond chance at speed {', '.join(f'{s:g}' for s in worse)})" if worse
                             else "nowhere worse beyond chance: 95% intervals of the paired gain)"))
     if b["plain_bert"]:
-        interval = b["plain_bert"].get("teacher_minus_plain_ci95_points")
+        interval = b["plain_bert"]["teacher_minus_plain_ci95_points"]
         lines.append(f"(a) plain BERT classifier: {100 * b['plain_bert']['accuracy']:.2f}%; teacher "
                      f"{b['plain_bert']['teacher_minus_plain_points']:+.2f} points"
                      + ("" if interval is None else f" (95% interval {interval[0]:+.2f} to {interval[1]:+.2f})"))
