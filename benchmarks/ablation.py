@@ -3,7 +3,7 @@ its label-trained-students twin and a plain BERT classifier with the same epochs
 then evaluate them all on the test split and check the acceptance criteria.
 
     python -m benchmarks.ablation --dataset r8 [--train-rows 2000] [--test-rows 0] [--distill-on train|unlabelled]
-        [--repeats 3] [--work DIR] [--json out.json]
+        [--teacher-head pooler|branch] [--repeats 3] [--work DIR] [--json out.json]
 
 Steps, all with the production code (Ray Train on a local Ray, then jobs.evaluate's code):
 1. the data set to Parquet (train / validation / test);
@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="stage 2's texts: the labelled sample's (default), or the whole training split outside "
                              "validation, unlabelled; (c) gets as many optimiser steps either way")
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--teacher-head", choices=["pooler", "branch"], default="pooler",
+                        help="FastBERT's teacher: plain BERT's head on the pretrained pooler, or the paper's branch")
     parser.add_argument("--cpus-per-worker", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--speeds", default=",".join(f"{s:g}" for s in DEFAULT_SPEEDS))
     parser.add_argument("--repeats", type=int, default=3,
@@ -115,11 +117,12 @@ def main(argv: list[str] | None = None) -> dict:
     distill_rows = pq.ParquetFile(distill).metadata.num_rows if distill else train_rows
     label_epochs = max(1, round(args.distill_epochs * distill_rows / train_rows))
     # (c) starts from this FastBERT's stage-1 checkpoint, so each choice has its own folders
-    suffix = "-distilled-on-unlabelled" if args.distill_on == "unlabelled" else ""
+    suffix = ("-distilled-on-unlabelled" if args.distill_on == "unlabelled" else "") + (
+        "-branch-teacher" if args.teacher_head == "branch" else "")
     fastbert, label_students = f"{work}/fastbert{suffix}", f"{work}/label-students{suffix}-{label_epochs}-epochs"
     print(f"== FastBERT: fine-tuning + self-distillation on the {args.distill_on} texts "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
-    metrics = train(TrainJobConfig(output=fastbert, distill=distill, **common))
+    metrics = train(TrainJobConfig(output=fastbert, distill=distill, teacher_head=args.teacher_head, **common))
     print(f"== (c) students trained on the labels, from the same stage 1, {label_epochs} epochs of "
           f"{train_rows} rows ({time.perf_counter() - start:.0f} s)", flush=True)
     train(TrainJobConfig(output=label_students, **{**common, "finetuned": metrics["finetuned"],

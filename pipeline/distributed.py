@@ -88,7 +88,8 @@ class TrainJobConfig:
     batch_size: int = 32  # rows per step on each worker
     max_length: int = 128  # tokens per text; longer texts are truncated
     branch_width: int = 128  # width of the students (the paper's 128); a new model only
-    teacher_width: int | None = None  # width of the teacher; None: the backbone's hidden size; a new model only
+    teacher_head: Literal["pooler", "branch"] = "pooler"  # plain BERT's head, or the paper's branch; a new model only
+    teacher_width: int | None = None  # width of a branch teacher; None: the backbone's hidden size; a new model only
     seed: int = 0
     max_rows: int | None = None  # read at most this many rows of each input (for trials)
     student_targets: Literal["teacher", "labels"] = "teacher"  # "labels": the paper's ablation
@@ -121,11 +122,15 @@ class TrainJobConfig:
                 isinstance(self.teacher_width, bool) or not isinstance(self.teacher_width, int) or self.teacher_width < 1)):
             raise ValueError(f"branch_width must be a positive integer and teacher_width one or None (the backbone's "
                              f"hidden size), got {self.branch_width!r} and {self.teacher_width!r}")
-        widths = (self.branch_width, self.teacher_width)
-        defaults = tuple(type(self).__dataclass_fields__[name].default for name in ("branch_width", "teacher_width"))
-        if (self.finetuned is not None or self.plain_bert) and widths != defaults:
-            raise ValueError("branch_width and teacher_width size the branches of a new FastBERT; a finetuned model "
-                             "keeps its own, and plain_bert has none")
+        if self.teacher_head not in ("pooler", "branch"):
+            raise ValueError(f"teacher_head must be 'pooler' or 'branch', got {self.teacher_head!r}")
+        shape = ("branch_width", "teacher_head", "teacher_width")
+        if (self.finetuned is not None or self.plain_bert) and any(
+                getattr(self, name) != type(self).__dataclass_fields__[name].default for name in shape):
+            raise ValueError("branch_width, teacher_head and teacher_width shape the classifiers of a new FastBERT; "
+                             "a finetuned model keeps its own, and plain_bert has none")
+        if self.teacher_head == "pooler" and self.teacher_width is not None:
+            raise ValueError("teacher_width sizes a branch teacher: pass teacher_head='branch' with it")
         if self.distill_epochs < 0 or self.max_failures < 0:
             raise ValueError(f"distill_epochs and max_failures must be >= 0, got {self.distill_epochs} "
                              f"and {self.max_failures}")
@@ -152,7 +157,8 @@ class TrainJobConfig:
 
     def model_fields(self) -> dict[str, Any]:
         """The FastBertConfig fields of a new model (stage 1 builds one on the backbone)."""
-        return {"max_length": self.max_length, "branch_width": self.branch_width, "teacher_width": self.teacher_width}
+        return {"max_length": self.max_length, "branch_width": self.branch_width, "teacher_head": self.teacher_head,
+                "teacher_width": self.teacher_width}
 
     def train_config(self) -> TrainConfig:
         """The TrainConfig of ``pipeline.train`` for these settings."""
@@ -408,12 +414,18 @@ def _check_output(job: TrainJobConfig) -> None:
                              "pass overwrite=True (--overwrite) to replace it")
     if previous is None:
         return
-    # an argument added in a later version counts as its default in runs of earlier versions
+    # an argument added in a later version counts as its default in runs of earlier versions, or
+    # as what those versions did where the default changed (their FastBERT teachers were branches)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainJobConfig)}
+    if not previous.get("plain_bert") and previous.get("finetuned") is None:  # those have no teacher_head of their own
+        defaults["teacher_head"] = "branch"
     changed = sorted(k for k, v in job.arguments().items() if previous.get(k, defaults[k]) != v)
     if changed:
+        hint = (" (runs before the teacher_head option had a branch teacher: pass teacher_head='branch', "
+                "--teacher-head branch, to resume it)" if "teacher_head" in changed and "teacher_head" not in previous
+                else "")
         raise ValueError(f"{job.output}: output already holds a model trained with other arguments "
-                         f"(differing: {changed}); pass overwrite=True (--overwrite) to replace it")
+                         f"(differing: {changed}){hint}; pass overwrite=True (--overwrite) to replace it")
 
 
 def _shuffled(ds, seed: int):
@@ -598,7 +610,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     epochs, lr = (job.epochs, job.lr) if stage == "finetune" else (job.distill_epochs, job.distill_lr)
     steps_per_epoch = math.ceil(loop_config["train_rows"] // workers / job.batch_size) or 1
-    head = (fastbert.classifier if job.plain_bert else fastbert.branches[-1]).parameters() if stage == "finetune" else ()
+    head = (fastbert.classifier.parameters() if job.plain_bert else fastbert.new_head_parameters()) if stage == "finetune" else ()
     optimizer, scheduler = make_optimizer(params, lr, config.weight_decay, epochs * steps_per_epoch, config.warmup,
                                           head_params=head, head_lr=job.head_lr if stage == "finetune" else None)
     if checkpoint is not None:  # resuming this stage: AdamW's moments and the schedule continue

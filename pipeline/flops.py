@@ -30,6 +30,11 @@ Two conventions are offered:
     * layer:  2*T*(4*H*H + 2*H*I) + 2*2*T*T*H
     * branch: 2*T*H*W + 2*2*T*W*W + 2*2*W*W + 2*2*T*W + 2*W*W + 2*W*N
 
+A ``teacher_head="pooler"`` teacher (plain BERT's head) runs on the first token alone:
+
+    * executed: 2*H*H + 2*H*N (the pooler's FC H->H, the FC H->N)
+    * paper:    2*H*H (the last FC is not counted, as for a branch)
+
 ``seq_len`` and ``exit_layer`` may be Python ints (an int is returned) or
 numpy integer arrays of one shape (an ``np.int64`` array is returned).
 """
@@ -116,6 +121,19 @@ def branch_flops(
     )
 
 
+def teacher_flops(config: Any, seq_len: IntOrArray, convention: Convention = "executed") -> IntOrArray:
+    """FLOPs of the teacher (the classifier after the last layer) for one row: a branch of
+    ``teacher_width``, or plain BERT's pooler head (``teacher_head="pooler"``)."""
+    _check_convention(convention)
+    h, _, _, _, w_teacher, n = _dims(config)
+    t = _as_int_or_array(seq_len)
+    _check_seq_len(t)
+    if getattr(config, "teacher_head", "branch") == "branch":
+        return branch_flops(h, w_teacher, n, t, convention)
+    pooler = 2 * h * h + (2 * h * n if convention == "executed" else 0)
+    return t * 0 + pooler  # the shape of seq_len
+
+
 def row_flops(
     config: Any,
     seq_len: IntOrArray,
@@ -131,7 +149,7 @@ def row_flops(
     ``exit_layer`` to equal the number of layers.
     """
     _check_convention(convention)
-    h, i, n_layers, w, w_teacher, n = _dims(config)
+    h, i, n_layers, w, _, n = _dims(config)
     t = _as_int_or_array(seq_len)
     k = _as_int_or_array(exit_layer)
     _check_seq_len(t)
@@ -143,7 +161,7 @@ def row_flops(
             f"students=False means only the teacher ran, so exit_layer must be "
             f"{n_layers}, got {exit_layer!r}"
         )
-    teacher = branch_flops(h, w_teacher, n, t, convention)
+    teacher = teacher_flops(config, t, convention)
     if not students:
         return k * layer_flops(h, i, t, convention) + teacher
     full = _as_int_or_array(k_arr == n_layers)  # 1 where the teacher ran too
@@ -154,12 +172,10 @@ def row_flops(
 def full_depth_flops(
     config: Any, seq_len: IntOrArray, convention: Convention = "executed"
 ) -> IntOrArray:
-    """FLOPs of a plain BERT classifier on a row: all layers plus the teacher branch."""
+    """FLOPs of a plain BERT classifier on a row: all layers plus the teacher."""
     _check_convention(convention)
-    h, i, n_layers, _, w_teacher, n = _dims(config)
-    return n_layers * layer_flops(h, i, seq_len, convention) + branch_flops(
-        h, w_teacher, n, seq_len, convention
-    )
+    h, i, n_layers, _, _, _ = _dims(config)
+    return n_layers * layer_flops(h, i, seq_len, convention) + teacher_flops(config, seq_len, convention)
 
 
 def truncated_flops(
@@ -168,8 +184,8 @@ def truncated_flops(
     """FLOPs of fixed-depth truncation on a row: the first ``layers`` layers and that
     layer's classifier alone (no student before it runs), as every row leaving at one layer."""
     _check_convention(convention)
-    h, i, n_layers, w, w_teacher, n = _dims(config)
+    h, i, n_layers, w, _, n = _dims(config)
     if not 1 <= int(layers) <= n_layers:
         raise ValueError(f"layers must be in [1, {n_layers}], got {layers!r}")
-    width = w_teacher if int(layers) == n_layers else w
-    return int(layers) * layer_flops(h, i, seq_len, convention) + branch_flops(h, width, n, seq_len, convention)
+    head = teacher_flops(config, seq_len, convention) if int(layers) == n_layers else branch_flops(h, w, n, seq_len, convention)
+    return int(layers) * layer_flops(h, i, seq_len, convention) + head

@@ -528,7 +528,7 @@ def fit(
             raise ValueError(f"the {stage} stage got no texts")
         params = set_stage(model, stage)
         steps = epochs * math.ceil(len(texts) / config.batch_size)  # this stage's steps alone
-        head = _unwrap(model).branches[-1].parameters() if stage == "finetune" else ()
+        head = _unwrap(model).new_head_parameters() if stage == "finetune" else ()
         optimizer, scheduler = make_optimizer(params, lr, config.weight_decay, steps, config.warmup,
                                               head_params=head, head_lr=config.head_lr if stage == "finetune" else None)
         best_accuracy, best_state = -1.0, None

@@ -289,15 +289,27 @@ def test_unfinished_run_of_another_job_is_refused(data, tmp_path):
     with pytest.raises(ValueError, match=r"differing: \['lr'\]"):
         check_inputs(job(data, output))
     assert check_inputs(job(data, output, lr=1.0)).train_rows == 256  # the same job: resumes
+    # a run of a version before teacher_head had a branch teacher: not the new default's pooler
+    earlier = {k: v for k, v in job(data, output).arguments().items() if k != "teacher_head"}
+    state.write_text(json.dumps({"arguments": earlier}))
+    with pytest.raises(ValueError, match=r"differing: \['teacher_head'\]\) \(runs before .* --teacher-head branch"):
+        check_inputs(job(data, output))
+    assert check_inputs(job(data, output, teacher_head="branch")).train_rows == 256
+    # ... and stage 2 alone from a finetuned model keeps that model's teacher: nothing differs
+    stage2 = job(data, output, finetuned=str(tmp_path / "stage1"))
+    state.write_text(json.dumps({"arguments": {k: v for k, v in stage2.arguments().items() if k != "teacher_head"}}))
+    assert check_inputs(stage2, labels=list(LABELS), labels_from="m").train_rows == 256
 
 
 def test_command_line_mirrors_the_config():
     config = parse_args(["--train", "t", "--validation", "v", "--output", "o", "--no-gpu", "--head-lr", "1e-3",
-                         "--max-rows", "5", "--overwrite", "--student-targets", "labels", "--teacher-width", "96",
-                         "--branch-width", "64", "--cache", "off"])
+                         "--max-rows", "5", "--overwrite", "--student-targets", "labels", "--teacher-head", "branch",
+                         "--teacher-width", "96", "--branch-width", "64", "--cache", "off"])
     assert config == TrainJobConfig(train="t", validation="v", output="o", use_gpu=False, head_lr=1e-3, max_rows=5,
-                                    overwrite=True, student_targets="labels", teacher_width=96, branch_width=64,
-                                    cache="off")
+                                    overwrite=True, student_targets="labels", teacher_head="branch", teacher_width=96,
+                                    branch_width=64, cache="off")
+    with pytest.raises(SystemExit):
+        parse_args(["--train", "t", "--validation", "v", "--output", "o", "--teacher-head", "linear"])
     assert parse_args(["--train", "t", "--validation", "v", "--output", "o", "--gpu"]).use_gpu is True
     assert parse_args(["--train", "t", "--validation", "v", "--output", "o"]).use_gpu is None
 
@@ -314,7 +326,15 @@ def test_config_is_validated():
     with pytest.raises(ValueError, match="lr"):
         TrainJobConfig(train="t", validation="v", output="o", lr=0.0)
     with pytest.raises(ValueError, match="branch_width must be a positive integer and teacher_width.* got 128 and 0"):
-        TrainJobConfig(train="t", validation="v", output="o", teacher_width=0)
+        TrainJobConfig(train="t", validation="v", output="o", teacher_head="branch", teacher_width=0)
+    with pytest.raises(ValueError, match="teacher_width sizes a branch teacher"):
+        TrainJobConfig(train="t", validation="v", output="o", teacher_width=96)
+    with pytest.raises(ValueError, match="teacher_head must be"):
+        TrainJobConfig(train="t", validation="v", output="o", teacher_head="linear")
+    with pytest.raises(ValueError, match="plain_bert has none"):
+        TrainJobConfig(train="t", validation="v", output="o", plain_bert=True, teacher_head="branch")
+    with pytest.raises(ValueError, match="a finetuned model keeps its own"):
+        TrainJobConfig(train="t", validation="v", output="o", finetuned="m", teacher_width=96)
     with pytest.raises(ValueError, match="branch_width must be a positive integer.* got 0 and None"):
         TrainJobConfig(train="t", validation="v", output="o", branch_width=0)
     with pytest.raises(ValueError, match="a finetuned model keeps its own"):

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.flops import branch_flops, full_depth_flops, layer_flops, row_flops, truncated_flops
+from pipeline.flops import branch_flops, full_depth_flops, layer_flops, row_flops, teacher_flops, truncated_flops
 
 H, I, T, W = 768, 3072, 128, 128
 N_LAYERS = 12
@@ -174,3 +174,38 @@ def test_layer_scaling_property(h: int, i: int, t: int) -> None:
     assert paper == t * layer_flops(h, i, 1, "paper")
     assert layer_flops(h, i, 2 * t, "paper") == 2 * paper
     assert layer_flops(h, i, t, "executed") - paper == 4 * t * t * h
+
+
+@pytest.mark.parametrize("convention", ["executed", "paper"])
+def test_a_pooler_teacher_costs_its_two_linear_layers_on_one_token(convention: str) -> None:
+    branch, pooler = make_config(teacher_width=H), make_config(n_labels=3)
+    pooler.teacher_head = "pooler"
+    head = 2 * H * H + (2 * H * 3 if convention == "executed" else 0)  # FC H->H (+ FC H->N) on the first token
+    assert teacher_flops(pooler, T, convention) == head
+    assert full_depth_flops(pooler, T, convention) == N_LAYERS * layer_flops(H, I, T, convention) + head
+    assert teacher_flops(pooler, 5, convention) == teacher_flops(pooler, 500, convention)  # no token but the first
+    assert teacher_flops(branch, T, convention) == branch_flops(H, H, 2, T, convention)
+    lengths = np.array([5, 64, 128])
+    assert teacher_flops(pooler, lengths, convention).tolist() == [head] * 3
+    exits = np.array([1, N_LAYERS, N_LAYERS])
+    layers = layer_flops(H, I, lengths, convention)
+    students = branch_flops(H, W, 3, lengths, convention)
+    assert row_flops(pooler, lengths, exits, convention=convention).tolist() == [
+        layers[0] + students[0], N_LAYERS * layers[1] + (N_LAYERS - 1) * students[1] + head,
+        N_LAYERS * layers[2] + (N_LAYERS - 1) * students[2] + head]
+    assert truncated_flops(pooler, T, N_LAYERS, convention) == full_depth_flops(pooler, T, convention)
+
+
+def test_the_pooler_teachers_count_is_what_torch_executes() -> None:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.model import PoolerHead
+
+    config = types.SimpleNamespace(backbone={"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2},
+                                   labels=["a", "b", "c", "d"], branch_width=16, teacher_width=48,
+                                   teacher_head="pooler")
+    head = PoolerHead(48, 4, 0.0).eval()
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        head(torch.randn(3, 7, 48), None)  # 3 rows of 7 tokens
+    assert counter.get_total_flops() == 3 * teacher_flops(config, 7)

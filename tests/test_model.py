@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel
 
 from pipeline import FastBert, FastBertConfig, Scorer, uncertainty
-from pipeline.model import Branch, load_config
+from pipeline.model import Branch, PoolerHead, load_config
 from tiny import random_texts, tiny_model, tiny_tokenizer
 
 
@@ -103,17 +103,65 @@ def test_save_replaces_an_old_checkpoint_whole(tmp_path):
 
 
 def test_the_teacher_is_as_wide_as_the_backbone_and_older_checkpoints_still_load(tmp_path):
-    model = tiny_model()  # hidden 32, students 16 wide
+    model = tiny_model(teacher_head="branch")  # hidden 32, students 16 wide
     assert [b.query.out_features for b in model.branches] == [16, 16, 32] and model.config.teacher_width == 32
-    # a checkpoint written before the teacher had its own width: config.json has no teacher_width
+    # a checkpoint written before the teacher had its own width or head: config.json has
+    # neither, and its teacher is a branch as wide as the students
     old = FastBert(dataclasses.replace(model.config, teacher_width=16), tokenizer=model.tokenizer).eval()
     old.save_pretrained(str(tmp_path / "old"))
     raw = json.loads((tmp_path / "old" / "config.json").read_text())
-    del raw["teacher_width"]
+    del raw["teacher_width"], raw["teacher_head"]
     (tmp_path / "old" / "config.json").write_text(json.dumps(raw))
     loaded = FastBert.from_pretrained(str(tmp_path / "old"))
-    assert loaded.config.teacher_width == 16
+    assert loaded.config.teacher_width == 16 and loaded.config.teacher_head == "branch"
     assert_same_model(old, loaded, ["good movie", "w1 w2 awful"])
+
+
+def test_the_pooler_teacher_is_plain_berts_head(tmp_path):
+    model = tiny_model()  # teacher_head="pooler", the default
+    teacher = model.branches[-1]
+    assert isinstance(teacher, PoolerHead) and all(isinstance(b, Branch) for b in model.branches[:-1])
+    assert teacher.dense.weight.shape == (32, 32) and teacher.classifier.weight.shape == (2, 32)
+    assert {id(p) for p in model.new_head_parameters()} == {id(teacher.classifier.weight), id(teacher.classifier.bias)}
+    # its logits: the first token's last hidden state through tanh(dense), then the classifier
+    enc = encode(model, ["good movie w3", "w1"])
+    with torch.inference_mode():
+        hidden = model.backbone(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        expected = teacher.classifier(torch.tanh(teacher.dense(hidden[:, 0])))  # (B, N)
+        got = model(enc["input_ids"], enc["attention_mask"]).teacher_logits
+    torch.testing.assert_close(got, expected)
+    model.save_pretrained(str(tmp_path / "m"))
+    assert_same_model(model, FastBert.from_pretrained(str(tmp_path / "m")), ["good movie", "w1 w2 awful"])
+    branch = tiny_model(teacher_head="branch")
+    assert {id(p) for p in branch.new_head_parameters()} == {id(p) for p in branch.branches[-1].parameters()}
+
+
+def test_from_backbone_starts_the_pooler_teacher_from_the_pretrained_pooler(tmp_path):
+    tokenizer = tiny_tokenizer()
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=32, max_position_embeddings=64)
+    torch.manual_seed(0)
+    pretrained = BertModel(config)  # with its pooler
+    pretrained.save_pretrained(str(tmp_path / "with-pooler"))
+    tokenizer.save_pretrained(str(tmp_path / "with-pooler"))
+    model = FastBert.from_backbone(str(tmp_path / "with-pooler"), labels=["x", "y"], max_length=24)
+    torch.testing.assert_close(model.branches[-1].dense.weight, pretrained.pooler.dense.weight)
+    torch.testing.assert_close(model.branches[-1].dense.bias, pretrained.pooler.dense.bias)
+    assert model.backbone.pooler is None  # the backbone itself keeps no pooler
+    branch = FastBert.from_backbone(str(tmp_path / "with-pooler"), labels=["x", "y"], max_length=24,
+                                    teacher_head="branch")
+    assert isinstance(branch.branches[-1], Branch) and branch.config.teacher_width == 32
+    # a checkpoint without a pooler: the teacher's pooler starts random, and it says so
+    BertModel(config, add_pooling_layer=False).save_pretrained(str(tmp_path / "no-pooler"))
+    tokenizer.save_pretrained(str(tmp_path / "no-pooler"))
+    with pytest.warns(UserWarning, match="no pretrained pooler"):
+        random = FastBert.from_backbone(str(tmp_path / "no-pooler"), labels=["x", "y"], max_length=24)
+    assert model.config.pretrained_pooler and not random.config.pretrained_pooler
+    # a random pooler learns at the new head's rate, and the saved config keeps it so after a resume
+    assert {id(p) for p in random.new_head_parameters()} == {id(p) for p in random.branches[-1].parameters()}
+    random.save_pretrained(str(tmp_path / "saved"))
+    assert len(FastBert.from_pretrained(str(tmp_path / "saved")).new_head_parameters()) == 4
+    assert len(model.new_head_parameters()) == 2
 
 
 def test_missing_folder_and_files_are_named(tmp_path):
@@ -173,7 +221,12 @@ TINY_BERT = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_a
         ({"labels": ["only"]}, "at least 2 labels"),
         ({"labels": ["a", "a"]}, "unique"),
         ({"labels": ["a", "b"], "branch_width": 10, "branch_heads": 3}, "multiple"),
-        ({"labels": ["a", "b"], "teacher_width": 15}, r"teacher_width \(15\) must be a positive multiple"),
+        ({"labels": ["a", "b"], "teacher_head": "branch", "teacher_width": 15},
+         r"teacher_width \(15\) must be a positive multiple"),
+        ({"labels": ["a", "b"], "teacher_width": 8}, r"teacher_width \(8\) sizes a teacher_head='branch'"),
+        ({"labels": ["a", "b"], "teacher_head": "linear"}, "teacher_head must be one of"),
+        ({"labels": ["a", "b"], "teacher_head": "branch", "branch_width": 15, "branch_heads": 5, "max_length": 32},
+         r"teacher_width \(16\) must be a positive multiple of branch_heads \(5\)"),
         ({"labels": ["a", "b"], "max_length": 100}, "max_length"),
         ({"labels": ["a", "b"], "max_length": 32, "dropout": 1.0}, "dropout"),
     ],
@@ -181,6 +234,12 @@ TINY_BERT = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_a
 def test_config_is_validated(fields, message):
     with pytest.raises(ValueError, match=message):
         FastBertConfig(backbone=TINY_BERT, **fields)
+
+
+def test_a_pooler_teacher_needs_no_width_that_branch_heads_divide():
+    config = FastBertConfig(backbone=TINY_BERT, labels=["a", "b"], branch_width=15, branch_heads=5,
+                            max_length=32)  # 16 % 5 != 0
+    assert config.teacher_head == "pooler" and config.teacher_width == 16
 
 
 def test_a_backbone_that_is_not_bert_shaped_is_refused(tmp_path):

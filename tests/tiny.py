@@ -32,6 +32,7 @@ def tiny_model(
     max_length: int = 32,
     seed: int = 0,
     attn: str = "sdpa",
+    teacher_head: str = "pooler",
 ) -> FastBert:
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
@@ -45,7 +46,7 @@ def tiny_model(
         attn_implementation=attn,
     ).to_dict()
     config = FastBertConfig(backbone=backbone, labels=list(labels), branch_width=branch_width, branch_heads=2,
-                            max_length=max_length)
+                            max_length=max_length, teacher_head=teacher_head)
     return FastBert(config, tokenizer=tokenizer).eval()
 
 
