@@ -7,8 +7,8 @@ below the speed threshold.
 
 Read top to bottom: the config, the uncertainty measure, the branch classifier, the pooler
 head (plain BERT's classifier, the default teacher), the FastBert module (building blocks
-the engine calls one layer at a time, ``forward`` for training), and saving/loading. Shapes: B rows, T tokens, H backbone width, W branch width,
-N labels, L layers.
+the engine calls one layer at a time, ``forward`` for training), and saving/loading.
+Shapes: B rows, T tokens, H backbone width, W branch width, N labels, L layers.
 """
 
 from __future__ import annotations
@@ -160,8 +160,8 @@ class Branch(nn.Module):
 class PoolerHead(nn.Module):
     """Plain BERT's classifier head (``BertForSequenceClassification``'s) as the teacher: the
     first token through Linear(H->H)+tanh (BERT's pooler, started from the backbone's
-    pretrained pooler where it has one), dropout, Linear(H->N). ``classifier`` is the only part
-    that starts random."""
+    pretrained pooler where it has one), dropout, Linear(H->N). Where the backbone has a
+    pretrained pooler, ``classifier`` is the only part that starts random."""
 
     def __init__(self, hidden: int, num_labels: int, dropout: float):
         super().__init__()
