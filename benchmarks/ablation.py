@@ -36,6 +36,7 @@ from pipeline.datasets import write_bundled
 from pipeline.distributed import TrainJobConfig
 from pipeline.distributed import run as train
 from pipeline.evaluate import DEFAULT_SPEEDS, EvaluateConfig, run_evaluation
+from pipeline.model import TEACHER_HEADS
 
 
 def checks(result: dict) -> dict:
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="stage 2's texts: the labelled sample's (default), or the whole training split outside "
                              "validation, unlabelled; (c) gets as many optimiser steps either way")
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--teacher-head", choices=["pooler", "branch"], default="pooler",
+    parser.add_argument("--teacher-head", choices=TEACHER_HEADS, default="pooler",
                         help="FastBERT's teacher: plain BERT's head on the pretrained pooler, or the paper's branch")
     parser.add_argument("--cpus-per-worker", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--speeds", default=",".join(f"{s:g}" for s in DEFAULT_SPEEDS))

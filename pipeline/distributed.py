@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline.model import CONFIG_FILE, FastBert
+from pipeline.model import CONFIG_FILE, TEACHER_HEADS, FastBert
 from pipeline.plain_bert import load_plain_bert, new_plain_bert, save_plain_bert
 from pipeline.tradeoff import TRADEOFF_FILE, TradeoffTable, choose_speed, describe_choice, save_table, tradeoff_table
 from pipeline.train import (
@@ -122,8 +122,8 @@ class TrainJobConfig:
                 isinstance(self.teacher_width, bool) or not isinstance(self.teacher_width, int) or self.teacher_width < 1)):
             raise ValueError(f"branch_width must be a positive integer and teacher_width one or None (the backbone's "
                              f"hidden size), got {self.branch_width!r} and {self.teacher_width!r}")
-        if self.teacher_head not in ("pooler", "branch"):
-            raise ValueError(f"teacher_head must be 'pooler' or 'branch', got {self.teacher_head!r}")
+        if self.teacher_head not in TEACHER_HEADS:
+            raise ValueError(f"teacher_head must be one of {TEACHER_HEADS}, got {self.teacher_head!r}")
         shape = ("branch_width", "teacher_head", "teacher_width")
         if (self.finetuned is not None or self.plain_bert) and any(
                 getattr(self, name) != type(self).__dataclass_fields__[name].default for name in shape):
