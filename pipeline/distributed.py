@@ -38,6 +38,7 @@ import torch
 
 from pipeline.model import CONFIG_FILE, TEACHER_HEADS, FastBert
 from pipeline.plain_bert import load_plain_bert, new_plain_bert, save_plain_bert
+from pipeline.text import training_rows
 from pipeline.tradeoff import TRADEOFF_FILE, TradeoffTable, choose_speed, describe_choice, save_table, tradeoff_table
 from pipeline.train import (
     STAGES,
@@ -47,7 +48,6 @@ from pipeline.train import (
     format_values,
     OPTIMIZER_STATE,
     OPTIMIZER_TENSORS,
-    encode,
     evaluate,
     load_optimizer,
     make_optimizer,
@@ -480,24 +480,11 @@ def _dataset(uri: str, job: TrainJobConfig, tokenizer: Any, labels: list[str] | 
         ds = ds.limit(job.max_rows)
     # the 2.60 Parquet reader may pack a whole input into one block: cut it so every worker gets rows
     ds = ds.repartition(target_num_rows_per_block=max(1, min(1024, job.batch_size * 4)))
-    return ds.map_batches(_tokenize, batch_format="pyarrow", fn_kwargs={
-        "tokenizer": tokenizer, "text_column": job.text_column, "label_column": job.label_column,
+    # the Rust tokenizer, not its transformers wrapper, and a torch-free function: the tasks
+    # import neither torch nor transformers (a 2-core machine spent ~10 s per run importing them)
+    return ds.map_batches(training_rows, batch_format="pyarrow", fn_kwargs={
+        "tokenizer": getattr(tokenizer, "backend_tokenizer", tokenizer), "text_column": job.text_column, "label_column": job.label_column,
         "labels": labels, "max_length": job.max_length})
-
-
-def _tokenize(batch, tokenizer: Any, text_column: str, label_column: str, labels: list[str] | None,
-              max_length: int) -> dict[str, np.ndarray]:
-    """One Ray Data batch (pyarrow Table) -> token id lists (unpadded) and label indices."""
-    texts = batch.column(text_column).to_pylist()
-    names = None if labels is None else [str(v) for v in batch.column(label_column).to_pylist()]
-    enc = encode(tokenizer, texts, max_length, names, labels)
-    lengths = enc["attention_mask"].sum(1).tolist()
-    ids = np.empty(len(texts), dtype=object)
-    ids[:] = [row[:n].numpy().astype(np.int32) for row, n in zip(enc["input_ids"], lengths)]
-    out = {"input_ids": ids}
-    if labels is not None:
-        out["labels"] = enc["labels"].numpy()
-    return out
 
 
 def _read_state(checkpoint) -> dict[str, Any]:

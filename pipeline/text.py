@@ -1,11 +1,12 @@
 """Texts -> token ids, without torch or transformers.
 
-The scoring job tokenises in Ray Data CPU tasks; this module is all those tasks import
-besides pyarrow, so a tokenising worker starts in a fraction of a second (importing torch
-and transformers took it about 2 CPU-seconds, on a 2-core machine the time of the replicas'
-own start). Tokenisation runs on the Rust tokenizer that the Hugging Face fast tokenizer
-wraps (``tokenizer.json`` in a model folder), with the settings the wrapper would pass it:
-the ids are the same (``tests/test_engine.py`` checks them against the wrapper).
+The scoring and training jobs tokenise in Ray Data CPU tasks (``tokenize``,
+``training_rows``); this module is all those tasks import besides pyarrow, so a tokenising
+worker starts in a fraction of a second (importing torch and transformers took it about 2
+CPU-seconds, on a 2-core machine the time of the replicas' own start). Tokenisation runs on
+the Rust tokenizer that the Hugging Face fast tokenizer wraps (``tokenizer.json`` in a model
+folder, or the wrapper's ``backend_tokenizer``), with the settings the wrapper would pass
+it: the ids are the same (``tests/test_text.py`` checks them against the wrapper).
 """
 
 from __future__ import annotations
@@ -39,29 +40,59 @@ def tokenize(tokenizer, texts: Sequence[str | None], max_length: int
     tokenizer (its ``backend_tokenizer`` is used). A null, non-string or blank text gets an
     error, not token ids; a text longer than ``max_length`` tokens is cut to it (special
     tokens included) and flagged as truncated."""
-    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-    if not hasattr(backend, "encode_batch"):
-        raise TypeError(f"expected a tokenizers.Tokenizer or a Hugging Face fast tokenizer, got {type(tokenizer)}")
     texts = _as_list(texts)
     errors = [_text_error(t) for t in texts]
     valid = [i for i, e in enumerate(errors) if e is None]
     token_ids: list[list[int] | None] = [None] * len(texts)
     truncated = np.zeros(len(texts), dtype=bool)
     if valid:
-        # what the Hugging Face wrapper sets for truncation=True, max_length=..., no padding
-        # (it sets them again on each of its own calls, so sharing its backend is safe)
-        truncation = {"max_length": max_length, "stride": 0, "strategy": "longest_first",
-                      "direction": getattr(tokenizer, "truncation_side", "right")}
-        current = backend.truncation
-        if current is None or any(current.get(k) != v for k, v in truncation.items()):
-            backend.enable_truncation(**truncation)
-        if backend.padding is not None:
-            backend.no_padding()
-        encodings = backend.encode_batch([texts[i] for i in valid], add_special_tokens=True)
-        for i, encoding in zip(valid, encodings):
-            token_ids[i] = encoding.ids
-            truncated[i] = bool(encoding.overflowing)
+        ids, cut = _encode(tokenizer, [texts[i] for i in valid], max_length)
+        for i, row, was_cut in zip(valid, ids, cut):
+            token_ids[i] = row
+            truncated[i] = was_cut
     return token_ids, errors, truncated
+
+
+def training_rows(batch: pa.Table, tokenizer, text_column: str, label_column: str, labels: list[str] | None,
+                  max_length: int) -> dict[str, np.ndarray]:
+    """One Ray Data batch of a training input -> ``input_ids`` (per row, its token ids as an
+    int32 array, unpadded, cut at ``max_length``) and, with ``labels`` (the model's label
+    names), ``labels`` (int64 indices into them; integer labels are named by their strings).
+    The training job's tokenising tasks run this, so they import no torch either. The job
+    checked the input on the driver; a blank text still trains, as [CLS] [SEP]."""
+    texts = batch.column(text_column).to_pylist()
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"column {text_column!r}, row {i} of a batch: expected a string, got {text!r}")
+    ids, _ = _encode(tokenizer, texts, max_length)
+    out = {"input_ids": np.empty(len(texts), dtype=object)}
+    out["input_ids"][:] = [np.asarray(row, dtype=np.int32) for row in ids]
+    if labels is not None:
+        index = {name: i for i, name in enumerate(labels)}
+        names = [str(v) for v in batch.column(label_column).to_pylist()]
+        unknown = sorted({name for name in names if name not in index})
+        if unknown:
+            raise ValueError(f"column {label_column!r}: labels {unknown[:10]} are not the model's {labels[:10]}")
+        out["labels"] = np.array([index[name] for name in names], dtype=np.int64)
+    return out
+
+
+def _encode(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], list[bool]]:
+    """Strings -> token ids with special tokens, cut at ``max_length``, and whether each was cut."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    if not hasattr(backend, "encode_batch"):
+        raise TypeError(f"expected a tokenizers.Tokenizer or a Hugging Face fast tokenizer, got {type(tokenizer)}")
+    # what the Hugging Face wrapper sets for truncation=True, max_length=..., no padding
+    # (it sets them again on each of its own calls, so sharing its backend is safe)
+    truncation = {"max_length": max_length, "stride": 0, "strategy": "longest_first",
+                  "direction": getattr(tokenizer, "truncation_side", "right")}
+    current = backend.truncation
+    if current is None or any(current.get(k) != v for k, v in truncation.items()):
+        backend.enable_truncation(**truncation)
+    if backend.padding is not None:
+        backend.no_padding()
+    encodings = backend.encode_batch(texts, add_special_tokens=True)
+    return [e.ids for e in encodings], [bool(e.overflowing) for e in encodings]
 
 
 def _as_list(texts) -> list:

@@ -1,17 +1,21 @@
-"""Tokenisation without transformers gives the Hugging Face tokenizer's ids, and the scoring
-job's CPU tasks can import what they run without importing torch."""
+"""Tokenisation without transformers gives the Hugging Face tokenizer's ids, and the CPU tasks
+of the scoring and training jobs can import and run what they run without importing torch."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 
+import numpy as np
+import pyarrow as pa
 import pytest
 from transformers import AutoTokenizer
 
 from pipeline.datasets import bundled_backbone_path
-from pipeline.text import load_tokenizer, tokenize
+from pipeline.text import load_tokenizer, tokenize, training_rows
+from pipeline.train import encode
 from tiny import tiny_model
 
 TEXTS = [
@@ -63,9 +67,35 @@ def test_a_folder_without_tokenizer_json_is_named(tmp_path):
         load_tokenizer(str(tmp_path / "nowhere"))
 
 
-def test_the_scoring_jobs_cpu_tasks_import_no_torch():
-    code = ("import sys, pipeline.scoring, pipeline.text; "
+def test_training_rows_are_the_in_process_trainers_batches_unpadded():
+    hf = AutoTokenizer.from_pretrained(bundled_backbone_path())
+    texts = TEXTS + [""]  # a blank text trains as [CLS] [SEP]
+    names = ["b", "a"] * (len(texts) // 2) + ["b"] * (len(texts) % 2)
+    batch = pa.table({"text": texts, "label": names})
+    rows = training_rows(batch, hf.backend_tokenizer, "text", "label", ["a", "b"], 16)
+    expected = encode(hf, texts, 16, names, ["a", "b"])  # the in-process trainer's padded batch
+    lengths = expected["attention_mask"].sum(1).tolist()
+    assert [r.tolist() for r in rows["input_ids"]] == [expected["input_ids"][i, :n].tolist()
+                                                        for i, n in enumerate(lengths)]
+    assert rows["input_ids"][0].dtype == np.int32 and len(rows["input_ids"][-1]) == 2
+    assert rows["labels"].dtype == np.int64 and rows["labels"].tolist() == expected["labels"].tolist()
+    unlabelled = training_rows(batch.select(["text"]), hf.backend_tokenizer, "text", "label", None, 16)
+    assert set(unlabelled) == {"input_ids"}
+    ints = training_rows(pa.table({"t": ["x", "y"], "l": [12, 2]}), hf, "t", "l", ["12", "2"], 16)
+    assert ints["labels"].tolist() == [0, 1]  # integer labels are named by their strings
+    with pytest.raises(ValueError, match=r"column 'l': labels \['7'\] are not the model's \['12', '2'\]"):
+        training_rows(pa.table({"t": ["x", "y"], "l": [12, 7]}), hf, "t", "l", ["12", "2"], 16)
+    with pytest.raises(ValueError, match="column 't', row 1 of a batch: expected a string, got None"):
+        training_rows(pa.table({"t": ["x", None], "l": [12, 2]}), hf, "t", "l", ["12", "2"], 16)
+
+
+def test_the_cpu_tasks_of_the_scoring_and_training_jobs_import_no_torch():
+    backend = pickle.dumps(AutoTokenizer.from_pretrained(bundled_backbone_path()).backend_tokenizer)
+    code = ("import pickle, sys, pyarrow as pa, pipeline.scoring, pipeline.text; "
+            "rows = pipeline.text.training_rows(pa.table({'t': ['a b']}), pickle.loads(sys.stdin.buffer.read()), "
+            "'t', 'l', None, 8); assert len(rows['input_ids'][0]) == 4, rows; "  # what the training job's tasks run
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
+    out = subprocess.run([sys.executable, "-c", code], input=backend, capture_output=True, check=True, cwd=repo)
+    out.stdout, out.stderr = out.stdout.decode(), out.stderr.decode()
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
