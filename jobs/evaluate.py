@@ -47,8 +47,7 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
     p.add_argument("--micro-batch", type=int, default=d.micro_batch, help="engine rows per layer step (timed passes)")
     p.add_argument("--no-timing", dest="timing", action="store_false", help="skip the timed passes")
     p.add_argument("--repeats", type=int, default=d.repeats, help="rounds of timed passes, each timing every speed once; a speed's wall speed-up is "
-                        "the median over rounds of its ratio to speed 0 in the same round, each pass "
-                        "divided by the probes timed around it")
+                        "the median over rounds of its ratio to speed 0 in the same round")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --output")
     return EvaluateConfig(**vars(p.parse_args(argv)))
 

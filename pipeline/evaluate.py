@@ -6,9 +6,8 @@ measured wall time, the exit-layer distribution, and the paper's baselines.
    histogram, FLOPs per row and FLOP speed-up at every speed follow from it exactly.
 2. **Timed passes** with the engine, ``repeats`` rounds of one pass per speed
    (``Scorer.score_tokens`` on rows tokenised once: tokenising costs the same at every speed
-   and FLOPs do not count it), each pass between two short probes that measure how fast the
-   machine ran then, give the wall speed-up against speed 0 and check that the engine
-   predicts what the full pass says.
+   and FLOPs do not count it), give the wall speed-up against speed 0 and check that the
+   engine predicts what the full pass says.
 3. **Baselines on the same rows** (the paper's Table 3): (a) a plain Hugging Face classifier
    fine-tuned with the same budget (``jobs.train --plain-bert``) against the teacher;
    (b) fixed-depth truncation (every row leaves at layer k) against adaptive exit at equal
@@ -48,7 +47,6 @@ DEFAULT_SPEEDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 # speeds of the label-students curve: the table's grid and the small speeds where accuracy moves most
 COMPARISON_SPEEDS = tuple(sorted(set(SPEED_GRID) | {0.001, 0.002, 0.003, 0.005, 0.007}))
 EQUAL = 1e-9  # accuracy differences below this count as ties
-PROBE_EVERY = 10  # the timing probe: speed 0 on every PROBE_EVERY-th row (see _time_speeds)
 
 
 @dataclass
@@ -324,9 +322,8 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
         "layers": model.config.num_layers,
         "speeds": rows,
         "baselines": baselines,
-        "timing": {"what": "Scorer.score_tokens on rows tokenised once, in rounds that time every speed once, "
-                           "a probe (speed 0 on every tenth row) before and after each pass; wall speed-up: median "
-                           "over rounds of speed 0's pass time over the speed's, each divided by its probes' mean",
+        "timing": {"what": "Scorer.score_tokens on rows tokenised once, in rounds that time every speed once; "
+                           "wall speed-up: median over rounds of speed 0's pass time over the speed's",
                    "micro_batch": config.micro_batch, "repeats": config.repeats,
                    "device": str(next(model.parameters()).device), "torch_threads": torch.get_num_threads(),
                    "cpus": os.cpu_count(), "machine": platform.platform()} if config.timing else None,
@@ -354,74 +351,53 @@ def _time_speeds(model: FastBert, texts: list[str], exits: AllExits, rows: list[
     engine's agreement with the full pass.
 
     The passes run in ``repeats`` rounds, each round timing every speed once, speed 0 first.
-    A short probe (speed 0 on every tenth row, the same work each time) runs before the first
-    pass of a round and after every pass: the mean of the probes on either side of a pass is
-    how fast the machine ran then. This 2-core machine changes speed by up to 40% for 10-30 s
-    at a time, shorter than a round, so a pass is compared with speed 0's in the same round
-    only after each is divided by its probes (``wall_speedups``); the median over rounds is
-    the wall speed-up. rows/s is from a speed's fastest pass, as it ran."""
+    A speed's wall speed-up is the median over rounds of speed 0's time in that round over its
+    own: a machine that slows down for a minute slows both passes of a pair, so the ratio keeps
+    what the speed saves, where timing each speed's passes one after the other would charge
+    the slow minute to whichever speed ran in it. rows/s is from a speed's fastest pass."""
     token_ids, _, _ = tokenize(model.tokenizer, texts, model.config.max_length)
-    probe_ids = token_ids[:: PROBE_EVERY] if len(token_ids) >= PROBE_EVERY * config.micro_batch else token_ids
     log("warm-up: one untimed pass at speed 0 (allocator and threads, so speed 0 is not timed cold)")
     Scorer(model, speed=0.0, micro_batch=config.micro_batch).score_tokens(token_ids)
-
-    def probe() -> float:
-        t0 = time.perf_counter()
-        Scorer(model, speed=0.0, micro_batch=config.micro_batch).score_tokens(probe_ids)
-        return time.perf_counter() - t0
-
     speeds = [0.0] + [r["speed"] for r in rows if r["speed"] != 0.0]
     row_of = {r["speed"]: r for r in rows}
     seconds: dict[float, list[float]] = {speed: [] for speed in speeds}  # one pass per round
-    probes: dict[float, list[float]] = {speed: [] for speed in speeds}  # the probes around each pass
     index = {name: i for i, name in enumerate(model.config.labels)}
     tick = time.perf_counter()
     for round_ in range(config.repeats):
-        before = probe()
         for speed in speeds:
             scorer = Scorer(model, speed=speed, micro_batch=config.micro_batch)
             t0 = time.perf_counter()
             table = scorer.score_tokens(token_ids)
             seconds[speed].append(time.perf_counter() - t0)
-            after = probe()
-            probes[speed].append((before + after) / 2)
-            before = after
             row = row_of.get(speed)
             if row is not None and round_ == 0:
                 engine = np.array([index[p] for p in table.column("prediction").to_pylist()])
                 row["engine_agreement"] = float(np.mean(engine == predictions_at(exits, exits_at(exits, speed))))
-            wall = wall_speedups({0.0: seconds[0.0], speed: seconds[speed]},
-                                 {0.0: probes[0.0], speed: probes[speed]})[speed]
+            wall = wall_speedups({0.0: seconds[0.0], speed: seconds[speed]})[speed]
             done = round_ * len(speeds) + speeds.index(speed) + 1
-            # what is left: a pass of each speed (and its probe) costs what its first did, or,
-            # before that, speed 0's first pass over its FLOP speed-up
+            # what is left: a pass of each speed costs what its first pass did, or, before that,
+            # speed 0's first pass over its FLOP speed-up
             guess = [seconds[s][0] if seconds[s] else seconds[0.0][0] / row_of[s]["flop_speedup"] for s in speeds]
-            left = sum(guess[i % len(speeds)] + after for i in range(done, len(speeds) * config.repeats))
+            left = sum(guess[i % len(speeds)] for i in range(done, len(speeds) * config.repeats))
             log(f"timed speed {speed:.2f}" + (f" (round {round_ + 1}/{config.repeats})" if config.repeats > 1 else "")
                 + f": {len(texts) / seconds[speed][-1]:.1f} rows/s"
                 + (f", wall {wall:.2f}x{' (median so far)' if round_ else ''} vs FLOPs {row['flop_speedup']:.2f}x"
                    if row is not None else "")
                 + f"; timed passes ETA {left:.0f} s ({done}/{len(speeds) * config.repeats} passes, "
                 f"{time.perf_counter() - tick:.0f} s so far)")
-    walls = wall_speedups(seconds, probes)
+    walls = wall_speedups(seconds)
     for row in rows:
         row["rows_per_s"] = len(texts) / min(seconds[row["speed"]])
         row["wall_speedup"] = walls[row["speed"]]
 
 
-def wall_speedups(seconds: dict[float, list[float]], probes: dict[float, list[float]] | None = None
-                  ) -> dict[float, float]:
+def wall_speedups(seconds: dict[float, list[float]]) -> dict[float, float]:
     """Pass times per speed, one per round (rounds in the same order for every speed, speed 0
-    among them), and the probe time around each pass -> each speed's wall speed-up: the median
-    over rounds of speed 0's time over the speed's in the same round, each divided by its
-    probe time first (a pass that ran while the machine was slow has a slow probe too).
-    Without probes, the plain ratios of each round."""
-    def normalised(speed: float) -> np.ndarray:
-        times = np.asarray(seconds[speed], dtype=np.float64)  # (R,)
-        return times if probes is None else times / np.asarray(probes[speed], dtype=np.float64)
-
-    reference = normalised(0.0)  # (R,)
-    return {speed: float(np.median(reference / normalised(speed))) for speed in seconds}
+    among them) -> each speed's wall speed-up: the median over rounds of speed 0's time in a
+    round over the speed's time in the same round."""
+    reference = np.asarray(seconds[0.0], dtype=np.float64)  # (R,)
+    return {speed: float(np.median(reference / np.asarray(times, dtype=np.float64)))
+            for speed, times in seconds.items()}
 
 
 # -- output -----------------------------------------------------------------------------------

@@ -129,15 +129,6 @@ def test_wall_speedup_pairs_each_pass_with_speed_0_in_its_own_round():
     assert wall_speedups({0.0: [10.0, 20.0, 20.0], 0.5: [5.0, 4.0, 10.0]})[0.5] == pytest.approx(2.0)
 
 
-def test_wall_speedup_divides_each_pass_by_the_probes_around_it():
-    # round 1: the machine ran 1.4x slower during the speed-0.5 pass, and its probes saw it;
-    # round 2: during speed 0's pass. Divided by their probes, both rounds say 2.5
-    seconds = {0.0: [10.0, 14.0], 0.5: [5.6, 4.0]}
-    probes = {0.0: [1.0, 1.4], 0.5: [1.4, 1.0]}
-    assert wall_speedups(seconds, probes) == {0.0: 1.0, 0.5: pytest.approx(2.5)}
-    assert wall_speedups(seconds)[0.5] == pytest.approx((10 / 5.6 + 14 / 4) / 2)  # unprobed: 1.79 and 3.5
-
-
 def test_evaluation_matches_the_engine_and_writes_every_file(models, tmp_path):
     output = tmp_path / "eval"
     lines: list[str] = []
