@@ -483,8 +483,8 @@ def _dataset(uri: str, job: TrainJobConfig, tokenizer: Any, labels: list[str] | 
     # the Rust tokenizer, not its transformers wrapper, and a torch-free function: the tasks
     # import neither torch nor transformers (a 2-core machine spent ~10 s per run importing them)
     return ds.map_batches(training_rows, batch_format="pyarrow", fn_kwargs={
-        "tokenizer": getattr(tokenizer, "backend_tokenizer", tokenizer), "text_column": job.text_column, "label_column": job.label_column,
-        "labels": labels, "max_length": job.max_length})
+        "tokenizer": getattr(tokenizer, "backend_tokenizer", tokenizer), "text_column": job.text_column,
+        "label_column": job.label_column, "labels": labels, "max_length": job.max_length})
 
 
 def _read_state(checkpoint) -> dict[str, Any]:
