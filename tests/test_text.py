@@ -90,6 +90,8 @@ def test_training_rows_are_the_in_process_trainers_batches_unpadded():
 
 
 def test_the_cpu_tasks_of_the_scoring_and_training_jobs_import_no_torch():
+    # the training job's map_batches ships its tokenizer pickled, as Ray does with fn_kwargs;
+    # the task unpickles it (this test's own bytes) and tokenises
     backend = pickle.dumps(AutoTokenizer.from_pretrained(bundled_backbone_path()).backend_tokenizer)
     code = ("import pickle, sys, pyarrow as pa, pipeline.scoring, pipeline.text; "
             "rows = pipeline.text.training_rows(pa.table({'t': ['a b']}), pickle.loads(sys.stdin.buffer.read()), "
