@@ -3,7 +3,7 @@ its label-trained-students twin and a plain BERT classifier with the same epochs
 then evaluate them all on the test split and check the acceptance criteria.
 
     python -m benchmarks.ablation --dataset r8 [--train-rows 2000] [--test-rows 0] [--distill-on train|unlabelled]
-        [--teacher-head pooler|branch] [--repeats 3] [--work DIR] [--json out.json]
+        [--teacher-head pooler|branch] [--repeats 5] [--work DIR] [--json out.json]
 
 Steps, all with the production code (Ray Train on a local Ray, then jobs.evaluate's code):
 1. the data set to Parquet (train / validation / test);
@@ -91,9 +91,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="FastBERT's teacher: plain BERT's head on the pretrained pooler, or the paper's branch")
     parser.add_argument("--cpus-per-worker", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--speeds", default=",".join(f"{s:g}" for s in DEFAULT_SPEEDS))
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=int, default=5,
                         help="rounds of timed passes, every speed once per round; wall speed-up is the median of the "
-                             "per-round ratios to speed 0 (one pass is noisy on a shared machine)")
+                             "per-round ratios to speed 0 (one pass is noisy on a shared machine: with 3 rounds, two "
+                             "slow ones could still decide a speed's median)")
     parser.add_argument("--work", default=None, help="default: /tmp/fastbert-ablation-DATASET")
     parser.add_argument("--json", help="also write the evaluation and the checks here")
     args = parser.parse_args(argv)

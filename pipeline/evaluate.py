@@ -35,6 +35,7 @@ import torch
 
 from pipeline import flops as flop_account
 from pipeline.engine import Scorer
+from pipeline.heap import steady_heap
 from pipeline.model import FastBert
 from pipeline.text import tokenize
 from pipeline.tradeoff import SPEED_GRID, AllExits, all_exits, at_speed, exits_at, predictions_at
@@ -323,7 +324,8 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
         "speeds": rows,
         "baselines": baselines,
         "timing": {"what": "Scorer.score_tokens on rows tokenised once, in rounds that time every speed once; "
-                           "wall speed-up: median over rounds of speed 0's pass time over the speed's",
+                           "wall speed-up: median over rounds of speed 0's pass time over the speed's; "
+                           "the heap kept between passes (pipeline.heap.steady_heap)",
                    "micro_batch": config.micro_batch, "repeats": config.repeats,
                    "device": str(next(model.parameters()).device), "torch_threads": torch.get_num_threads(),
                    "cpus": os.cpu_count(), "machine": platform.platform()} if config.timing else None,
@@ -356,35 +358,38 @@ def _time_speeds(model: FastBert, texts: list[str], exits: AllExits, rows: list[
     what the speed saves, where timing each speed's passes one after the other would charge
     the slow minute to whichever speed ran in it. rows/s is from a speed's fastest pass."""
     token_ids, _, _ = tokenize(model.tokenizer, texts, model.config.max_length)
-    log("warm-up: one untimed pass at speed 0 (allocator and threads, so speed 0 is not timed cold)")
-    Scorer(model, speed=0.0, micro_batch=config.micro_batch).score_tokens(token_ids)
-    speeds = [0.0] + [r["speed"] for r in rows if r["speed"] != 0.0]
-    row_of = {r["speed"]: r for r in rows}
-    seconds: dict[float, list[float]] = {speed: [] for speed in speeds}  # one pass per round
-    index = {name: i for i, name in enumerate(model.config.labels)}
-    tick = time.perf_counter()
-    for round_ in range(config.repeats):
-        for speed in speeds:
-            scorer = Scorer(model, speed=speed, micro_batch=config.micro_batch)
-            t0 = time.perf_counter()
-            table = scorer.score_tokens(token_ids)
-            seconds[speed].append(time.perf_counter() - t0)
-            row = row_of.get(speed)
-            if row is not None and round_ == 0:
-                engine = np.array([index[p] for p in table.column("prediction").to_pylist()])
-                row["engine_agreement"] = float(np.mean(engine == predictions_at(exits, exits_at(exits, speed))))
-            wall = wall_speedups({0.0: seconds[0.0], speed: seconds[speed]})[speed]
-            done = round_ * len(speeds) + speeds.index(speed) + 1
-            # what is left: a pass of each speed costs what its first pass did, or, before that,
-            # speed 0's first pass over its FLOP speed-up
-            guess = [seconds[s][0] if seconds[s] else seconds[0.0][0] / row_of[s]["flop_speedup"] for s in speeds]
-            left = sum(guess[i % len(speeds)] for i in range(done, len(speeds) * config.repeats))
-            log(f"timed speed {speed:.2f}" + (f" (round {round_ + 1}/{config.repeats})" if config.repeats > 1 else "")
-                + f": {len(texts) / seconds[speed][-1]:.1f} rows/s"
-                + (f", wall {wall:.2f}x{' (median so far)' if round_ else ''} vs FLOPs {row['flop_speedup']:.2f}x"
-                   if row is not None else "")
-                + f"; timed passes ETA {left:.0f} s ({done}/{len(speeds) * config.repeats} passes, "
-                f"{time.perf_counter() - tick:.0f} s so far)")
+    # the passes reuse the pages the heap already has: with glibc's defaults a new speed's
+    # shapes cost up to a million page faults, charged to whichever pass met them first
+    with steady_heap():
+        log("warm-up: one untimed pass at speed 0 (allocator and threads, so speed 0 is not timed cold)")
+        Scorer(model, speed=0.0, micro_batch=config.micro_batch).score_tokens(token_ids)
+        speeds = [0.0] + [r["speed"] for r in rows if r["speed"] != 0.0]
+        row_of = {r["speed"]: r for r in rows}
+        seconds: dict[float, list[float]] = {speed: [] for speed in speeds}  # one pass per round
+        index = {name: i for i, name in enumerate(model.config.labels)}
+        tick = time.perf_counter()
+        for round_ in range(config.repeats):
+            for speed in speeds:
+                scorer = Scorer(model, speed=speed, micro_batch=config.micro_batch)
+                t0 = time.perf_counter()
+                table = scorer.score_tokens(token_ids)
+                seconds[speed].append(time.perf_counter() - t0)
+                row = row_of.get(speed)
+                if row is not None and round_ == 0:
+                    engine = np.array([index[p] for p in table.column("prediction").to_pylist()])
+                    row["engine_agreement"] = float(np.mean(engine == predictions_at(exits, exits_at(exits, speed))))
+                wall = wall_speedups({0.0: seconds[0.0], speed: seconds[speed]})[speed]
+                done = round_ * len(speeds) + speeds.index(speed) + 1
+                # what is left: a pass of each speed costs what its first pass did, or, before that,
+                # speed 0's first pass over its FLOP speed-up
+                guess = [seconds[s][0] if seconds[s] else seconds[0.0][0] / row_of[s]["flop_speedup"] for s in speeds]
+                left = sum(guess[i % len(speeds)] for i in range(done, len(speeds) * config.repeats))
+                log(f"timed speed {speed:.2f}" + (f" (round {round_ + 1}/{config.repeats})" if config.repeats > 1 else "")
+                    + f": {len(texts) / seconds[speed][-1]:.1f} rows/s"
+                    + (f", wall {wall:.2f}x{' (median so far)' if round_ else ''} vs FLOPs {row['flop_speedup']:.2f}x"
+                       if row is not None else "")
+                    + f"; timed passes ETA {left:.0f} s ({done}/{len(speeds) * config.repeats} passes, "
+                    f"{time.perf_counter() - tick:.0f} s so far)")
     walls = wall_speedups(seconds)
     for row in rows:
         row["rows_per_s"] = len(texts) / min(seconds[row["speed"]])

@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import flops as flop_account
+from pipeline.heap import release_freed_memory
 from pipeline.text import load_tokenizer, tokenize
 
 # torch, transformers and the modules that import them (engine, model, tradeoff) are imported
@@ -316,7 +317,7 @@ class Replica:
         for name in scored.column_names:
             batch = batch.append_column(name, scored.column(name))
         batch = batch.append_column("__full_flops", pa.array(full))
-        _release_freed_memory()
+        release_freed_memory()
         return batch.append_column("__truncated_out", pa.array(truncated & ok))
 
 
@@ -347,28 +348,6 @@ def cpu_replica_env() -> dict[str, Any] | None:
         return None
     tunables = ":".join(t for t in (REPLICA_GLIBC_TUNABLES, os.environ.get("GLIBC_TUNABLES")) if t)
     return {"env_vars": {"GLIBC_TUNABLES": tunables}}
-
-
-def _release_freed_memory() -> None:
-    """Hand the heap's free pages back to the OS (glibc). Every call's tensors have other
-    shapes, and without this a replica's memory grows with the rows it has scored (measured:
-    478 -> 1,139 MB over 8 calls of 1,024 rows, flat at 574 MB with it)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (macOS, musl): nothing to trim
-        return None
-
-
-_LIBC = _load_libc()
 
 
 def write_pieces(batch: pa.Table, output: str, schema: pa.Schema, layers: int) -> pa.Table:
