@@ -358,15 +358,15 @@ def _time_speeds(model: FastBert, texts: list[str], exits: AllExits, rows: list[
     what the speed saves, where timing each speed's passes one after the other would charge
     the slow minute to whichever speed ran in it. rows/s is from a speed's fastest pass."""
     token_ids, _, _ = tokenize(model.tokenizer, texts, model.config.max_length)
+    speeds = [0.0] + [r["speed"] for r in rows if r["speed"] != 0.0]
+    row_of = {r["speed"]: r for r in rows}
+    seconds: dict[float, list[float]] = {speed: [] for speed in speeds}  # one pass per round
+    index = {name: i for i, name in enumerate(model.config.labels)}
     # the passes reuse the pages the heap already has: with glibc's defaults a new speed's
     # shapes cost up to a million page faults, charged to whichever pass met them first
     with steady_heap():
         log("warm-up: one untimed pass at speed 0 (allocator and threads, so speed 0 is not timed cold)")
         Scorer(model, speed=0.0, micro_batch=config.micro_batch).score_tokens(token_ids)
-        speeds = [0.0] + [r["speed"] for r in rows if r["speed"] != 0.0]
-        row_of = {r["speed"]: r for r in rows}
-        seconds: dict[float, list[float]] = {speed: [] for speed in speeds}  # one pass per round
-        index = {name: i for i, name in enumerate(model.config.labels)}
         tick = time.perf_counter()
         for round_ in range(config.repeats):
             for speed in speeds:
