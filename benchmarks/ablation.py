@@ -32,11 +32,11 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.config import TEACHER_HEADS
 from pipeline.datasets import write_bundled
 from pipeline.distributed import TrainJobConfig
 from pipeline.distributed import run as train
 from pipeline.evaluate import DEFAULT_SPEEDS, EvaluateConfig, run_evaluation
-from pipeline.model import TEACHER_HEADS
 
 
 def checks(result: dict) -> dict:

@@ -10,6 +10,10 @@ def __getattr__(name: str):
         from pipeline.engine import Scorer
 
         return Scorer
+    if name == "FastBertConfig":
+        from pipeline.config import FastBertConfig
+
+        return FastBertConfig
     if name in __all__:
         from pipeline import model
 

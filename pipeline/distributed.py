@@ -36,7 +36,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline.model import CONFIG_FILE, TEACHER_HEADS, FastBert
+from pipeline.config import CONFIG_FILE, TEACHER_HEADS
+from pipeline.model import FastBert
 from pipeline.plain_bert import load_plain_bert, new_plain_bert, save_plain_bert
 from pipeline.text import training_rows
 from pipeline.tradeoff import TRADEOFF_FILE, TradeoffTable, choose_speed, describe_choice, save_table, tradeoff_table

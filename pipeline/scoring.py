@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import flops as flop_account
+from pipeline.config import SCHEMA as ENGINE_SCHEMA
 from pipeline.heap import release_freed_memory
 from pipeline.text import load_tokenizer, tokenize
 
@@ -152,8 +153,6 @@ class Plan:
 
     @property
     def output_schema(self) -> pa.Schema:
-        from pipeline.engine import SCHEMA as ENGINE_SCHEMA
-
         result = [ENGINE_SCHEMA.field(name) for name in RESULT_COLUMNS]
         return pa.schema(list(self.carried) + result)
 
@@ -398,7 +397,7 @@ def run(job: ScoreJobConfig, log=print, kill_once: str | None = None) -> dict[st
     import fsspec
     import ray
 
-    from pipeline.model import load_config
+    from pipeline.config import load_config
     from pipeline.tradeoff import choose_speed, describe_choice, load_table
 
     start = time.perf_counter()

@@ -6,6 +6,9 @@ follow from that layer and its length. So one full-depth pass that keeps every e
 gives the exact accuracy and FLOP speed-up at any number of speeds, the same as scoring at
 each speed with the engine (``Scorer``, whose tests check this equality row by row). It
 measures accuracy and FLOPs, not wall time: the engine benchmark measures that.
+
+Reading a stored table and choosing a speed from it need no torch (a job's driver does that);
+only the pass (``all_exits``) imports it.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from pipeline import flops as flop_account
-from pipeline.model import FastBert, uncertainty
-from pipeline.train import batches
+
+if TYPE_CHECKING:
+    from pipeline.model import FastBert
 
 
 @dataclass
@@ -41,20 +45,25 @@ class Point:
     exit_counts: list[int]  # rows leaving at layer 1..L
 
 
-@torch.no_grad()
 def all_exits(model: FastBert, texts: list[str], labels: list[str], batch_size: int = 64) -> AllExits:
     """One full-depth pass over ``texts`` in eval mode, keeping every exit's prediction and
     uncertainty. ``labels`` are label names of ``model.config.labels``."""
+    import torch
+
+    from pipeline.model import uncertainty
+    from pipeline.train import batches
+
     model.eval()
     order = np.argsort([len(t) for t in texts], kind="stable")  # batches of similar lengths pad little
     texts, labels = [texts[i] for i in order], [labels[i] for i in order]
     predictions, entropies, lengths, truth = [], [], [], []
-    for batch in batches(model, texts, labels, batch_size=batch_size):
-        logits = model(batch["input_ids"], batch["attention_mask"]).logits  # (L, B, N)
-        predictions.append(logits.argmax(-1).numpy())  # (L, B)
-        entropies.append(uncertainty(logits).numpy())  # (L, B)
-        lengths.append(batch["attention_mask"].sum(1).numpy())  # (B,)
-        truth.append(batch["labels"].numpy())  # (B,)
+    with torch.no_grad():
+        for batch in batches(model, texts, labels, batch_size=batch_size):
+            logits = model(batch["input_ids"], batch["attention_mask"]).logits  # (L, B, N)
+            predictions.append(logits.argmax(-1).numpy())  # (L, B)
+            entropies.append(uncertainty(logits).numpy())  # (L, B)
+            lengths.append(batch["attention_mask"].sum(1).numpy())  # (B,)
+            truth.append(batch["labels"].numpy())  # (B,)
     back = np.argsort(order)  # (R,) the input order again
     return AllExits(np.concatenate(predictions, 1)[:, back], np.concatenate(entropies, 1)[:, back],
                     np.concatenate(lengths)[back], np.concatenate(truth)[back])

@@ -210,6 +210,27 @@ def test_killed_driver_then_resume_loses_and_duplicates_nothing(ray_session, inp
     assert out.column("id").to_pylist() == list(range(200))  # nothing lost, nothing twice
 
 
+def test_the_driver_runs_without_torch(ray_session, inputs, tmp_path):
+    """`python -m jobs.score` with torch unimportable in its process finishes the job, its speed
+    chosen by a budget from the model's table: only the replicas load the model (the driver
+    checks it, reads its table, plans, tokenises through Ray Data tasks and writes the summary),
+    so a Ray head node needs no torch, and on 2 cores the driver spends no CPU-seconds importing
+    it while the replicas start."""
+    model = FastBert.from_pretrained(str(inputs / "model"))
+    texts, labels = toy_task(np.random.default_rng(9), 64)
+    model.tradeoff = tradeoff_table(model, texts, labels, data="toy validation rows")
+    model.save_pretrained(str(tmp_path / "model"))
+    output = tmp_path / "out"
+    argv = ["--model", str(tmp_path / "model"), "--input", str(inputs / "data"), "--output", str(output),
+            "--target-speedup", "1.1", "--batch-size", "16", "--micro-batch", "4", "--replicas", "1",
+            "--cpus-per-replica", "0.5"]
+    driver = start_driver("jobs.score", argv, tmp_path / "driver.log", without=("torch",))
+    assert driver.wait(timeout=300) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    assert json.loads((output / "_summary.json").read_text())["speed"] == choose_speed(model.tradeoff,
+                                                                                      target_speedup=1.1).speed
+    assert read_output(output).column("id").to_pylist() == all_inputs(inputs).column("id").to_pylist()
+
+
 def test_replica_scores_one_batch_without_ray(inputs):
     model = tiny_model(labels=LABELS, seed=4)
     texts = ["good w1", None, "bad w2 w3"]
