@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--speeds", default=",".join(f"{s:g}" for s in DEFAULT_SPEEDS))
     parser.add_argument("--repeats", type=int, default=5,
                         help="rounds of timed passes, every speed once per round; wall speed-up is the median of the "
-                             "per-round ratios to speed 0 (one pass is noisy on a shared machine: with 3 rounds, two "
-                             "slow ones could still decide a speed's median)")
+                             "per-round ratios to speed 0 at the moment of the pass (jobs.evaluate --repeats; one pass "
+                             "is noisy on a shared machine: with 3 rounds, two slow ones could still decide a median)")
     parser.add_argument("--work", default=None, help="default: /tmp/fastbert-ablation-DATASET")
     parser.add_argument("--json", help="also write the evaluation and the checks here")
     args = parser.parse_args(argv)

@@ -46,8 +46,10 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
                    help="baseline (c): output of jobs.train --finetuned ... --student-targets labels")
     p.add_argument("--micro-batch", type=int, default=d.micro_batch, help="engine rows per layer step (timed passes)")
     p.add_argument("--no-timing", dest="timing", action="store_false", help="skip the timed passes")
-    p.add_argument("--repeats", type=int, default=d.repeats, help="rounds of timed passes, each timing every speed once; a speed's wall speed-up is "
-                        "the median over rounds of its ratio to speed 0 in the same round")
+    p.add_argument("--repeats", type=int, default=d.repeats,
+                   help="rounds of timed passes, each timing every speed once (speed 0 first, and once more at the "
+                        "end); a speed's wall speed-up is the median over rounds of speed 0's time at the moment of "
+                        "its pass (interpolated between the passes of speed 0 around it) over its own")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --output")
     return EvaluateConfig(**vars(p.parse_args(argv)))
 

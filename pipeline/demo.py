@@ -161,7 +161,8 @@ class _Plan:
             "train": 40.0 + rows * config.epochs / 16.0 + rows * config.distill_epochs / 45.0
             + (config.epochs + config.distill_epochs) * config.val_rows / 60.0 + config.val_rows / 25.0,
             "score": 25.0 + (config.test_rows or 2189) / 150.0,
-            "evaluate": 10.0 + (config.test_rows or 2189) * (1 / 40.0 + 2 / 60.0 + (len(config.speeds) - 1) / 180.0),
+            # the full pass; the warm-up and two timed passes at speed 0; one timed pass per other speed
+            "evaluate": 10.0 + (config.test_rows or 2189) * (1 / 40.0 + 3 / 60.0 + (len(config.speeds) - 1) / 180.0),
         }
         if config.backbone != BUNDLED:  # another backbone: no calibrated rates; say so rather than guess
             self.expected = {name: float("nan") for name in self.expected}

@@ -4,10 +4,10 @@ measured wall time, the exit-layer distribution, and the paper's baselines.
 1. **One full-depth pass** keeps every exit's prediction and uncertainty
    (``pipeline.tradeoff.all_exits``). Accuracy, macro-F1, mean exit layer, exit-layer
    histogram, FLOPs per row and FLOP speed-up at every speed follow from it exactly.
-2. **Timed passes** with the engine, ``repeats`` rounds of one pass per speed
-   (``Scorer.score_tokens`` on rows tokenised once: tokenising costs the same at every speed
-   and FLOPs do not count it), give the wall speed-up against speed 0 and check that the
-   engine predicts what the full pass says.
+2. **Timed passes** with the engine, ``repeats`` rounds of one pass per speed and speed 0
+   once more at the end (``Scorer.score_tokens`` on rows tokenised once: tokenising costs the
+   same at every speed and FLOPs do not count it), give the wall speed-up against speed 0 and
+   check that the engine predicts what the full pass says.
 3. **Baselines on the same rows** (the paper's Table 3): (a) a plain Hugging Face classifier
    fine-tuned with the same budget (``jobs.train --plain-bert``) against the teacher;
    (b) fixed-depth truncation (every row leaves at layer k) against adaptive exit at equal
@@ -323,8 +323,9 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
         "layers": model.config.num_layers,
         "speeds": rows,
         "baselines": baselines,
-        "timing": {"what": "Scorer.score_tokens on rows tokenised once, in rounds that time every speed once; "
-                           "wall speed-up: median over rounds of speed 0's pass time over the speed's; "
+        "timing": {"what": "Scorer.score_tokens on rows tokenised once, in rounds that time every speed once, "
+                           "speed 0 first and once more at the end; wall speed-up: median over rounds of speed "
+                           "0's pass time, interpolated to the moment of the speed's pass, over the speed's; "
                            "the heap kept between passes (pipeline.heap.steady_heap)",
                    "micro_batch": config.micro_batch, "repeats": config.repeats,
                    "device": str(next(model.parameters()).device), "torch_threads": torch.get_num_threads(),
@@ -352,57 +353,67 @@ def _time_speeds(model: FastBert, texts: list[str], exits: AllExits, rows: list[
     """Fill in rows/s, wall speed-up against speed 0 (timed too when not asked for) and the
     engine's agreement with the full pass.
 
-    The passes run in ``repeats`` rounds, each round timing every speed once, speed 0 first.
-    A speed's wall speed-up is the median over rounds of speed 0's time in that round over its
-    own: a machine that slows down for a minute slows both passes of a pair, so the ratio keeps
-    what the speed saves, where timing each speed's passes one after the other would charge
-    the slow minute to whichever speed ran in it. rows/s is from a speed's fastest pass."""
+    The passes run in ``repeats`` rounds, each round timing every speed once, speed 0 first,
+    and a last pass of speed 0 closes the last round: every pass of another speed lies between
+    two passes of speed 0, and ``wall_speedups`` compares it with speed 0's time interpolated
+    to its own moment. rows/s is from a speed's fastest pass."""
     token_ids, _, _ = tokenize(model.tokenizer, texts, model.config.max_length)
     speeds = [0.0] + [r["speed"] for r in rows if r["speed"] != 0.0]
     row_of = {r["speed"]: r for r in rows}
-    seconds: dict[float, list[float]] = {speed: [] for speed in speeds}  # one pass per round
+    passes: list[tuple[float, float, float]] = []  # (speed, start, seconds), in the order run
+    first: dict[float, float] = {}  # each speed's first pass, for the ETA
     index = {name: i for i, name in enumerate(model.config.labels)}
+    order = [*speeds * config.repeats, 0.0]  # the rounds, then speed 0 once more
     # the passes reuse the pages the heap already has: with glibc's defaults a new speed's
     # shapes cost up to a million page faults, charged to whichever pass met them first
     with steady_heap():
         log("warm-up: one untimed pass at speed 0 (allocator and threads, so speed 0 is not timed cold)")
         Scorer(model, speed=0.0, micro_batch=config.micro_batch).score_tokens(token_ids)
         tick = time.perf_counter()
-        for round_ in range(config.repeats):
-            for speed in speeds:
-                scorer = Scorer(model, speed=speed, micro_batch=config.micro_batch)
-                t0 = time.perf_counter()
-                table = scorer.score_tokens(token_ids)
-                seconds[speed].append(time.perf_counter() - t0)
-                row = row_of.get(speed)
-                if row is not None and round_ == 0:
-                    engine = np.array([index[p] for p in table.column("prediction").to_pylist()])
-                    row["engine_agreement"] = float(np.mean(engine == predictions_at(exits, exits_at(exits, speed))))
-                wall = wall_speedups({0.0: seconds[0.0], speed: seconds[speed]})[speed]
-                done = round_ * len(speeds) + speeds.index(speed) + 1
-                # what is left: a pass of each speed costs what its first pass did, or, before that,
-                # speed 0's first pass over its FLOP speed-up
-                guess = [seconds[s][0] if seconds[s] else seconds[0.0][0] / row_of[s]["flop_speedup"] for s in speeds]
-                left = sum(guess[i % len(speeds)] for i in range(done, len(speeds) * config.repeats))
-                log(f"timed speed {speed:.2f}" + (f" (round {round_ + 1}/{config.repeats})" if config.repeats > 1 else "")
-                    + f": {len(texts) / seconds[speed][-1]:.1f} rows/s"
-                    + (f", wall {wall:.2f}x{' (median so far)' if round_ else ''} vs FLOPs {row['flop_speedup']:.2f}x"
-                       if row is not None else "")
-                    + f"; timed passes ETA {left:.0f} s ({done}/{len(speeds) * config.repeats} passes, "
-                    f"{time.perf_counter() - tick:.0f} s so far)")
-    walls = wall_speedups(seconds)
+        for done, speed in enumerate(order, start=1):
+            round_ = (done - 1) // len(speeds)
+            scorer = Scorer(model, speed=speed, micro_batch=config.micro_batch)
+            t0 = time.perf_counter()
+            table = scorer.score_tokens(token_ids)
+            seconds = time.perf_counter() - t0
+            passes.append((speed, t0 - tick, seconds))
+            first.setdefault(speed, seconds)
+            reference = seconds if speed == 0.0 else reference  # this round's speed 0
+            row = row_of.get(speed)
+            if row is not None and row["engine_agreement"] is None:
+                engine = np.array([index[p] for p in table.column("prediction").to_pylist()])
+                row["engine_agreement"] = float(np.mean(engine == predictions_at(exits, exits_at(exits, speed))))
+            # what is left: a pass costs what its speed's first pass did, or, before that, speed 0's
+            # first pass over the speed's FLOP speed-up
+            left = sum(first.get(s) or first[0.0] / row_of[s]["flop_speedup"] for s in order[done:])
+            log(f"timed speed {speed:.2f}"
+                + (f" (round {round_ + 1}/{config.repeats})" if round_ < config.repeats else " (closing the last round)")
+                + f": {len(texts) / seconds:.1f} rows/s"
+                + (f", {reference / seconds:.2f}x this round's speed 0 (FLOPs {row['flop_speedup']:.2f}x)"
+                   if row is not None and speed != 0.0 else "")
+                + f"; timed passes ETA {left:.0f} s ({done}/{len(order)} passes, {time.perf_counter() - tick:.0f} s so far)")
+    walls = wall_speedups(passes)
     for row in rows:
-        row["rows_per_s"] = len(texts) / min(seconds[row["speed"]])
+        row["rows_per_s"] = len(texts) / min(sec for p, _, sec in passes if p == row["speed"])
         row["wall_speedup"] = walls[row["speed"]]
 
 
-def wall_speedups(seconds: dict[float, list[float]]) -> dict[float, float]:
-    """Pass times per speed, one per round (rounds in the same order for every speed, speed 0
-    among them) -> each speed's wall speed-up: the median over rounds of speed 0's time in a
-    round over the speed's time in the same round."""
-    reference = np.asarray(seconds[0.0], dtype=np.float64)  # (R,)
-    return {speed: float(np.median(reference / np.asarray(times, dtype=np.float64)))
-            for speed, times in seconds.items()}
+def wall_speedups(passes: list[tuple[float, float, float]]) -> dict[float, float]:
+    """Timed passes ``(speed, start, seconds)`` in the order run, speed 0 first and last ->
+    each speed's wall speed-up: the median over its passes of speed 0's time at the moment
+    of the pass over the pass's own time. Speed 0's time at a moment is interpolated linearly
+    between the passes of speed 0 before and after it (by their midpoints): when this machine
+    speeds up or slows down over a round, the reference follows, where one pass of speed 0 per
+    round would charge the change to whichever speeds ran late in the round."""
+    reference = [(start + seconds / 2, seconds) for speed, start, seconds in passes if speed == 0.0]
+    if not reference or passes[0][0] != 0.0 or passes[-1][0] != 0.0:
+        raise ValueError("the timed passes must begin and end with a pass of speed 0")
+    middles, times = np.array([m for m, _ in reference]), np.array([t for _, t in reference])  # (P0,), (P0,)
+    ratios: dict[float, list[float]] = {}
+    for speed, start, seconds in passes:
+        expected = float(np.interp(start + seconds / 2, middles, times))  # speed 0's time at this moment
+        ratios.setdefault(speed, []).append(1.0 if speed == 0.0 else expected / seconds)
+    return {speed: float(np.median(r)) for speed, r in ratios.items()}
 
 
 # -- output -----------------------------------------------------------------------------------

@@ -121,12 +121,28 @@ def test_equal_speedups_in_the_other_curve_keep_gain_and_interval_together():
     assert _verdict(one)["worse_beyond_chance_at"] == []
 
 
-def test_wall_speedup_pairs_each_pass_with_speed_0_in_its_own_round():
-    # round 2 ran on a machine twice as slow throughout: its ratios are round 1's
-    walls = wall_speedups({0.0: [10.0, 20.0], 0.5: [4.0, 8.0], 1.0: [2.0, 4.0]})
-    assert walls == {0.0: 1.0, 0.5: pytest.approx(2.5), 1.0: pytest.approx(5.0)}
-    # per-round ratios 2, 5 and 2: the median is 2, where the fastest passes compared unpaired would say 10/4 = 2.5
-    assert wall_speedups({0.0: [10.0, 20.0, 20.0], 0.5: [5.0, 4.0, 10.0]})[0.5] == pytest.approx(2.0)
+def test_wall_speedup_compares_each_pass_with_speed_0_at_its_own_moment():
+    # (speed, start, seconds). The machine slows down steadily: speed 0 takes 10 s at t=5 and 20 s at
+    # t=40, so a pass centred at t=22.5 would have taken speed 0 15 s; the pass took 3 s: 5x. Compared
+    # with the round's first pass of speed 0 alone it would read 10/3 = 3.3x
+    walls = wall_speedups([(0.0, 0.0, 10.0), (1.0, 21.0, 3.0), (0.0, 30.0, 20.0)])
+    assert walls == {0.0: 1.0, 1.0: pytest.approx(5.0)}
+    # two rounds on a machine that slows steadily (pace 1 + t/100): a pass of w seconds of work takes
+    # w * pace(its midpoint). Speed 0 does 10 s of work, 0.5 4 s, 1.0 2 s: exactly 2.5x and 5x at every
+    # moment; against each round's first pass of speed 0 they would read 2.33x and 4.53x
+    passes, t = [], 0.0
+    for speed, work in [(0.0, 10.0), (0.5, 4.0), (1.0, 2.0)] * 2 + [(0.0, 10.0)]:
+        seconds = work * (1 + t / 100) / (1 - work / 200)  # solves seconds = work * pace(t + seconds / 2)
+        passes.append((speed, t, seconds))
+        t += seconds
+    walls = wall_speedups(passes)
+    assert walls[0.5] == pytest.approx(2.5) and walls[1.0] == pytest.approx(5.0)
+    # per-pass ratios 2, 5 and 2 on a steady machine: the median is 2, not the fastest pass's 10/4 = 2.5
+    steady = [(0.0, 0, 10.0), (0.5, 10, 5.0), (0.0, 15, 10.0), (0.5, 25, 2.0), (0.0, 27, 10.0), (0.5, 37, 5.0),
+              (0.0, 42, 10.0)]
+    assert wall_speedups(steady)[0.5] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="begin and end with a pass of speed 0"):
+        wall_speedups([(0.0, 0, 10.0), (0.5, 10, 5.0)])
 
 
 def test_evaluation_matches_the_engine_and_writes_every_file(models, tmp_path):
