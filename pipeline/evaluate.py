@@ -378,7 +378,8 @@ def _time_speeds(model: FastBert, texts: list[str], exits: AllExits, rows: list[
             seconds = time.perf_counter() - t0
             passes.append((speed, t0 - tick, seconds))
             first.setdefault(speed, seconds)
-            reference = seconds if speed == 0.0 else reference  # this round's speed 0
+            if speed == 0.0:
+                reference = seconds  # this round's speed 0, for the log
             row = row_of.get(speed)
             if row is not None and row["engine_agreement"] is None:
                 engine = np.array([index[p] for p in table.column("prediction").to_pylist()])

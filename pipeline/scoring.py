@@ -41,13 +41,15 @@ import pyarrow.parquet as pq
 
 from pipeline import flops as flop_account
 from pipeline.config import SCHEMA as ENGINE_SCHEMA
+from pipeline.config import load_config
 from pipeline.heap import release_freed_memory
 from pipeline.text import load_tokenizer, tokenize
+from pipeline.tradeoff import choose_speed, describe_choice, load_table
 
-# torch, transformers and the modules that import them (engine, model, tradeoff) are imported
-# where they are used, in the driver and the replicas: the read, tokenise and write tasks
-# import this module in their own Ray workers, and on 2 cores those imports (about 2
-# CPU-seconds per worker) delayed the replicas' start
+# torch, transformers and the modules that import them (engine, model) are imported in the
+# replicas alone: the driver and the read, tokenise and write tasks (which import this module
+# in their own Ray workers) never need them, and on 2 cores those imports (about 2
+# CPU-seconds per process) delayed the replicas' start
 
 RESULT_COLUMNS = ("prediction", "probabilities", "exit_layer", "uncertainty", "error")
 JOB_FILE = "_job.json"
@@ -396,9 +398,6 @@ def run(job: ScoreJobConfig, log=print, kill_once: str | None = None) -> dict[st
     batch kills its own process (SIGKILL) once, and marks ``folder/killed``."""
     import fsspec
     import ray
-
-    from pipeline.config import load_config
-    from pipeline.tradeoff import choose_speed, describe_choice, load_table
 
     start = time.perf_counter()
     config = load_config(job.model)  # a clear error when it is no FastBERT folder; the weights stay where they are
