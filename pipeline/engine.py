@@ -13,10 +13,13 @@ One call of a ``Scorer`` on a list of texts:
 4. at the end, the pools are flushed from shallow to deep; the teacher answers for every
    row that reaches the last layer.
 
-Each pool holds fewer than ``micro_batch`` rows between steps, so memory is bounded by
-``L x micro_batch`` rows of hidden states whatever the call's size. Every step makes one
-host sync (the copy of its uncertainties and probabilities); at speed 0 no student branch
-runs, so the machinery costs nothing when nobody can exit.
+Survivors are not copied out of their step's output: they are gathered once, straight into
+the batch that runs them next. A step where fewer than half stay copies them out at once, so
+the step outputs a pool keeps alive hold at most twice its rows (plus one micro-batch, for a
+chunk that a take split); each pool holds fewer than ``micro_batch`` rows between steps, so
+memory is bounded by ``3 x L x micro_batch`` rows of hidden states whatever the call's size.
+Every step makes one host sync (the copy of its uncertainties and probabilities); at speed 0
+no student branch runs, so the machinery costs nothing when nobody can exit.
 """
 
 from __future__ import annotations
@@ -60,11 +63,19 @@ class ScorerStats:
 
 @dataclass
 class _Chunk:
-    """Rows waiting at one depth: hidden states trimmed to their longest row."""
+    """Rows waiting at one depth: rows ``pick`` of a step's output ``hidden``. The rows that
+    left at that step are not copied out: the survivors are gathered once, straight into the
+    batch that runs them next (``Scorer._take``)."""
 
-    hidden: torch.Tensor  # (b, T, H) on the scoring device
-    lengths: np.ndarray  # (b,) int64, real tokens per row
+    hidden: torch.Tensor  # (b_src, T_src, H) on the scoring device: the step's output
+    pick: np.ndarray  # (b,) int64, this chunk's rows of hidden, in order
+    lengths: np.ndarray  # (b,) int64, real tokens per row (each <= T_src)
     rows: np.ndarray  # (b,) int64, positions in the call's input
+
+    @property
+    def whole(self) -> bool:
+        """Every row of ``hidden``, in order: runs as it is, no copy."""
+        return len(self.pick) == self.hidden.shape[0] and bool((self.pick == np.arange(len(self.pick))).all())
 
 
 class Scorer:
@@ -158,7 +169,7 @@ class Scorer:
         with torch.inference_mode(), self._autocast():
             for start in range(0, len(order), self.micro_batch):
                 rows = order[start : start + self.micro_batch]
-                self._step(0, self._embed(rows, lengths[rows], ids_of))
+                self._step(0, self._embed(rows, lengths[rows], ids_of), rows, lengths[rows])
                 self._drain(final=not self.regroup)
             self._drain(final=True)
 
@@ -166,18 +177,17 @@ class Scorer:
 
     # -- layer steps ------------------------------------------------------------------------
 
-    def _embed(self, rows: np.ndarray, lengths: np.ndarray, ids_of: dict[int, list[int]]) -> _Chunk:
+    def _embed(self, rows: np.ndarray, lengths: np.ndarray, ids_of: dict[int, list[int]]) -> torch.Tensor:
         T = int(lengths.max())
         ids = np.full((len(rows), T), self._pad_id, dtype=np.int64)  # (b, T) right-padded
         for j, r in enumerate(rows.tolist()):
             ids[j, : lengths[j]] = ids_of[r]
         input_ids = self._to_device(ids)  # (b, T)
-        return _Chunk(self.model.embed(input_ids), lengths, rows)  # hidden (b, T, H)
+        return self.model.embed(input_ids)  # (b, T, H)
 
-    def _step(self, k: int, chunk: _Chunk) -> None:
-        """Layer k (0-based) and its branch on one batch; exited rows are recorded, survivors
-        join the pool of layer k+1 trimmed to their own longest row."""
-        hidden, lengths = chunk.hidden, chunk.lengths
+    def _step(self, k: int, hidden: torch.Tensor, rows: np.ndarray, lengths: np.ndarray) -> None:
+        """Layer k (0-based) and its branch on one batch, hidden (b, T, H) with T = the longest
+        of ``lengths``; exited rows are recorded, survivors join the pool of layer k+1."""
         b, T = hidden.shape[:2]
         mask = None  # (b, T) bool, True at real tokens; None when nothing is padded
         if int(lengths.min()) < T:
@@ -187,24 +197,24 @@ class Scorer:
 
         last = k == len(self._pools) - 1
         if not last and not self._students:
-            self._push(k + 1, _Chunk(hidden, lengths, chunk.rows))
+            self._push(k + 1, _Chunk(hidden, np.arange(b), lengths, rows))
             return
         logits = self.model.branches[k](hidden, mask).float()  # (b, N)
         probs = torch.softmax(logits, dim=-1)  # (b, N)
         host = torch.cat([uncertainty(logits)[:, None], probs], dim=1).cpu().numpy()  # (b, 1+N): the step's one sync
         leave = np.ones(b, dtype=bool) if last else host[:, 0] < self.speed  # (b,)
-        out = chunk.rows[leave]
+        out = rows[leave]
         self._uncertainty[out] = host[leave, 0]
         self._probs[out] = host[leave, 1:]
         self._exit[out] = k + 1
         if leave.all():
             return
-        stay = np.flatnonzero(~leave)
-        stay_lengths = lengths[stay]
-        kept = hidden[:, : int(stay_lengths.max())]  # (b, T', H) view: survivors may be shorter
-        if len(stay) < b:
-            kept = kept.index_select(0, self._to_device(stay))  # (b', T', H)
-        self._push(k + 1, _Chunk(kept, stay_lengths, chunk.rows[stay]))
+        stay = np.flatnonzero(~leave)  # (b',)
+        rows, lengths = rows[stay], lengths[stay]
+        if 2 * len(stay) < b:  # few stay: copy them out now, so a pool never holds much more than its rows
+            hidden = hidden[:, : int(lengths.max())].index_select(0, self._to_device(stay))  # (b', T', H)
+            stay = np.arange(len(stay))
+        self._push(k + 1, _Chunk(hidden, stay, lengths, rows))
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         """A host array on the scoring device. On CUDA through pinned memory, so the copy is
@@ -223,11 +233,13 @@ class Scorer:
         deep: a step at layer k only feeds the pool of layer k+1, so one pass suffices."""
         for k in range(1, len(self._pools)):
             while self._pool_rows[k] >= self.micro_batch or (final and self._pool_rows[k] > 0):
-                self._step(k, self._take(k, self.micro_batch))
+                self._step(k, *self._take(k, self.micro_batch))
 
-    def _take(self, k: int, n: int) -> _Chunk:
-        """Pop up to n rows from the pool of layer k, oldest first, as one batch padded to its
-        longest row; a chunk that does not fit whole is split and its rest stays in front."""
+    def _take(self, k: int, n: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """Pop up to n rows from the pool of layer k, oldest first, as one batch (hidden (n, T, H)
+        with T its longest row, rows, lengths); a chunk that does not fit whole is split and its
+        rest stays in front. A whole step's output runs as it is (a view); otherwise each row is
+        copied once, straight into the new batch."""
         pool, taken, count = self._pools[k], [], 0
         while pool and count < n:
             taken.append(pool.popleft())
@@ -238,16 +250,25 @@ class Scorer:
             pool.appendleft(tail)
             count = n
         self._pool_rows[k] -= count
-        if len(taken) == 1:
-            return taken[0]
-        T = max(c.hidden.shape[1] for c in taken)
-        first = taken[0].hidden
-        hidden = first.new_zeros((count, T, first.shape[2]))  # (n, T, H) zero padding: masked keys
+        rows = np.concatenate([c.rows for c in taken])  # (n,)
+        lengths = np.concatenate([c.lengths for c in taken])  # (n,)
+        T = int(lengths.max())
+        if len(taken) == 1 and taken[0].whole:
+            return taken[0].hidden[:, :T], rows, lengths  # (n, T, H) view
+        H = taken[0].hidden.shape[2]
+        hidden = taken[0].hidden.new_empty((count, T, H))  # (n, T, H)
+        flat = hidden.view(count * T, H)  # (n*T, H)
         start = 0
         for c in taken:
-            hidden[start : start + c.hidden.shape[0], : c.hidden.shape[1]] = c.hidden  # (b_i, T_i, H)
-            start += c.hidden.shape[0]
-        return _Chunk(hidden, np.concatenate([c.lengths for c in taken]), np.concatenate([c.rows for c in taken]))
+            # row j of c, position t <- c.hidden[pick[j], min(t, T_src - 1)]: positions past a row's
+            # length are masked keys, so any finite hidden state will do for them
+            b_src, T_src = c.hidden.shape[:2]
+            index = c.pick[:, None] * T_src + np.minimum(np.arange(T), T_src - 1)[None, :]  # (b, T)
+            b = len(c.pick)
+            torch.index_select(c.hidden.reshape(b_src * T_src, H), 0, self._to_device(index.reshape(-1)),
+                               out=flat[start * T : (start + b) * T])  # (b*T, H)
+            start += b
+        return hidden, rows, lengths
 
     # -- input and output -------------------------------------------------------------------
 
@@ -291,9 +312,6 @@ class Scorer:
 
 
 def _split(chunk: _Chunk, cut: int) -> tuple[_Chunk, _Chunk]:
-    """The first ``cut`` rows and the rest, each trimmed to its longest row (views, no copy)."""
-    parts = []
-    for sl in (slice(0, cut), slice(cut, None)):
-        lengths = chunk.lengths[sl]
-        parts.append(_Chunk(chunk.hidden[sl, : int(lengths.max())], lengths, chunk.rows[sl]))
-    return parts[0], parts[1]
+    """The first ``cut`` rows and the rest (the same hidden states, no copy)."""
+    return (_Chunk(chunk.hidden, chunk.pick[:cut], chunk.lengths[:cut], chunk.rows[:cut]),
+            _Chunk(chunk.hidden, chunk.pick[cut:], chunk.lengths[cut:], chunk.rows[cut:]))

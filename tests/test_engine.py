@@ -142,6 +142,27 @@ def test_exited_rows_are_removed_and_survivors_regrouped(model):
     assert 0 < (exits == 1).sum() < len(texts), "some rows should leave early, some stay"
 
 
+def test_waiting_rows_keep_at_most_as_many_other_rows_alive(model):
+    """Survivors wait in their step's output without a copy, unless fewer than half stay: the
+    hidden states a pool keeps alive are at most twice its rows, so memory stays bounded."""
+    texts = random_texts(np.random.default_rng(6), 300, max_words=45)
+    scorer = Scorer(model, speed=0.3, micro_batch=16)
+    held = []  # (rows in the pool, rows of the step outputs it keeps alive), after every push
+    push = scorer._push
+
+    def recording_push(k, chunk):
+        push(k, chunk)
+        alive = {id(c.hidden): c.hidden.shape[0] for c in scorer._pools[k]}
+        held.append((scorer._pool_rows[k], sum(alive.values())))
+
+    scorer._push = recording_push
+    table = scorer(texts)
+    assert held and all(alive <= 2 * rows + 16 for rows, alive in held), max(held, key=lambda h: h[1] - h[0])
+    assert any(alive > rows for rows, alive in held), "some survivors should wait without a copy"
+    scorer._push = push
+    np.testing.assert_array_equal(table["exit_layer"].to_numpy(), scorer(texts)["exit_layer"].to_numpy())
+
+
 def test_without_regrouping_batches_only_shrink(model):
     texts = random_texts(np.random.default_rng(5), 200, max_words=45)
     recorder = LayerRecorder(model)
