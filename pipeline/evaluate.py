@@ -284,8 +284,7 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
     teacher = at_speed(exits, model, 0.0)
     rows = [speed_row(exits, model, s) for s in config.speeds]
     correct = correct_at(exits, config.speeds)  # (S, R)
-    if config.timing:
-        _time_speeds(model, texts, exits, rows, config, log)
+    passes = _time_speeds(model, texts, exits, rows, config, log) if config.timing else []
 
     baselines = {"truncation": None, "label_students": None, "plain_bert": None}
     curve = truncation_curve(exits, model)
@@ -329,7 +328,10 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
                            "the heap kept between passes (pipeline.heap.steady_heap)",
                    "micro_batch": config.micro_batch, "repeats": config.repeats,
                    "device": str(next(model.parameters()).device), "torch_threads": torch.get_num_threads(),
-                   "cpus": os.cpu_count(), "machine": platform.platform()} if config.timing else None,
+                   "cpus": os.cpu_count(), "machine": platform.platform(),
+                   # every timed pass in the order run, for any other reading of the times
+                   "passes": [{"speed": sp, "start_s": st, "seconds": sec} for sp, st, sec in passes]}
+                  if config.timing else None,
         "full_pass_seconds": full_pass_s,
         "files": [EVALUATION_FILE, CSV_FILE, TRADEOFF_PLOT, EXITS_PLOT],
         "config": asdict(config),
@@ -349,9 +351,9 @@ def _same_labels(theirs: list[str], ours: list[str], uri: str) -> None:
 
 
 def _time_speeds(model: FastBert, texts: list[str], exits: AllExits, rows: list[dict], config: EvaluateConfig,
-                 log) -> None:
+                 log) -> list[tuple[float, float, float]]:
     """Fill in rows/s, wall speed-up against speed 0 (timed too when not asked for) and the
-    engine's agreement with the full pass.
+    engine's agreement with the full pass; returns the passes ``(speed, start, seconds)``.
 
     The passes run in ``repeats`` rounds, each round timing every speed once, speed 0 first,
     and a last pass of speed 0 closes the last round: every pass of another speed lies between
@@ -397,6 +399,7 @@ def _time_speeds(model: FastBert, texts: list[str], exits: AllExits, rows: list[
     for row in rows:
         row["rows_per_s"] = len(texts) / min(sec for p, _, sec in passes if p == row["speed"])
         row["wall_speedup"] = walls[row["speed"]]
+    return passes
 
 
 def wall_speedups(passes: list[tuple[float, float, float]]) -> dict[float, float]:

@@ -122,6 +122,7 @@ class FastBert(nn.Module):
     def __init__(self, config: FastBertConfig, backbone: nn.Module | None = None, tokenizer=None):
         super().__init__()
         from transformers import AutoConfig, AutoModel
+        from transformers.models.bert.modeling_bert import BertEmbeddings
 
         self.config = config
         if backbone is None:
@@ -129,6 +130,9 @@ class FastBert(nn.Module):
             backbone = _build_backbone(lambda **kw: AutoModel.from_config(hf_config, **kw))
         _check_bert_shaped(backbone, config.backbone.get("model_type", "?"))
         self.backbone = backbone
+        # plain BERT embeddings with absolute positions: ``embed`` sums them in fewer passes
+        self._bert_embeddings = (type(backbone.embeddings) is BertEmbeddings
+                                 and getattr(backbone.embeddings, "position_embedding_type", "absolute") == "absolute")
         hidden = int(config.backbone["hidden_size"])
         students = [Branch(hidden, config.branch_width, config.branch_heads, config.num_labels, config.dropout)
                     for _ in range(config.num_layers - 1)]
@@ -147,8 +151,19 @@ class FastBert(nn.Module):
         return self.backbone.encoder.layer
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids: (B, T), right-padded. Returns hidden states (B, T, H)."""
-        return self.backbone.embeddings(input_ids=input_ids)
+        """input_ids: (B, T), right-padded. Returns hidden states (B, T, H).
+
+        For BERT's own embeddings in eval mode, the same sum in fewer passes over memory: the
+        position rows and the token-type-0 row (every row's type; BERT gathers it for every
+        token) are added to each other first, at (T, H), then once to the word vectors."""
+        emb = self.backbone.embeddings
+        if self.training or not self._bert_embeddings:
+            return emb(input_ids=input_ids)
+        T = input_ids.shape[1]
+        position_type = emb.position_embeddings.weight[:T] + emb.token_type_embeddings.weight[0]  # (T, H)
+        x = emb.word_embeddings(input_ids)  # (B, T, H)
+        x += position_type  # (B, T, H)
+        return emb.LayerNorm(x)  # (B, T, H); dropout is the identity in eval mode
 
     def layer_mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
         """The padding mask (B, T) bool as the backbone's attention expects it, (B, 1, 1, T)."""

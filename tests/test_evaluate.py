@@ -171,6 +171,9 @@ def test_evaluation_matches_the_engine_and_writes_every_file(models, tmp_path):
         assert row["flops_per_row"] == pytest.approx(scorer.stats.flops / 100)
         assert 0.0 <= row["macro_f1"] <= 1.0
     assert result["speeds"][0]["wall_speedup"] == 1.0 and result["speeds"][0]["flop_speedup"] == pytest.approx(1.0)
+    passes = [(p["speed"], p["start_s"], p["seconds"]) for p in result["timing"]["passes"]]  # every pass, in order
+    assert [p[0] for p in passes] == [*speeds * 2, 0.0]
+    assert wall_speedups(passes) == {r["speed"]: r["wall_speedup"] for r in result["speeds"]}
     assert result["teacher_accuracy"] == result["speeds"][0]["accuracy"] > 0.8
     assert result["speeds"][-1]["exit_counts"] == [100, 0, 0]  # speed 1: every row leaves at layer 1
 

@@ -61,6 +61,29 @@ def test_padding_does_not_change_a_rows_logits():
     torch.testing.assert_close(together[:, :1], alone, atol=1e-5, rtol=1e-5)
 
 
+def test_the_eval_embedding_is_berts_own_and_other_backbones_keep_theirs():
+    model = tiny_model(seed=3)
+    with torch.no_grad():  # a token-type-0 row and positions far from their random start
+        model.backbone.embeddings.token_type_embeddings.weight.mul_(5.0)
+        model.backbone.embeddings.position_embeddings.weight.add_(1.0)
+    ids = encode(model, ["good movie", "the movie was awful w1 w2 w3 w4"])["input_ids"]  # (2, T) padded
+    assert model._bert_embeddings  # BERT's own: the summed path runs
+    with torch.inference_mode():
+        torch.testing.assert_close(model.embed(ids), model.backbone.embeddings(input_ids=ids))
+        torch.testing.assert_close(model.embed(ids[:, :3]), model.backbone.embeddings(input_ids=ids[:, :3]))
+    model.train()  # training: BERT's module, dropout included
+    assert not torch.equal(model.embed(ids), model.embed(ids))
+
+    roberta = RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=16, max_position_embeddings=66, pad_token_id=1)
+    other = FastBert(FastBertConfig(backbone=roberta.to_dict(), labels=["a", "b"], max_length=64),
+                     backbone=RobertaModel(roberta, add_pooling_layer=False)).eval()
+    assert not other._bert_embeddings  # RoBERTa's positions depend on padding: its own module runs
+    ids = torch.tensor([[0, 5, 6, 2, 1, 1], [0, 7, 8, 9, 10, 2]])
+    with torch.inference_mode():
+        torch.testing.assert_close(other.embed(ids), other.backbone.embeddings(input_ids=ids))
+
+
 def test_uncertainty_is_normalised_entropy():
     logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [100.0, -100.0, 0.0, 0.0], [2.0, 1.0, 0.0, -1.0]])
     u = uncertainty(logits)
