@@ -326,7 +326,7 @@ class Replica:
 # environment variable): blocks of 4 MiB and more get their own mapping, in transparent huge
 # pages, and go back to the OS when freed. With glibc's floating threshold the layers' tensors
 # came from a heap that fragmented more with every call, and a replica's peak climbed over its
-# calls; the numbers are in the README (Benchmarks: the scoring job).
+# calls; the numbers are in benchmarks/RESULTS.md (the scoring job: Memory).
 REPLICA_GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4194304:glibc.malloc.hugetlb=1"
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
