@@ -193,8 +193,8 @@ def main(argv=None) -> list[dict]:
 
     rate = {(r["way"], r["speed"]): r["rows_per_s"] for r in results}
     engine = rate[("engine", speed)]
-    print("targets: (e) wall/FLOP {:.2f} (>= 0.95); (e)/(b) {:.2f} (>= 1.5); (e)/(c) {:.2f} (>= 1.3); "
-          "(e)/(d) {:.2f} (>= 1.0); (e) at speed 0 / (a) {:.2f} (>= 0.95)".format(
+    print("targets: (e) wall/FLOP {:.3f} (>= 0.95); (e)/(b) {:.3f} (>= 1.5); (e)/(c) {:.3f} (>= 1.3); "
+          "(e)/(d) {:.3f} (>= 1.0); (e) at speed 0 / (a) {:.3f} (>= 0.95)".format(
               results[4]["wall_over_flop"], engine / rate[("batch1", speed)], engine / rate[("masked", speed)],
               engine / rate[("compact", speed)], rate[("engine", 0.0)] / rate[("full", 0.0)]))
     if args.json:
