@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     train(TrainJobConfig(output=f"{work}/plain-bert", **{**common, "plain_bert": True}))
     ray.shutdown()  # the timed passes get the machine to themselves
     print(f"== evaluation ({time.perf_counter() - start:.0f} s)", flush=True)
-    result = run_evaluation(EvaluateConfig(model=fastbert, data=data["test"], output=f"{work}/evaluation{suffix}",
+    result = run_evaluation(EvaluateConfig(model=fastbert, input=data["test"], output=f"{work}/evaluation{suffix}",
                                            speeds=[float(s) for s in args.speeds.split(",")],
                                            plain_bert=f"{work}/plain-bert", label_students=label_students,
                                            repeats=args.repeats, overwrite=True))

@@ -40,7 +40,7 @@ def load_or_train(cache: str) -> FastBert:
         print(f"model: cached at {model_dir}")
         return FastBert.from_pretrained(model_dir)
     print(f"model: training on R8, to be cached at {model_dir}")
-    return train_model(DemoConfig(output=cache, train_rows=2000, val_rows=300, epochs=2, distill_epochs=3))
+    return train_model(DemoConfig(output=cache, train_rows=2000, validation_rows=300, epochs=2, distill_epochs=3))
 
 
 def tokenize(model: FastBert, texts: list[str]) -> list[list[int]]:

@@ -61,10 +61,10 @@ def write_inputs(folder: str, rows: int, seed: int = 0) -> list[str]:
     """``rows`` rows (``id``, ``text``) of Reuters R8 text the benchmark model was neither
     trained nor validated on (the test split and the rest of the training split), repeated in
     shuffled order as often as needed, in ``FILES`` files of one row group each."""
-    demo = DemoConfig(train_rows=2000, val_rows=300)  # what benchmarks.engine trains on
+    demo = DemoConfig(train_rows=2000, validation_rows=300)  # what benchmarks.engine trains on
     train = load_bundled("r8", "train")["text"].to_pylist()
     order = np.random.default_rng(demo.seed).permutation(len(train))
-    pool = [train[i] for i in order[demo.train_rows + demo.val_rows:]] + load_bundled("r8", "test")["text"].to_pylist()
+    pool = [train[i] for i in order[demo.train_rows + demo.validation_rows:]] + load_bundled("r8", "test")["text"].to_pylist()
     picks = np.concatenate([np.random.default_rng(seed + k).permutation(len(pool))
                             for k in range(-(-rows // len(pool)))])[:rows]
     os.makedirs(folder, exist_ok=True)

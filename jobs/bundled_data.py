@@ -11,27 +11,28 @@ Ray:     ray job submit --working-dir . -- python -m jobs.bundled_data --name r8
 
 from __future__ import annotations
 
-import argparse
 
+from pipeline.cli import JobParser, one_line
 from pipeline.datasets import BUNDLED_DATASETS, write_bundled
+from pipeline.outputs import UserError
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--name", choices=sorted(BUNDLED_DATASETS), default="r8")
-    parser.add_argument("--output", required=True, help="folder (local path or fsspec URI)")
-    parser.add_argument("--validation-rows", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = JobParser("jobs.bundled_data", __doc__)
+    parser.add_argument("--name", choices=sorted(BUNDLED_DATASETS), default="r8", help="the data set (default: r8)")
+    parser.add_argument("--output", required=True, help="folder (local path or fsspec URI) (required)")
+    parser.add_argument("--validation-rows", type=int, default=500,
+                        help="training rows held out for validation (default: 500)")
+    parser.add_argument("--seed", type=int, default=0, help="the seed of the samples (default: 0)")
     parser.add_argument("--train-rows", type=int, default=None,
-                        help="a labelled sample of this many training rows; also writes unlabelled.parquet")
+                        help="a labelled sample of this many training rows; also writes unlabelled.parquet "
+                             "(default: all)")
     args = parser.parse_args(argv)
     try:
         uris = write_bundled(args.name, args.output, args.validation_rows, args.seed, train_rows=args.train_rows,
                              unlabelled=args.train_rows is not None)
-    except ValueError as e:
-        if type(e) is not ValueError:  # pyarrow's errors subclass ValueError: they are no argument errors
-            raise
-        parser.error(str(e))
+    except UserError as e:
+        parser.exit(2, f"jobs.bundled_data: error: {one_line(e)}\n")
     for split, uri in uris.items():
         print(f"{split}: {uri}")
 

@@ -15,31 +15,16 @@ need --overwrite (the model folder holds one model).
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-
+from pipeline.cli import config_parser, parse_config, run_job
 from pipeline.demo import DemoConfig, run_demo
 
 
-def parse_args(argv=None) -> DemoConfig:
-    defaults = DemoConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(DemoConfig):
-        flag, value = f"--{f.name.replace('_', '-')}", getattr(defaults, f.name)
-        if isinstance(value, bool):
-            parser.add_argument(flag, action="store_true")
-        elif isinstance(value, list):
-            parser.add_argument(flag, type=float, nargs="+", default=value)
-        else:
-            parser.add_argument(flag, type=type(value), default=value)
-    return DemoConfig(**vars(parser.parse_args(argv)))
+def parse_args(argv: list[str] | None = None) -> DemoConfig:
+    return parse_config(config_parser("jobs.demo", __doc__, DemoConfig), DemoConfig, argv)
 
 
-def main(argv=None) -> dict:
-    try:
-        return run_demo(parse_args(argv))
-    except (ValueError, FileNotFoundError) as e:  # bad arguments or input: one line, exit code 1
-        raise SystemExit(f"error: {e}") from None
+def main(argv: list[str] | None = None):
+    return run_job("jobs.demo", lambda: run_demo(parse_args(argv)))
 
 
 if __name__ == "__main__":

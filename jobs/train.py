@@ -1,9 +1,10 @@
 """Train a FastBERT on Ray Train: data-parallel fine-tuning, then self-distillation.
 
 Input: Parquet (local path or fsspec URI) with a text column and a label column (strings or
-integers). Output: a folder FastBert.from_pretrained loads, plus metrics.json; the Ray runs
-(checkpoints of every epoch) go to <output>/_ray unless --storage says otherwise. Running the
-same command again resumes from the latest checkpoint.
+integers). Output: a folder FastBert.from_pretrained loads, plus metrics.json and
+_manifest.json; the Ray runs (checkpoints of every epoch) go to <output>/_ray unless --storage
+says otherwise. Running the same command again resumes from the latest checkpoint, or does
+nothing when the model is finished.
 
 Local (starts a Ray instance in this process):
     python -m jobs.train --train data/train.parquet --validation data/val.parquet --output runs/model
@@ -20,39 +21,17 @@ from every node, e.g. s3://...):
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import typing
-
+from pipeline.cli import config_parser, parse_config, run_job
 from pipeline.distributed import TrainJobConfig, run
-from pipeline.ray_init import init_ray
-
-REQUIRED = ("train", "validation", "output")
 
 
 def parse_args(argv: list[str] | None = None) -> TrainJobConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    hints = typing.get_type_hints(TrainJobConfig)
-    for field in dataclasses.fields(TrainJobConfig):
-        flag = f"--{field.name.replace('_', '-')}"
-        if field.name == "use_gpu":
-            parser.add_argument("--gpu", dest="use_gpu", action=argparse.BooleanOptionalAction, default=None,
-                                help="train on GPUs (default: when the cluster has them)")
-        elif hints[field.name] is bool:
-            parser.add_argument(flag, action="store_true")
-        else:
-            hint = hints[field.name]
-            choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
-            kind = str if choices else next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-            default = None if field.name in REQUIRED else field.default
-            parser.add_argument(flag, type=kind, choices=choices, required=field.name in REQUIRED, default=default)
-    return TrainJobConfig(**vars(parser.parse_args(argv)))
+    parser = config_parser("jobs.train", __doc__, TrainJobConfig, flags={"use_gpu": {"names": ["--gpu"]}})
+    return parse_config(parser, TrainJobConfig, argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    config = parse_args(argv)
-    init_ray()
-    run(config)
+def main(argv: list[str] | None = None):
+    return run_job("jobs.train", lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

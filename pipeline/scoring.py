@@ -43,6 +43,8 @@ from pipeline import flops as flop_account
 from pipeline.config import SCHEMA as ENGINE_SCHEMA
 from pipeline.config import load_config
 from pipeline.heap import release_freed_memory
+from pipeline.outputs import Manifest, UserError, absolute, claim_output, refuse_unsafe_output, write_file, write_json
+from pipeline.ray_init import check_ray_address, init_ray
 from pipeline.text import load_tokenizer, tokenize
 from pipeline.tradeoff import choose_speed, describe_choice, load_table
 
@@ -52,7 +54,6 @@ from pipeline.tradeoff import choose_speed, describe_choice, load_table
 # CPU-seconds per process) delayed the replicas' start
 
 RESULT_COLUMNS = ("prediction", "probabilities", "exit_layer", "uncertainty", "error")
-JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
 SUCCESS_FILE = "_SUCCESS"
 PIECES = "_pieces"
@@ -67,51 +68,55 @@ class ScoreJobConfig:
     model: str  # a FastBERT folder (local path or fsspec URI) written by save_pretrained or jobs.train
     input: list[str]  # Parquet files, folders or globs (local paths or fsspec URIs)
     output: str  # folder for the scored Parquet files, _summary.json and _SUCCESS
-    speed: float | None = None  # 0 = full depth; a row leaves at the first layer less uncertain than this (default 0.5)
+    speed: float | None = None  # 0 = full depth ... 1 = leave at layer 1; none given (and no budget): 0.5
     max_accuracy_drop: float | None = None  # instead of speed: the fastest speed within this many accuracy points
     target_speedup: float | None = None  # instead of speed: the most accurate speed with this FLOP speed-up
-    text_column: str = "text"
+    text_column: str = "text"  # the input column that holds the texts
     id_column: str | None = None  # optional: a column that identifies rows (always carried)
-    columns: list[str] | None = None  # input columns carried to the output; None: all of them
+    columns: list[str] | None = None  # input columns carried to the output; none given: all of them
     replicas: str = "1"  # actors scoring in parallel: "N", or "MIN-MAX" for an autoscaling pool
-    gpus_per_replica: float | None = None  # None: 1 when the cluster has GPUs, else CPU replicas
-    cpus_per_replica: float = 1.0
-    threads_per_replica: int | None = None  # torch threads in a CPU replica; None: cpus_per_replica
-    batch_size: int = 1024  # rows handed to a replica per call
-    micro_batch: int = 32  # rows per layer step inside a replica (the engine's)
-    max_length: int | None = None  # tokens per text; None: the model's
+    gpus_per_replica: float | None = None  # GPUs of each replica; none given: 1 when the cluster has GPUs, else 0
+    cpus_per_replica: float = 1.0  # Ray CPUs of each replica
+    threads_per_replica: int | None = None  # torch threads in a CPU replica; none given: cpus_per_replica
+    rows_per_call: int = 1024  # rows handed to a replica per call
+    micro_batch: int = 32  # rows per layer step inside a replica (the engine's batch)
+    max_length: int | None = None  # tokens per text; none given: the model's
     resume: bool = False  # finish an interrupted run of the same job
-    overwrite: bool = False  # delete whatever the output folder holds first
+    overwrite: bool = False  # remove an earlier run's files from the output first (only those)
     skip_bad_files: bool = False  # record unreadable input files in the summary instead of failing
+    verbose: bool = False  # show Ray's own logs and progress lines
 
     def __post_init__(self) -> None:
         if isinstance(self.input, str):
             self.input = [self.input]
+        if all(isinstance(v, str) and v for v in (self.model, self.output, *self.input)):
+            self.model, self.output = absolute(self.model), absolute(self.output)
+            self.input = [absolute(spec) for spec in self.input]
         if not self.input or not all(isinstance(i, str) and i for i in self.input):
-            raise ValueError(f"input must name at least one Parquet file, folder or glob, got {self.input!r}")
+            raise UserError(f"input must name at least one Parquet file, folder or glob, got {self.input!r}")
         for name in ("model", "output", "text_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"ScoreJobConfig.{name} must be a non-empty string, got {getattr(self, name)!r}")
+                raise UserError(f"ScoreJobConfig.{name} must be a non-empty string, got {getattr(self, name)!r}")
         budgets = [b for b in (self.max_accuracy_drop, self.target_speedup) if b is not None]
         if len(budgets) > 1 or (budgets and self.speed is not None):
-            raise ValueError("give one of speed, max_accuracy_drop and target_speedup")
+            raise UserError("give one of speed, max_accuracy_drop and target_speedup")
         if not budgets and self.speed is None:
             self.speed = 0.5
         # with a budget the speed stays None until run() picks it from the model's trade-off table
         if self.speed is not None and (isinstance(self.speed, bool) or not isinstance(self.speed, (int, float))
                                        or not 0.0 <= self.speed <= 1.0):
-            raise ValueError(f"speed must be a number in [0, 1] (0 = full depth), got {self.speed!r}")
-        for name in ("batch_size", "micro_batch"):
+            raise UserError(f"speed must be a number in [0, 1] (0 = full depth), got {self.speed!r}")
+        for name in ("rows_per_call", "micro_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise UserError(f"{name} must be a positive integer, got {value!r}")
         if self.resume and self.overwrite:
-            raise ValueError("resume and overwrite exclude each other: resume keeps the output, overwrite deletes it")
+            raise UserError("resume and overwrite exclude each other: resume keeps the output, overwrite deletes it")
         self.replica_range()  # checks replicas
         if self.gpus_per_replica is not None and self.gpus_per_replica < 0:
-            raise ValueError(f"gpus_per_replica must be >= 0, got {self.gpus_per_replica}")
+            raise UserError(f"gpus_per_replica must be >= 0, got {self.gpus_per_replica}")
         if self.cpus_per_replica <= 0:
-            raise ValueError(f"cpus_per_replica must be > 0, got {self.cpus_per_replica}")
+            raise UserError(f"cpus_per_replica must be > 0, got {self.cpus_per_replica}")
 
     def replica_range(self) -> tuple[int, int]:
         """(min, max) replicas from "N" or "MIN-MAX"."""
@@ -122,7 +127,7 @@ class ScoreJobConfig:
         except ValueError:
             bounds = (0, 0)
         if not 1 <= bounds[0] <= bounds[1]:
-            raise ValueError(f"replicas must be N or MIN-MAX with 1 <= MIN <= MAX, got {self.replicas!r}")
+            raise UserError(f"replicas must be N or MIN-MAX with 1 <= MIN <= MAX, got {self.replicas!r}")
         return bounds
 
     def identity(self) -> dict[str, Any]:
@@ -147,16 +152,28 @@ class Chunk:
         return f"{self.file:05d}-{self.row_group:05d}"
 
 
+# the output's schema metadata key (and the ``probabilities`` field's): the model's label names
+# as a JSON list, entry i the label of probabilities[i]
+LABELS_METADATA = "fastbert.labels"
+
+
 @dataclass
 class Plan:
     chunks: list[Chunk]
-    carried: pa.Schema  # the input columns the output carries, with their types
+    carried: pa.Schema  # the input columns the output carries, in plain types (text.plain_type)
     bad_files: dict[str, str] = field(default_factory=dict)  # uri -> why it was skipped
+    labels: list[str] | None = None  # the model's label names, in the order of the probabilities
 
     @property
     def output_schema(self) -> pa.Schema:
+        """The carried columns and the results; with ``labels``, the output names the label of
+        each entry of ``probabilities`` (``LABELS_METADATA``, on the schema and on that field)."""
         result = [ENGINE_SCHEMA.field(name) for name in RESULT_COLUMNS]
-        return pa.schema(list(self.carried) + result)
+        if self.labels is None:
+            return pa.schema(list(self.carried) + result)
+        labels = json.dumps(list(self.labels))
+        result = [f.with_metadata({LABELS_METADATA: labels}) if f.name == "probabilities" else f for f in result]
+        return pa.schema(list(self.carried) + result, metadata={LABELS_METADATA: labels})
 
 
 def expand_inputs(specs: list[str]) -> list[str]:
@@ -177,25 +194,59 @@ def expand_inputs(specs: list[str]) -> list[str]:
             else:
                 paths = []
         except Exception as e:  # unknown protocol, missing backend, unreachable endpoint
-            raise ValueError(f"{spec}: cannot be reached ({type(e).__name__}: {e}); check the URI, that its fsspec "
+            raise UserError(f"{spec}: cannot be reached ({type(e).__name__}: {e}); check the URI, that its fsspec "
                              "backend is installed (s3fs, gcsfs, ...) and the credentials and network") from e
         for p in paths:
             if not p.rsplit("/", 1)[-1].startswith(("_", ".")) and not fs.isdir(p):
                 found.add(fs.unstrip_protocol(p) if "://" in spec else p)
     if not found:
-        raise ValueError(f"no input files matched {specs}")
+        raise UserError(f"no input files matched {specs}: --input takes Parquet files, folders (searched for "
+                        "*.parquet) or globs; check the path")
     return sorted(found)
 
 
-def plan(job: ScoreJobConfig) -> Plan:
+def _columns(schema: pa.Schema) -> str:
+    """``id: int64, text: string``: a file's columns as an error message lists them."""
+    return ", ".join(f"{f.name}: {f.type}" for f in schema)
+
+
+def plan(job: ScoreJobConfig, labels: list[str] | None = None) -> Plan:
     """Read every input's Parquet footer and cut the work into chunks; raises a one-line
-    ValueError naming the file and column for bad input (a corrupt file is skipped and
-    recorded instead with ``skip_bad_files``)."""
+    UserError naming the file and column for bad input (a corrupt file is skipped and
+    recorded instead with ``skip_bad_files``). ``labels``: the model's label names, for the
+    output's metadata; None: read from the model's config.json.
+
+    Types are taken the way Spark reads a folder: the text may be ``string``, ``large_string``,
+    ``string_view`` or dictionary-encoded (a pandas categorical), and differ so between files;
+    the carried columns get their plain types (``text.plain_type``: files that differ only in
+    such flavours carry one column, text-like columns come out as ``string``), and a column
+    of nulls (the null type) fits any type. A file without rows (pandas writes an empty frame's
+    columns as null or double) adds no work and is held to nothing but having the text column."""
     import fsspec
 
+    from pipeline.text import is_text_type, plain_type
+
     chunks: list[Chunk] = []
-    carried: pa.Schema | None = None
+    carried: list[pa.Field] | None = None  # fixed by the first file with rows
+    source: dict[str, str] = {}  # carried column -> the file that fixed its type
+    empty: tuple[str, pa.Schema] | None = None  # the first file without rows: the columns when no file has any
     bad: dict[str, str] = {}
+
+    def columns_of(uri: str, schema: pa.Schema) -> list[pa.Field]:
+        names = list(schema.names if job.columns is None else job.columns)
+        if job.id_column is not None and job.id_column not in names:
+            names.insert(0, job.id_column)
+        clash = sorted(set(names) & set(RESULT_COLUMNS))
+        if clash:
+            raise UserError(f"{uri}: input columns {clash} would clash with the output's; leave them out "
+                            "with --columns")
+        missing = [n for n in names if n not in schema.names]
+        if missing:
+            raise UserError(f"{uri}: no column(s) {missing} to carry; it has {schema.names}")
+        # the text is carried as string, also from a file whose texts are all null (the null type)
+        return [schema.field(n).with_type(pa.string() if n == job.text_column else plain_type(schema.field(n).type))
+                for n in names]
+
     for index, uri in enumerate(expand_inputs(job.input)):
         try:
             fs, path = fsspec.core.url_to_fs(uri)
@@ -206,29 +257,30 @@ def plan(job: ScoreJobConfig) -> Plan:
             if job.skip_bad_files:
                 bad[uri] = f"{type(e).__name__}: {e}"
                 continue
-            raise ValueError(f"{uri}: not a readable Parquet file ({type(e).__name__}: {e}); fix or remove it, "
-                             "or pass --skip-bad-files to record it in the summary and go on") from e
+            raise UserError(f"{uri}: not a readable Parquet file ({type(e).__name__}: {e}); fix or remove it, "
+                            "or pass --skip-bad-files to record it in the summary and go on") from e
         if job.text_column not in schema.names:
-            raise ValueError(f"{uri}: no text column {job.text_column!r}; it has {schema.names}")
+            raise UserError(f"{uri}: no text column {job.text_column!r}; it has {_columns(schema)} (pass --text-column)")
+        if not meta.num_rows:  # no chunk; its types (any) neither fix the carried columns nor are checked
+            empty = empty or (uri, schema)
+            continue
         text_type = schema.field(job.text_column).type
-        if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
-            raise ValueError(f"{uri}: text column {job.text_column!r} must hold strings, it holds {text_type}")
+        if not (is_text_type(text_type) or pa.types.is_null(text_type)):  # null type: every text is null
+            raise UserError(f"{uri}: text column {job.text_column!r} must hold strings, it holds {text_type}")
         if carried is None:
-            names = list(schema.names if job.columns is None else job.columns)
-            if job.id_column is not None and job.id_column not in names:
-                names.insert(0, job.id_column)
-            clash = sorted(set(names) & set(RESULT_COLUMNS))
-            if clash:
-                raise ValueError(f"{uri}: input columns {clash} would clash with the output's; leave them out "
-                                 "with --columns")
-            missing = [n for n in names if n not in schema.names]
-            if missing:
-                raise ValueError(f"{uri}: no column(s) {missing} to carry; it has {schema.names}")
-            carried = pa.schema([schema.field(n) for n in names])
-        for f in carried:
-            if f.name not in schema.names or not schema.field(f.name).type.equals(f.type):
-                have = schema.field(f.name).type if f.name in schema.names else "nothing"
-                raise ValueError(f"{uri}: column {f.name!r} must be {f.type} like in the first input, it has {have}")
+            carried = columns_of(uri, schema)
+            source = {f.name: uri for f in carried}
+        for i, f in enumerate(carried):
+            if f.name not in schema.names:
+                raise UserError(f"{uri}: column {f.name!r} must be {f.type} like in {source[f.name]}, it has nothing")
+            have = schema.field(f.name).type
+            kind = plain_type(have)
+            if f.name == job.text_column or pa.types.is_null(kind):
+                continue  # the text was checked above; a column of nulls fits any type
+            if pa.types.is_null(f.type):  # only nulls so far: this file fixes the type
+                carried[i], source[f.name] = f.with_type(kind), uri
+            elif kind != f.type:
+                raise UserError(f"{uri}: column {f.name!r} must be {f.type} like in {source[f.name]}, it has {have}")
         first = 0
         for g in range(meta.num_row_groups):
             rows = meta.row_group(g).num_rows
@@ -236,18 +288,35 @@ def plan(job: ScoreJobConfig) -> Plan:
                 chunks.append(Chunk(index, uri, g, first, rows))
             first += rows
     if carried is None:
-        raise ValueError(f"no readable input among {job.input}: {bad}")
-    return Plan(chunks, carried, bad)
+        if empty is None:
+            raise UserError(f"no readable input among {job.input}: {bad}")
+        carried = columns_of(*empty)  # only files without rows: nothing to score, the columns of the first
+    if labels is None:
+        labels = load_config(job.model).labels
+    return Plan(chunks, pa.schema(carried), bad, list(labels))
 
 
 # -- the pipeline's stages ----------------------------------------------------------------------
 
 
-def read_chunk(batch: dict[str, np.ndarray], columns: list[str], text_column: str, rows_per_block: int):
+def read_chunk(batch: dict[str, np.ndarray], columns: list[str], text_column: str, rows_per_block: int,
+               schema: pa.Schema | None = None):
     """Ray Data: the rows of the chunks in ``batch`` (one row per chunk), the carried columns,
     the text as ``__text`` and the bookkeeping ``__file``, ``__group``, ``__row``; yielded in
-    blocks of at most ``rows_per_block`` rows, so a huge row group is never held whole."""
+    blocks of at most ``rows_per_block`` rows, so a huge row group is never held whole.
+
+    Every block has the same types whichever flavour its file stores (Ray Data could not
+    concatenate a dictionary-encoded or ``large_string`` block with a ``string`` one): the
+    text as ``string``, a carried column as in ``schema`` (the plan's ``carried``) or, without
+    it, in its plain type (``text.plain_type``)."""
     import fsspec
+
+    from pipeline.text import plain_type
+
+    def plain(field: pa.Field) -> pa.Field:
+        if schema is not None and field.name in schema.names:
+            return field.with_type(schema.field(field.name).type)
+        return field.with_type(pa.string() if field.name == text_column else plain_type(field.type))
 
     for i in range(len(batch["uri"])):
         fs, path = fsspec.core.url_to_fs(str(batch["uri"][i]))
@@ -258,7 +327,11 @@ def read_chunk(batch: dict[str, np.ndarray], columns: list[str], text_column: st
                     columns=sorted(set(columns) | {text_column})):
                 table = pa.Table.from_batches([record_batch])
                 n = table.num_rows
-                table = table.select(columns).append_column("__text", table.column(text_column))
+                text = table.column(text_column).cast(pa.string())
+                table = table.select(columns).replace_schema_metadata(None)  # e.g. pandas': it differs by file
+                for j, f in enumerate(table.schema):  # column by column: a table of no columns keeps its rows
+                    table = table.set_column(j, plain(f), table.column(j).cast(plain(f).type))
+                table = table.append_column("__text", text)
                 table = table.append_column("__file", pa.array(np.full(n, batch["file"][i], dtype=np.int32)))
                 table = table.append_column("__group", pa.array(np.full(n, batch["row_group"][i], dtype=np.int32)))
                 yield table.append_column("__row", pa.array(np.arange(first, first + n, dtype=np.int64)))
@@ -354,7 +427,8 @@ def cpu_replica_env() -> dict[str, Any] | None:
 def write_pieces(batch: pa.Table, output: str, schema: pa.Schema, layers: int) -> pa.Table:
     """Ray Data: write each run of rows of one chunk in ``batch`` as a Parquet piece (hidden
     temporary name, then moved into place) and then its JSON marker (rows, errors by kind,
-    exit histogram, FLOPs); returns the markers, one row per piece."""
+    exit histogram, FLOPs); returns the markers, one row per piece. ``schema``: the plan's
+    ``output_schema``, its metadata (the labels) included; every piece is written in it."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(output)
@@ -376,12 +450,10 @@ def write_pieces(batch: pa.Table, output: str, schema: pa.Schema, layers: int) -
             "full_depth_flops": int(np.sum(part.column("__full_flops").to_numpy())),
         }
         table = pa.table([part.column(f.name).cast(f.type) for f in schema], schema=schema)
-        with fs.open(f"{root}/.{name}.tmp", "wb") as f:
-            pq.write_table(table, f)
-        fs.mv(f"{root}/.{name}.tmp", f"{root}/{name}")
-        with fs.open(f"{root}/{PIECES}/.{name}.json.tmp", "w") as f:
-            json.dump(marker, f)
-        fs.mv(f"{root}/{PIECES}/.{name}.json.tmp", f"{root}/{PIECES}/{name}.json")
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer)
+        write_file(fs, f"{root}/{name}", buffer.getvalue().to_pybytes())  # whole, under a hidden name first
+        write_file(fs, f"{root}/{PIECES}/{name}.json", json.dumps(marker))
         markers.append(json.dumps(marker))
     return pa.table({"marker": pa.array(markers, type=pa.string())})
 
@@ -390,15 +462,18 @@ def write_pieces(batch: pa.Table, output: str, schema: pa.Schema, layers: int) -
 
 
 def run(job: ScoreJobConfig, log=print, kill_once: str | None = None) -> dict[str, Any]:
-    """Score the inputs into ``job.output`` on Ray (``ray.init`` first, or Ray starts a local
-    instance); returns the summary also written to ``_summary.json``. Bad input raises a
-    one-line ValueError before anything is written.
+    """Score the inputs into ``job.output`` on Ray; returns the summary also written to
+    ``_summary.json``. Every mistake that the arguments, the model's config and the inputs'
+    Parquet footers show raises a one-line ``UserError`` before Ray starts or anything is
+    written. Ray starts a local instance unless one is running or ``RAY_ADDRESS`` names a
+    cluster. A job that already finished with the same arguments is not run again: its
+    summary is returned.
 
     ``kill_once=folder`` is for fault-tolerance tests: the first replica to reach its second
     batch kills its own process (SIGKILL) once, and marks ``folder/killed``."""
     import fsspec
-    import ray
 
+    check_ray_address()
     start = time.perf_counter()
     config = load_config(job.model)  # a clear error when it is no FastBERT folder; the weights stay where they are
     choice = None
@@ -410,18 +485,27 @@ def run(job: ScoreJobConfig, log=print, kill_once: str | None = None) -> dict[st
         log(f"chose {describe_choice(point, table)}")
         job = dataclasses.replace(job, speed=point.speed, max_accuracy_drop=None, target_speedup=None)
     max_length = job.max_length or config.max_length
-    if not 2 <= max_length <= config.max_positions:
-        raise ValueError(f"max_length must be in [2, {config.max_positions}] for {job.model}, got {max_length}")
     layers = config.num_layers
-    work = plan(job)
+    if not 2 <= max_length <= config.max_positions:
+        raise UserError(f"--max-length must be in [2, {config.max_positions}] for {job.model}, got {max_length}")
+    refuse_unsafe_output(job.output, [*(("--input", spec) for spec in job.input), ("--model", job.model)])
+    work = plan(job, labels=config.labels)
     fs, root = fsspec.core.url_to_fs(job.output)
     root = root.rstrip("/")
     done = _prepare_output(job, work, fs, root)
+    if done is None:  # finished earlier with these arguments
+        with fs.open(f"{root}/{SUMMARY_FILE}") as f:
+            summary = json.load(f)
+        log(f"{job.output} already holds the complete output of this job ({summary['rows_out']} rows): nothing to do")
+        return summary
     todo = [c for c in work.chunks if c.key not in done]
     rows_todo = sum(c.rows for c in todo)
     log(f"scoring {rows_todo} rows in {len(todo)} row groups of {len({c.file for c in todo})} files"
         + (f" ({len(done)} row groups already done)" if done else "") + f" at speed {job.speed}")
     if todo:
+        import ray
+
+        init_ray(dashboard=False, verbose=job.verbose, worker_output=False)  # only now: every mistake above is reported without Ray
         context = ray.data.DataContext.get_current()
         preserve = context.execution_options.preserve_order
         context.execution_options.preserve_order = True  # each file's rows stay in order
@@ -432,13 +516,16 @@ def run(job: ScoreJobConfig, log=print, kill_once: str | None = None) -> dict[st
     seconds = time.perf_counter() - start
     summary = _summarise(job, work, fs, root, layers, seconds, rows_todo)
     summary["speed_choice"] = choice
-    with fs.open(f"{root}/{SUMMARY_FILE}", "w") as f:
-        json.dump(summary, f, indent=2)
-    with fs.open(f"{root}/{SUCCESS_FILE}", "w") as f:
-        f.write("")
+    if summary["flop_speedup"] < 1:
+        summary["note"] = (f"at speed {job.speed} few rows leave before the last layer, and every layer a row "
+                           "passes also runs its student classifier, so this costs more than full depth: "
+                           "choose a higher --speed, or a budget (--max-accuracy-drop)")
+    write_json(fs, f"{root}/{SUMMARY_FILE}", summary)
+    write_file(fs, f"{root}/{SUCCESS_FILE}", "")
     log(f"{summary['rows_out']} rows written to {job.output} in {seconds:.0f} s ({summary['rows_per_s']:.1f} rows/s); "
         f"mean exit layer {summary['mean_exit_layer']:.2f}, FLOP speed-up {summary['flop_speedup']:.2f}x, "
-        f"{summary['error_rows']} rows with an error")
+        f"{summary['error_rows']} rows with an error, {summary['truncated_rows']} texts truncated to "
+        f"{max_length} tokens" + (f"; {summary['note']}" if "note" in summary else ""))
     return summary
 
 
@@ -455,14 +542,14 @@ def _stream(job: ScoreJobConfig, work: Plan, todo: list[Chunk], max_length: int,
     ds = ray.data.from_items([dataclasses.asdict(c) for c in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(read_chunk, batch_size=1, batch_format="numpy",
                         fn_kwargs={"columns": work.carried.names, "text_column": job.text_column,
-                                   "rows_per_block": job.batch_size})
-    ds = ds.map_batches(tokenize_rows, batch_format="pyarrow", batch_size=job.batch_size,
+                                   "rows_per_block": job.rows_per_call, "schema": work.carried})
+    ds = ds.map_batches(tokenize_rows, batch_format="pyarrow", batch_size=job.rows_per_call,
                         fn_kwargs={"model": job.model, "max_length": max_length})
     # the read task's output is coalesced into big blocks: cut it back into replica calls, so that
     # every replica gets work and a failed call redoes little
-    ds = ds.repartition(target_num_rows_per_block=job.batch_size)
+    ds = ds.repartition(target_num_rows_per_block=job.rows_per_call)
     ds = ds.map_batches(
-        Replica, batch_format="pyarrow", batch_size=job.batch_size,
+        Replica, batch_format="pyarrow", batch_size=job.rows_per_call,
         fn_constructor_kwargs={"model": job.model, "speed": job.speed, "micro_batch": job.micro_batch,
                                "max_length": max_length, "device": "cuda" if gpus else "cpu",
                                "threads": None if gpus else threads, "kill_once": kill_once},
@@ -487,30 +574,29 @@ def _markers(fs, root: str) -> list[dict[str, Any]]:
     return out
 
 
-def _prepare_output(job: ScoreJobConfig, work: Plan, fs, root: str) -> set[str]:
-    """Refuse an output that holds another job's results (or this job's, without resume);
-    on resume, return the chunks already done and remove the pieces of the others."""
-    entries = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)] if fs.exists(root) else []
-    if entries and job.overwrite:
-        fs.rm(root, recursive=True)
-        entries = []
-    identity = {**job.identity(), "inputs": sorted({c.uri for c in work.chunks})}
-    if entries:
-        if JOB_FILE not in entries:
-            raise ValueError(f"{job.output}: output folder already holds {sorted(entries)[:5]}, not from a scoring "
-                             "job; pass --overwrite to replace it")
-        with fs.open(f"{root}/{JOB_FILE}") as f:
-            previous = json.load(f)
-        if previous != json.loads(json.dumps(identity)):
-            changed = sorted(k for k in identity if previous.get(k) != json.loads(json.dumps(identity[k])))
-            raise ValueError(f"{job.output}: output holds the results of another job (differing: {changed}); "
-                             "pass --overwrite to replace them")
+# what a scoring job writes into its output folder (besides _manifest.json and hidden temporary files)
+OWNS = ["part-*.parquet", f"{PIECES}/part-*.json", SUMMARY_FILE, SUCCESS_FILE]
+
+
+def _prepare_output(job: ScoreJobConfig, work: Plan, fs, root: str) -> set[str] | None:
+    """Make the output this job's folder (``outputs.claim_output``: a folder holding anything
+    else is refused). For a folder of an earlier run of this job: None when it finished with
+    the same arguments; on resume, the chunks already done (the pieces of the others are
+    removed); without resume, refused."""
+    identity = json.loads(json.dumps({**job.identity(), "inputs": sorted({c.uri for c in work.chunks})}))
+    previous = claim_output(job.output, Manifest("jobs.score", OWNS, identity), job.overwrite)
+    if previous is not None:
+        if previous.arguments != identity:
+            changed = sorted(k for k in identity if previous.arguments.get(k) != identity[k])
+            raise UserError(f"--output {job.output} holds the results of a scoring job with other arguments "
+                            f"(differing: {', '.join(changed)}); run it with those, or pass --overwrite to replace "
+                            "its files, or choose another --output")
+        if fs.exists(f"{root}/{SUCCESS_FILE}") and fs.exists(f"{root}/{SUMMARY_FILE}"):
+            return None
         if not job.resume:
-            raise ValueError(f"{job.output}: output already holds results of this job; pass --resume to finish "
-                             "an interrupted run or --overwrite to start over")
+            raise UserError(f"--output {job.output} holds an unfinished run of this job: pass --resume to finish it "
+                            "or --overwrite to start over")
     fs.makedirs(f"{root}/{PIECES}", exist_ok=True)
-    with fs.open(f"{root}/{JOB_FILE}", "w") as f:
-        json.dump(identity, f, indent=2)
     for name in (SUCCESS_FILE, SUMMARY_FILE):  # written again at the end
         if fs.exists(f"{root}/{name}"):
             fs.rm(f"{root}/{name}")
@@ -522,7 +608,7 @@ def _prepare_output(job: ScoreJobConfig, work: Plan, fs, root: str) -> set[str]:
         key = "-".join(path.rsplit("/", 1)[-1].split("-")[1:3])
         if key not in done:  # a piece of an unfinished row group: redone from scratch
             fs.rm(path)
-    for path in fs.glob(f"{root}/.part-*.tmp") + fs.glob(f"{root}/{PIECES}/.part-*.tmp"):
+    for path in fs.glob(f"{root}/.part-*.tmp-*") + fs.glob(f"{root}/{PIECES}/.part-*.tmp-*"):  # write_file's
         fs.rm(path)
     return done
 
@@ -542,12 +628,14 @@ def _summarise(job: ScoreJobConfig, work: Plan, fs, root: str, layers: int, seco
     flops, full = sum(m["flops"] for m in markers), sum(m["full_depth_flops"] for m in markers)
     scored = int(exits.sum())
     return {
-        "model": job.model, "speed": job.speed, "output": job.output,
+        "model": job.model, "labels": work.labels, "speed": job.speed, "output": job.output,
         "files": len({c.uri for c in work.chunks}), "bad_files": work.bad_files,
         "rows_in": rows_in, "rows_out": rows_out, "error_rows": sum(errors.values()), "errors": dict(errors),
         "truncated_rows": sum(m["truncated"] for m in markers),
         "mean_exit_layer": float((np.arange(1, layers + 1) * exits).sum() / scored) if scored else float("nan"),
-        "exit_counts": exits.tolist(), "flop_speedup": full / flops if flops else float("nan"),
+        # rows by the layer they left at, keyed "1" .. "L" (the markers keep a plain list)
+        "exit_counts": {str(k): int(n) for k, n in enumerate(exits, start=1)},
+        "flop_speedup": full / flops if flops else float("nan"),
         "rows_this_run": rows_this_run, "wall_seconds": seconds,
         "rows_per_s": rows_this_run / seconds if seconds > 0 else float("nan"),
     }

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
+from pipeline.outputs import UserError
+
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -112,3 +114,59 @@ def _text_error(text) -> str | None:
     if not text.strip():
         return "text is empty"
     return None
+
+
+# -- column types: one type per column, the way Spark reads a folder ------------------------------
+
+
+def plain_type(kind: pa.DataType) -> pa.DataType:
+    """``kind`` without its storage flavour: a dictionary-encoded column (what pandas writes for
+    a categorical) as its values, ``large_string`` and ``string_view`` as ``string``,
+    ``large_binary`` and ``binary_view`` as ``binary``; any other type as it is. Files that
+    differ only in these hold the same column."""
+    if pa.types.is_dictionary(kind):
+        return plain_type(kind.value_type)
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
+        return pa.string()
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind):
+        return pa.binary()
+    return kind
+
+
+def is_text_type(kind: pa.DataType) -> bool:
+    """Whether a column of this type holds strings: ``string``, ``large_string``,
+    ``string_view``, or a dictionary of them (any index type)."""
+    return plain_type(kind) == pa.string()
+
+
+def plain_dataset(dataset, columns: list[str]):
+    """A ``pyarrow.dataset`` Parquet dataset over the same files, read as one table with
+    ``columns`` in their plain types (``plain_type``): files without rows are left out (pandas
+    writes an empty frame's text as the null type: they neither fix a type nor fail on it),
+    and the other files may store a column as ``string``, ``large_string`` or dictionary-encoded
+    alike. pyarrow takes a folder's types from its first file, and failed on a string file
+    after a null-typed empty one. The other columns keep the types of the first file with rows;
+    a column of ``columns`` whose files hold types that differ beyond flavour (a null-typed
+    column fits any) raises a one-line ValueError naming both files. With no rows anywhere,
+    ``dataset`` itself is returned."""
+    import pyarrow.dataset as pds
+
+    fragments = [f for f in dataset.get_fragments() if f.metadata.num_rows]
+    if not fragments:
+        return dataset
+    first = fragments[0].physical_schema
+    types: dict[str, tuple[pa.DataType, str]] = {}  # column -> (its plain type, the file that fixed it)
+    for fragment in fragments:
+        schema = fragment.physical_schema
+        for name in columns:
+            if name not in schema.names:
+                continue
+            kind = plain_type(schema.field(name).type)
+            seen = types.get(name)
+            if seen is None or (pa.types.is_null(seen[0]) and not pa.types.is_null(kind)):
+                types[name] = (kind, fragment.path)
+            elif not pa.types.is_null(kind) and kind != seen[0]:
+                raise UserError(f"{fragment.path}: column {name!r} holds {schema.field(name).type}, but "
+                                 f"{seen[1]} holds {seen[0]}; a column must hold one type in every file")
+    schema = pa.schema([f.with_type(types[f.name][0]) if f.name in types else f for f in first])
+    return pds.dataset([f.path for f in fragments], schema=schema, format="parquet", filesystem=dataset.filesystem)

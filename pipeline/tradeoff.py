@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline import flops as flop_account
+from pipeline.outputs import UserError, write_json
 
 if TYPE_CHECKING:
     from pipeline.model import FastBert
@@ -146,9 +147,7 @@ def save_table(table: TradeoffTable, model: str) -> None:
 
     fs, root = fsspec.core.url_to_fs(model)
     path = f"{root.rstrip('/')}/{TRADEOFF_FILE}"
-    with fs.open(f"{path}.tmp", "w") as f:  # then moved: a finished job is one whose table is whole
-        json.dump(table.to_json(), f, indent=2)
-    fs.mv(f"{path}.tmp", path)
+    write_json(fs, path, table.to_json())  # whole or not at all: a finished job is one whose table is whole
 
 
 def choose_speed(table: TradeoffTable | None, max_accuracy_drop: float | None = None,
@@ -158,22 +157,22 @@ def choose_speed(table: TradeoffTable | None, max_accuracy_drop: float | None = 
     fastest speed within it; ``target_speedup`` (FLOP speed-up wanted): the most accurate
     speed that reaches it. Ties go to the more accurate (the faster) point, then the lower speed."""
     if (max_accuracy_drop is None) == (target_speedup is None):
-        raise ValueError("give exactly one of max_accuracy_drop and target_speedup")
+        raise UserError("give exactly one of max_accuracy_drop and target_speedup")
     if table is None:
-        raise ValueError(f"the model has no {TRADEOFF_FILE} (written by training since the speed-by-budget "
+        raise UserError(f"the model has no {TRADEOFF_FILE} (written by training since the speed-by-budget "
                          "options exist): pass a speed instead, or train the model again")
     if max_accuracy_drop is not None:
         if not 0.0 <= max_accuracy_drop <= 100.0:
-            raise ValueError(f"max_accuracy_drop is in accuracy points, in [0, 100]; got {max_accuracy_drop}")
+            raise UserError(f"max_accuracy_drop is in accuracy points, in [0, 100]; got {max_accuracy_drop}")
         floor = table.teacher.accuracy - max_accuracy_drop / 100.0 - 1e-9
         within = [p for p in table.points if p.accuracy >= floor]
         return max(within, key=lambda p: (p.flop_speedup, p.accuracy, -p.speed))  # the teacher is always within
     if not target_speedup >= 1.0:
-        raise ValueError(f"target_speedup is a FLOP speed-up >= 1, got {target_speedup}")
+        raise UserError(f"target_speedup is a FLOP speed-up >= 1, got {target_speedup}")
     reaching = [p for p in table.points if p.flop_speedup >= target_speedup]
     if not reaching:
         best = max(table.points, key=lambda p: p.flop_speedup)
-        raise ValueError(f"no speed reaches a {target_speedup}x FLOP speed-up on {table.data}; the most is "
+        raise UserError(f"no speed reaches a {target_speedup}x FLOP speed-up on {table.data}; the most is "
                          f"{best.flop_speedup:.2f}x at speed {best.speed}")
     return max(reaching, key=lambda p: (p.accuracy, p.flop_speedup, -p.speed))
 

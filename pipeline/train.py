@@ -41,6 +41,7 @@ from torch import nn
 
 from pipeline.losses import distillation_loss, student_label_loss, teacher_loss
 from pipeline.model import FastBert, FastBertOutput
+from pipeline.outputs import UserError
 
 Stage = Literal["finetune", "distill"]
 STAGES: tuple[str, ...] = ("finetune", "distill")
@@ -75,28 +76,28 @@ class TrainConfig:
         for name in ("epochs", "distill_epochs", "batch_size", "seed", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"TrainConfig.{name} must be an integer, got {value!r}")
+                raise UserError(f"TrainConfig.{name} must be an integer, got {value!r}")
         if self.epochs < 0 or self.distill_epochs < 0:
-            raise ValueError(
+            raise UserError(
                 f"epochs and distill_epochs must be >= 0 (0 skips the stage), got "
                 f"{self.epochs} and {self.distill_epochs}"
             )
         if self.batch_size < 1 or self.log_every < 1:
-            raise ValueError(f"batch_size and log_every must be >= 1, got {self.batch_size} and {self.log_every}")
+            raise UserError(f"batch_size and log_every must be >= 1, got {self.batch_size} and {self.log_every}")
         if not self.lr > 0 or not self.distill_lr > 0 or not (self.head_lr is None or self.head_lr > 0):
-            raise ValueError(
+            raise UserError(
                 f"lr, head_lr and distill_lr must be > 0, got {self.lr}, {self.head_lr} and {self.distill_lr}"
             )
         if not 0.0 <= self.warmup < 1.0:
-            raise ValueError(f"warmup is a fraction of each stage's steps in [0, 1), got {self.warmup}")
+            raise UserError(f"warmup is a fraction of each stage's steps in [0, 1), got {self.warmup}")
         if not self.weight_decay >= 0 or not self.max_grad_norm >= 0:
-            raise ValueError(
+            raise UserError(
                 f"weight_decay and max_grad_norm must be >= 0, got {self.weight_decay} and {self.max_grad_norm}"
             )
         if self.kl not in ("paper", "reverse"):
-            raise ValueError(f"kl must be 'paper' (KL(p_s || p_t)) or 'reverse' (KL(p_t || p_s)), got {self.kl!r}")
+            raise UserError(f"kl must be 'paper' (KL(p_s || p_t)) or 'reverse' (KL(p_t || p_s)), got {self.kl!r}")
         if self.student_targets not in ("teacher", "labels"):
-            raise ValueError(f"student_targets must be 'teacher' or 'labels', got {self.student_targets!r}")
+            raise UserError(f"student_targets must be 'teacher' or 'labels', got {self.student_targets!r}")
 
 
 # -- batches ----------------------------------------------------------------------------------

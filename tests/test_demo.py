@@ -27,7 +27,7 @@ def test_demo_end_to_end(ray_session, tmp_path):
     tiny.backbone.save_pretrained(backbone)
     tiny.tokenizer.save_pretrained(backbone)
     out = tmp_path / "demo"
-    config = parse_args(["--output", str(out), "--backbone", str(backbone), "--train-rows", "64", "--val-rows", "32",
+    config = parse_args(["--output", str(out), "--backbone", str(backbone), "--train-rows", "64", "--validation-rows", "32",
                          "--test-rows", "40", "--epochs", "1", "--distill-epochs", "1", "--batch-size", "16",
                          "--max-length", "32", "--speeds", "0", "0.5", "1", "--replicas", "1", "--log-every", "2"])
     lines: list[str] = []
@@ -54,9 +54,12 @@ def test_demo_end_to_end(ray_session, tmp_path):
     assert any(str(out / "evaluation") in line for line in lines)
 
 
-def test_demo_arguments_are_checked():
-    with pytest.raises(ValueError, match="speeds"):
-        parse_args(["--speeds", "0", "1.5"])
-    with pytest.raises(ValueError, match="train_rows"):
-        parse_args(["--train-rows", "0"])
+def test_demo_arguments_are_checked(capsys):
+    for argv, message in ((["--speeds", "0", "1.5"], "speeds"), (["--train-rows", "0"], "train_rows"),
+                          (["--replicas", "3-1"], "replicas")):
+        with pytest.raises(SystemExit) as stop:
+            parse_args(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith("jobs.demo: error: ") and message in err, err
     assert parse_args(["--overwrite"]).overwrite is True
+    assert parse_args(["--speeds", "0,0.5", "1"]).speeds == [0.0, 0.5, 1.0]  # space- or comma-separated

@@ -18,6 +18,7 @@ import pytest
 from pipeline import FastBert, Scorer
 from jobs.train import parse_args
 from pipeline.distributed import TrainJobConfig, _cached, _dataset, _shuffled, bucketed_batches, check_inputs, run
+from pipeline.outputs import UserError
 from pipeline.tradeoff import SPEED_GRID
 from test_train import LABELS, accuracy, toy_task
 from driver import start_driver
@@ -277,8 +278,8 @@ def write(path, **columns) -> str:
 @pytest.mark.parametrize(
     "train, validation, message",
     [
-        (dict(words=["a b"] * 4, label=["x", "y"] * 2), None, "no column 'text'; it has ['words', 'label']"),
-        (dict(text=["a b"] * 4, y=["x", "y"] * 2), None, "no column 'label'; it has ['text', 'y']"),
+        (dict(words=["a b"] * 4, label=["x", "y"] * 2), None, "no column 'text'; it has words: string, label: string"),
+        (dict(text=["a b"] * 4, y=["x", "y"] * 2), None, "no column 'label'; it has text: string, y: string"),
         (dict(text=[1, 2, 3, 4], label=["x", "y"] * 2), None, "text column 'text' must hold strings"),
         (dict(text=["a b"] * 4, label=["x"] * 4), None, "single class ['x']"),
         (dict(text=["a"] * 4, label=["x", "y"] * 2), dict(text=["a"], label=["z"]), "never seen in training ['z']"),
@@ -300,16 +301,36 @@ def test_bad_input_fails_on_the_driver_and_writes_nothing(data, tmp_path, train,
     assert not output.exists()
 
 
-def test_output_holding_another_model_is_refused_unless_overwrite(data, tmp_path):
+def test_output_holding_another_model_is_refused_even_with_overwrite(data, tmp_path):
     output = tmp_path / "out"
-    tiny_model().save_pretrained(str(output))
-    with pytest.raises(ValueError, match="not from this job; pass overwrite=True"):
-        check_inputs(job(data, output))
+    tiny_model().save_pretrained(str(output))  # a model jobs.train did not write
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="already holds files that jobs.train did not write"):
+            check_inputs(job(data, output, overwrite=overwrite))
+    # a model an earlier version of jobs.train wrote (its metrics.json names its arguments)
     (output / "metrics.json").write_text(json.dumps({"arguments": {**job(data, output).arguments(), "epochs": 9}}))
-    with pytest.raises(ValueError, match=r"other arguments \(differing: \['epochs'\]\)"):
+    with pytest.raises(UserError, match=r"other arguments \(differing: \['epochs'\]\)"):
         check_inputs(job(data, output))
     assert check_inputs(job(data, output, overwrite=True)).labels == list(LABELS)
     assert (output / "model.safetensors").exists()  # checking alone deletes nothing
+    (output / "notes.txt").write_text("mine")  # a file of the user's in it: refused, with overwrite too
+    with pytest.raises(UserError, match=r"holds files that jobs.train did not write \(notes.txt\)"):
+        check_inputs(job(data, output, overwrite=True))
+
+
+@pytest.mark.parametrize("where", ["output", "inside", "storage"])
+def test_an_output_around_the_training_data_is_refused_and_nothing_deleted(data, tmp_path, where):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("train", "validation"):
+        (folder / f"{name}.parquet").write_bytes((data / f"{name}.parquet").read_bytes())
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    paths = dict(train=str(folder / "train.parquet"), validation=str(folder / "validation.parquet"))
+    output, storage = {"output": (folder, None), "inside": (folder / "train.parquet" / "x", None),
+                       "storage": (tmp_path / "model", tmp_path)}[where]
+    with pytest.raises(UserError, match="holds the input --train|lies inside the file"):
+        run(job(data, output, storage=str(storage) if storage else None, overwrite=True, **paths))
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
 def test_unfinished_run_of_another_job_is_refused(data, tmp_path):

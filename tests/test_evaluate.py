@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.evaluate import main, parse_args
+from pipeline.outputs import UserError
 from pipeline import Scorer
 from pipeline.evaluate import EvaluateConfig, _verdict, at_equal_flops, macro_f1, run_evaluation, wall_speedups
 from pipeline.plain_bert import load_plain_bert, new_plain_bert, plain_bert_predict, save_plain_bert
@@ -149,7 +150,7 @@ def test_evaluation_matches_the_engine_and_writes_every_file(models, tmp_path):
     output = tmp_path / "eval"
     lines: list[str] = []
     speeds = [0.0, 0.05, 0.3, 1.0]
-    result = run_evaluation(EvaluateConfig(model=models["distilled"], data=models["data"], output=str(output),
+    result = run_evaluation(EvaluateConfig(model=models["distilled"], input=models["data"], output=str(output),
                                            speeds=speeds, text_column="review", label_column="sentiment",
                                            max_rows=100, plain_bert=models["plain"],
                                            label_students=models["labels"], micro_batch=8, repeats=2),
@@ -218,40 +219,41 @@ def test_evaluation_matches_the_engine_and_writes_every_file(models, tmp_path):
     assert sum("(round 2/2)" in line for line in lines) == len(speeds)  # every speed timed once per round
     assert any("speed  accuracy" in line for line in lines) and any("(a) plain BERT" in line for line in lines)
 
-    with pytest.raises(ValueError, match="holds an earlier evaluation"):  # never overwritten silently
-        run_evaluation(EvaluateConfig(model=models["distilled"], data=models["data"], output=str(output),
+    with pytest.raises(UserError, match="holds an earlier evaluation with other arguments"):  # never overwritten silently
+        run_evaluation(EvaluateConfig(model=models["distilled"], input=models["data"], output=str(output),
                                       text_column="review", label_column="sentiment"))
 
 
 def test_the_command_line_runs_and_refuses_bad_input_in_one_line(models, tmp_path, capsys):
-    data = ["--model", models["distilled"], "--data", models["data"], "--text-column", "review"]
+    data = ["--model", models["distilled"], "--input", models["data"], "--text-column", "review"]
     result = main(data + ["--label-column", "sentiment", "--output", str(tmp_path / "ok"), "--speeds", "0,0.5",
                           "--max-rows", "20", "--no-timing"])
     assert [r["speed"] for r in result["speeds"]] == [0.0, 0.5] and result["speeds"][1]["wall_speedup"] is None
-    assert parse_args(["--model", "m", "--data", "d", "--output", "o"]).speeds == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6,
+    assert parse_args(["--model", "m", "--input", "d", "--output", "o"]).speeds == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6,
                                                                                   0.7, 0.8, 0.9, 1.0]
     unknown = tmp_path / "unknown.parquet"
     pq.write_table(pa.table({"review": ["good w1", "bad w2", "w3 good"], "sentiment": ["pos", "meh", "neutral"]}),
                    unknown)
     cases = [
-        (data + ["--output", str(tmp_path / "a")], r"no label column 'label'; it has \['review', 'sentiment'\]"),
-        (["--model", models["distilled"], "--data", str(unknown), "--text-column", "review", "--label-column",
+        (data + ["--output", str(tmp_path / "a")], r"no label column 'label'; it has review: string, sentiment: string"),
+        (["--model", models["distilled"], "--input", str(unknown), "--text-column", "review", "--label-column",
           "sentiment", "--output", str(tmp_path / "b")],
          r"labels the model does not know: \['meh', 'neutral'\] \(2 rows, first: row 1\); the model's labels"),
         (data + ["--label-column", "sentiment", "--output", str(tmp_path / "c"), "--speeds", "0,1.5"],
          r"speeds must be numbers in \[0, 1\].*\[1.5\]"),
         (data + ["--label-column", "sentiment", "--output", str(tmp_path / "d"), "--plain-bert",
                  models["distilled"]], "a FastBERT model, not a plain classifier"),
-        (["--model", models["data"], "--data", models["data"], "--output", str(tmp_path / "e")],
+        (["--model", models["data"], "--input", models["data"], "--output", str(tmp_path / "e")],
          "no such folder"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as stop:
             main(argv)
-        assert stop.value.code.startswith("error: ") and "\n" not in stop.value.code
-        assert re.search(message, stop.value.code), stop.value.code
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith("jobs.evaluate: error: ") and err.count("\n") == 1, err
+        assert re.search(message, err), err
     assert not any((tmp_path / name).exists() for name in "abcde")  # nothing written
     nulls = tmp_path / "nulls.parquet"
     pq.write_table(pa.table({"text": ["good w1", "bad w2"], "label": ["pos", None]}), nulls)
     with pytest.raises(ValueError, match=r"nulls.parquet: column 'label' has 1 null labels \(first: row 1\)"):
-        run_evaluation(EvaluateConfig(model=models["distilled"], data=str(nulls), output=str(tmp_path / "f")))
+        run_evaluation(EvaluateConfig(model=models["distilled"], input=str(nulls), output=str(tmp_path / "f")))

@@ -71,7 +71,7 @@ def test_score_job_submitted_to_a_ray_head(head, tmp_path):
     output = tmp_path / "out"
     entrypoint = [sys.executable, "-m", "jobs.score", "--model", str(tmp_path / "model"), "--input",
                   str(tmp_path / "in.parquet"), "--output", str(output), "--speed", "0.5", "--replicas", "1",
-                  "--cpus-per-replica", "0.5", "--batch-size", "8"]
+                  "--cpus-per-replica", "0.5", "--rows-per-call", "8"]
     deadline = time.monotonic() + 240
     while True:  # the job agent comes up a few seconds after the head
         submit = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",

@@ -135,7 +135,7 @@ def test_score_from_s3_to_s3(s3):
                     pa.table({"id": list(range(20 * i, 20 * i + 20)), "text": texts[20 * i: 20 * i + 20]}))
     output = f"s3://{BUCKET}/scored"
     summary = score(ScoreJobConfig(model=model, input=[f"s3://{BUCKET}/texts/*.parquet"], output=output, speed=0.5,
-                                   batch_size=8, micro_batch=4, cpus_per_replica=0.5))
+                                   rows_per_call=8, micro_batch=4, cpus_per_replica=0.5))
     assert summary["rows_in"] == summary["rows_out"] == 40 and summary["files"] == 2
     fs = s3fs.S3FileSystem()
     assert fs.exists(f"{output}/_SUCCESS") and fs.exists(f"{output}/_summary.json")
@@ -144,3 +144,55 @@ def test_score_from_s3_to_s3(s3):
     assert table.column("id").to_pylist() == list(range(40))
     expected = Scorer(tiny_model(labels=LABELS, seed=2), speed=0.5)(texts)
     assert table.column("prediction").to_pylist() == expected.column("prediction").to_pylist()
+
+    # the same job again: already complete, nothing rewritten
+    before = {p: fs.cat(p) for p in fs.find(output)}
+    again = score(ScoreJobConfig(model=model, input=[f"s3://{BUCKET}/texts/*.parquet"], output=output, speed=0.5,
+                                 rows_per_call=8, micro_batch=4, cpus_per_replica=0.5))
+    assert again["rows_out"] == 40 and {p: fs.cat(p) for p in fs.find(output)} == before
+
+
+def test_unsafe_outputs_and_overwrite_on_s3_keep_the_users_objects(s3):
+    """Section 1 of the safety rules on S3: an output that is, holds or lies inside an input is
+    refused; --overwrite removes an earlier run's own objects and nothing else."""
+    from pipeline.outputs import Manifest, UserError, claim_output
+    from pipeline.scoring import ScoreJobConfig
+    from pipeline.scoring import run as score
+
+    fs = s3fs.S3FileSystem()
+    model = f"s3://{BUCKET}/safety/model"
+    tiny_model(labels=LABELS, seed=2).save_pretrained(model)
+    texts, _ = toy_task(np.random.default_rng(4), 12)
+    data = f"s3://{BUCKET}/safety/data"
+    put_parquet(f"{data}/part-0.parquet", pa.table({"text": texts}))
+    fs.pipe(f"{data}/notes.txt", b"the user's notes")
+    users = {p: fs.cat(p) for p in fs.find(data)}
+    for inputs, output, message in (
+            ([f"{data}/part-0.parquet"], data, "holds the input --input"),
+            ([f"{data}/part-0.parquet"], f"s3://{BUCKET}/safety", "holds the input --input"),
+            ([data], f"{data}/scored", "lies inside the input folder --input"),
+            ([f"{data}/part-0.parquet"], f"{data}/notes.txt", "is an existing file")):
+        with pytest.raises(UserError, match=message):
+            score(ScoreJobConfig(model=model, input=inputs, output=output, overwrite=True))
+    assert {p: fs.cat(p) for p in fs.find(data)} == users  # byte for byte
+
+    put_parquet(f"{data}/labelled.parquet", pa.table({"text": texts, "label": [LABELS[i % 2] for i in range(12)]}))
+    users = {p: fs.cat(p) for p in fs.find(data)}
+    with pytest.raises(UserError, match="holds the input --train"):  # training into the folder of its data
+        check_inputs(TrainJobConfig(train=f"{data}/labelled.parquet", validation=f"{data}/labelled.parquet",
+                                    output=data, overwrite=True))
+    assert {p: fs.cat(p) for p in fs.find(data)} == users
+
+    folder = f"s3://{BUCKET}/safety/out"
+    manifest = Manifest("jobs.score", ["part-*.parquet", "_SUCCESS"])
+    assert claim_output(folder, manifest, overwrite=False) is None
+    fs.pipe(f"{folder}/part-0.parquet", b"ours")
+    fs.pipe(f"{folder}/_SUCCESS", b"")
+    assert claim_output(folder, manifest, overwrite=False).job == "jobs.score"  # the earlier run's manifest
+    assert claim_output(folder, manifest, overwrite=True) is None  # its files removed
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.find(folder)) == ["_manifest.json"]
+    fs.pipe(f"{folder}/part-0.parquet", b"ours")
+    fs.pipe(f"{folder}/mine.csv", b"the user's")
+    with pytest.raises(UserError, match=r"did not write \(mine.csv\); nothing was deleted"):
+        claim_output(folder, manifest, overwrite=True)
+    assert fs.cat(f"{folder}/mine.csv") == b"the user's" and fs.cat(f"{folder}/part-0.parquet") == b"ours"

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from jobs.score import parse_args
+from pipeline.outputs import UserError
 from pipeline import FastBert, Scorer, uncertainty
 from pipeline.scoring import REPLICA_GLIBC_TUNABLES, Replica, ScoreJobConfig, cpu_replica_env, read_chunk, run
 from pipeline.text import tokenize
@@ -79,7 +80,7 @@ def inputs(tmp_path_factory):
 
 def job(inputs, output, **changes) -> ScoreJobConfig:
     settings = dict(model=str(inputs / "model"), input=[str(inputs / "data")], output=str(output), speed=SPEED,
-                    replicas="2", batch_size=16, micro_batch=4, cpus_per_replica=0.5)
+                    replicas="2", rows_per_call=16, micro_batch=4, cpus_per_replica=0.5)
     return ScoreJobConfig(**{**settings, **changes})
 
 
@@ -122,7 +123,8 @@ def test_every_row_once_in_order_and_equal_to_the_engine(scored, inputs):
                                                   None]
     assert summary["rows_in"] == summary["rows_out"] == 97 and summary["files"] == 3
     assert summary["errors"] == {"text is null": 1, "text is empty": 2} and summary["error_rows"] == 3
-    assert summary["truncated_rows"] == 1 and sum(summary["exit_counts"]) == 94
+    assert summary["truncated_rows"] == 1 and sum(summary["exit_counts"].values()) == 94
+    assert list(summary["exit_counts"]) == ["1", "2", "3"]  # keyed by layer
     assert summary["flop_speedup"] > 1.0
     assert json.loads((output / "_summary.json").read_text()) == json.loads(json.dumps(summary))
     assert (output / "_SUCCESS").exists()
@@ -142,11 +144,11 @@ def test_resume_after_a_crash_finishes_without_duplicates(scored, inputs, tmp_pa
     (output / "_pieces" / f"{pieces[0].name}.json").unlink()
     pieces[-1].unlink()
     (output / "_pieces" / f"{pieces[-1].name}.json").unlink()
-    (output / ".part-00002-00000-0000000000.parquet.tmp").write_bytes(b"half")
+    (output / ".part-00002-00000-0000000000.parquet.tmp-1a2b3c4d").write_bytes(b"half")
 
-    with pytest.raises(ValueError, match="already holds results of this job; pass --resume"):
+    with pytest.raises(UserError, match="holds an unfinished run of this job: pass --resume"):
         run(job(inputs, output))
-    with pytest.raises(ValueError, match=r"results of another job \(differing: \['speed'\]\)"):
+    with pytest.raises(UserError, match=r"scoring job with other arguments \(differing: speed\)"):
         run(job(inputs, output, speed=0.1, resume=True))
     summary = run(job(inputs, output, resume=True))
     after = read_output(output)
@@ -162,7 +164,7 @@ def test_resume_after_a_crash_finishes_without_duplicates(scored, inputs, tmp_pa
 def test_a_replica_killed_mid_job_is_replaced_and_every_row_comes_out_once(ray_session, inputs, tmp_path):
     faults = tmp_path / "faults"
     faults.mkdir()
-    summary = run(job(inputs, tmp_path / "out", batch_size=8), kill_once=str(faults))
+    summary = run(job(inputs, tmp_path / "out", rows_per_call=8), kill_once=str(faults))
     assert (faults / "killed").exists(), "no replica was killed"
     out = read_output(tmp_path / "out")
     assert out.column("id").to_pylist() == all_inputs(inputs).column("id").to_pylist()
@@ -193,7 +195,7 @@ def test_killed_driver_then_resume_loses_and_duplicates_nothing(ray_session, inp
                        data / f"{i}.parquet", row_group_size=10)
     output = tmp_path / "out"
     argv = ["--model", str(inputs / "model"), "--input", str(data), "--output", str(output), "--speed", str(SPEED),
-            "--batch-size", "5", "--micro-batch", "4", "--replicas", "1", "--cpus-per-replica", "0.5"]
+            "--rows-per-call", "5", "--micro-batch", "4", "--replicas", "1", "--cpus-per-replica", "0.5"]
     driver = start_driver("jobs.score", argv, tmp_path / "driver.log")
     deadline = time.monotonic() + 180
     while not _a_row_group_done(output):
@@ -222,13 +224,25 @@ def test_the_driver_runs_without_torch(ray_session, inputs, tmp_path):
     model.save_pretrained(str(tmp_path / "model"))
     output = tmp_path / "out"
     argv = ["--model", str(tmp_path / "model"), "--input", str(inputs / "data"), "--output", str(output),
-            "--target-speedup", "1.1", "--batch-size", "16", "--micro-batch", "4", "--replicas", "1",
+            "--target-speedup", "1.1", "--rows-per-call", "16", "--micro-batch", "4", "--replicas", "1",
             "--cpus-per-replica", "0.5"]
     driver = start_driver("jobs.score", argv, tmp_path / "driver.log", without=("torch",))
     assert driver.wait(timeout=300) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     assert json.loads((output / "_summary.json").read_text())["speed"] == choose_speed(model.tradeoff,
                                                                                       target_speedup=1.1).speed
     assert read_output(output).column("id").to_pylist() == all_inputs(inputs).column("id").to_pylist()
+    # quiet: the choice, the plan, the summary last; none of Ray's INFO or WARNING lines (Ray's
+    # C++ core worker still logs one ERROR-level notice about its actors' restarts)
+    lines = [line for line in (tmp_path / "driver.log").read_text().splitlines() if "core_worker.cc" not in line]
+    assert lines[0].startswith("chose speed") and lines[1].startswith("scoring 97 rows"), lines
+    assert " rows written to " in lines[-1] and len(lines) == 3, lines
+
+    # the same command again: already complete, exit 0, nothing rewritten
+    before = {p.name: p.read_bytes() for p in sorted(output.iterdir()) if p.is_file()}
+    again = start_driver("jobs.score", argv, tmp_path / "again.log", without=("torch",))
+    assert again.wait(timeout=300) == 0, (tmp_path / "again.log").read_text()[-3000:]
+    assert "already holds the complete output of this job" in (tmp_path / "again.log").read_text()
+    assert {p.name: p.read_bytes() for p in sorted(output.iterdir()) if p.is_file()} == before
 
 
 def test_replica_scores_one_batch_without_ray(inputs):
@@ -298,7 +312,7 @@ def write(path, **columns) -> str:
 def test_bad_input_is_refused_before_anything_is_written(inputs, tmp_path):
     output = tmp_path / "out"
     no_text = write(tmp_path / "no_text.parquet", body=["a"], id=[1])
-    with pytest.raises(ValueError, match=r"no_text.parquet: no text column 'text'; it has \['body', 'id'\]"):
+    with pytest.raises(ValueError, match=r"no_text.parquet: no text column 'text'; it has body: string, id: int64"):
         run(job(inputs, output, input=[no_text]))
     ints = write(tmp_path / "ints.parquet", text=[1, 2])
     with pytest.raises(ValueError, match="ints.parquet: text column 'text' must hold strings, it holds int64"):
@@ -317,8 +331,9 @@ def test_bad_input_is_refused_before_anything_is_written(inputs, tmp_path):
         job(inputs, output, speed=1.5)
     output.mkdir()
     (output / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match=r"holds \['notes.txt'\], not from a scoring job; pass --overwrite"):
-        run(job(inputs, output))
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match=r"already holds files that jobs.score did not write \(notes.txt\)"):
+            run(job(inputs, output, overwrite=overwrite))
     assert (output / "notes.txt").read_text() == "mine"
 
 
@@ -359,5 +374,5 @@ def test_command_line_mirrors_the_config():
     assert parse_args(["--model", "m", "--input", "a", "--output", "o"]).speed == 0.5
     with pytest.raises(SystemExit):  # a speed and a budget exclude each other
         parse_args(["--model", "m", "--input", "a", "--output", "o", "--speed", "0.3", "--target-speedup", "2"])
-    with pytest.raises(ValueError, match="replicas must be N or MIN-MAX"):
+    with pytest.raises(UserError, match="replicas must be N or MIN-MAX"):
         ScoreJobConfig(model="m", input="i", output="o", replicas="4-1")
