@@ -156,7 +156,8 @@ def main(argv=None) -> list[dict]:
           f"micro-batch {args.micro_batch}; {args.threads} threads; device {args.device}")
 
     def scorer_way(s: float, mb: int, regroup: bool = True):
-        scorer = Scorer(model, speed=s, micro_batch=mb, device=args.device, regroup=regroup)
+        # fp32 like the hand-written ways (a)-(d); benchmarks.peers measures the precisions
+        scorer = Scorer(model, speed=s, micro_batch=mb, device=args.device, regroup=regroup, precision="fp32")
         def run():
             table = scorer(texts)
             return np.array(table["exit_layer"].to_pylist()), np.array(table["prediction"].to_pylist(), dtype=object)

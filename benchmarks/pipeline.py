@@ -199,12 +199,13 @@ def run_process(name: str, argv: list[str], work: str) -> tuple[dict, PeakMemory
 
 
 def engine_rows_per_s(model_dir: str, files: list[str], speed: float, threads: int, batch_size: int,
-                      micro_batch: int) -> tuple[float, float]:
+                      micro_batch: int, precision: str) -> tuple[float, float]:
     """The in-process engine over the same Parquet: (rows/s, mean exit layer). Timed like the
     job's own clock: from loading the model to the last row, the Python imports excluded."""
     torch.set_num_threads(threads)
     start, rows, exits = time.perf_counter(), 0, 0
-    scorer = Scorer(FastBert.from_pretrained(model_dir), speed=speed, micro_batch=micro_batch, device="cpu")
+    scorer = Scorer(FastBert.from_pretrained(model_dir), speed=speed, micro_batch=micro_batch, device="cpu",
+                    precision=precision)
     for path in files:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=["text"]):
             table = scorer(batch.column("text").to_pylist())
@@ -219,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2, help="the engine's threads; also 1 replica x THREADS")
     p.add_argument("--batch-size", type=int, default=1024, help="rows per replica call (and per engine call)")
     p.add_argument("--micro-batch", type=int, default=32)
+    p.add_argument("--precision", default="auto", help="of the engine and the job's replicas alike (default: auto)")
     p.add_argument("--speed", type=float, default=None)
     p.add_argument("--max-drop", type=float, default=0.5, help="accuracy points below the teacher the speed may give")
     p.add_argument("--cache", default=DEFAULT_CACHE)
@@ -245,7 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
               ) -> tuple[dict, PeakMemory, float]:
         argv = ["jobs.score", "--model", model_dir, "--input", *inputs, "--output", os.path.join(args.work, name),
                 "--speed", str(speed), "--replicas", str(replicas), "--threads-per-replica", str(threads),
-                "--batch-size", str(args.batch_size), "--micro-batch", str(args.micro_batch), "--overwrite"]
+                "--rows-per-call", str(args.batch_size), "--micro-batch", str(args.micro_batch),
+                "--precision", args.precision, "--overwrite"]
         summary, memory, wall = run_process(name if round_ is None else f"{name}-round{round_ + 1}", argv, args.work)
         assert summary["rows_out"] == summary["rows_in"], summary
         print(f"{name:9s} {replicas} replica(s) x {threads} thread(s): {summary['rows_per_s']:6.1f} rows/s "
@@ -260,7 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
     rounds: list[dict] = []
     for r in range(args.rounds):
         print(f"-- round {r + 1}/{args.rounds}")
-        rate, exit_mean = engine_rows_per_s(model_dir, files, speed, args.threads, args.batch_size, args.micro_batch)
+        rate, exit_mean = engine_rows_per_s(model_dir, files, speed, args.threads, args.batch_size, args.micro_batch,
+                                              args.precision)
         print(f"engine    in-process x {args.threads} threads: {rate:6.1f} rows/s, mean exit {exit_mean:.2f}")
         job, memory_5x, wall = score("job", files, 2, 1, r)
         measured = {"engine_rows_per_s": rate, "job_rows_per_s": job["rows_per_s"], "job_wall_seconds":

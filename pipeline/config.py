@@ -22,6 +22,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "fastbert-ray/1"
 TEACHER_HEADS = ("pooler", "branch")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # of the engine and training; see model.resolve_precision
 # model types whose position ids start after pad_token_id, so they embed fewer tokens
 ROBERTA_STYLE_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "ibert", "luke"}
 
@@ -56,31 +57,31 @@ class FastBertConfig:
         self.backbone = json.loads(json.dumps(self.backbone))  # as config.json will hold it
         for key in ("hidden_size", "num_hidden_layers", "model_type"):
             if key not in self.backbone:
-                raise ValueError(f"backbone config lacks {key!r}: is it a Hugging Face BERT-shaped config dict?")
+                raise UserError(f"backbone config lacks {key!r}: is it a Hugging Face BERT-shaped config dict?")
         self.labels = [str(label) for label in self.labels]
         if len(self.labels) < 2:
-            raise ValueError(f"FastBertConfig needs at least 2 labels, got {self.labels!r}")
+            raise UserError(f"FastBertConfig needs at least 2 labels, got {self.labels!r}")
         if len(set(self.labels)) != len(self.labels):
-            raise ValueError(f"FastBertConfig labels must be unique, got {self.labels!r}")
+            raise UserError(f"FastBertConfig labels must be unique, got {self.labels!r}")
         if self.teacher_head not in TEACHER_HEADS:
-            raise ValueError(f"teacher_head must be one of {TEACHER_HEADS}, got {self.teacher_head!r}")
+            raise UserError(f"teacher_head must be one of {TEACHER_HEADS}, got {self.teacher_head!r}")
         hidden = int(self.backbone["hidden_size"])
         if self.teacher_head == "pooler" and self.teacher_width not in (None, hidden):
-            raise ValueError(f"teacher_width ({self.teacher_width}) sizes a teacher_head='branch'; the 'pooler' "
+            raise UserError(f"teacher_width ({self.teacher_width}) sizes a teacher_head='branch'; the 'pooler' "
                              f"teacher has the backbone's width ({hidden}): leave teacher_width unset")
         if self.teacher_width is None:
             self.teacher_width = hidden
         for name in ("branch_width", "teacher_width") if self.teacher_head == "branch" else ("branch_width",):
             width = getattr(self, name)
             if width < 1 or self.branch_heads < 1 or width % self.branch_heads:
-                raise ValueError(f"{name} ({width}) must be a positive multiple of branch_heads ({self.branch_heads})")
+                raise UserError(f"{name} ({width}) must be a positive multiple of branch_heads ({self.branch_heads})")
         if self.max_length < 2 or self.max_length > self.max_positions:
-            raise ValueError(
+            raise UserError(
                 f"max_length must be in [2, {self.max_positions}] (the positions the backbone "
                 f"can embed), got {self.max_length}"
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def max_positions(self) -> int:
@@ -135,7 +136,7 @@ def load_config(path: str) -> FastBertConfig:
     raw.setdefault("teacher_head", "branch")  # written before the pooler head: the paper's branch
     try:
         return FastBertConfig(**raw)
-    except (TypeError, ValueError) as e:
+    except TypeError as e:  # fields this version does not know (a later version's checkpoint)
         raise UserError(f"{path!r}/{CONFIG_FILE} does not describe a FastBert this version can build ({e})") from None
 
 

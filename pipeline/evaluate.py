@@ -29,14 +29,16 @@ import platform
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 
 from pipeline import flops as flop_account
+from pipeline.config import PRECISIONS
 from pipeline.engine import Scorer
 from pipeline.heap import steady_heap
-from pipeline.model import FastBert
+from pipeline.model import FastBert, resolve_precision
 from pipeline.outputs import Manifest, UserError, claim_output, inspect_output, put_file, refuse_unsafe_output
 from pipeline.text import tokenize
 from pipeline.tradeoff import SPEED_GRID, AllExits, all_exits, at_speed, exits_at, predictions_at
@@ -66,6 +68,7 @@ class EvaluateConfig:
     micro_batch: int = 32  # the engine's rows per layer step in the timed passes
     timing: bool = True  # time a pass of the engine at every speed (--no-timing: wall_speedup is null)
     repeats: int = 1  # rounds of timed passes, each timing every speed once (speed 0 first and last)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # of the passes: auto is bf16 where the chip has it
     overwrite: bool = False  # remove an earlier evaluation's files from the output first (only those)
 
     def __post_init__(self) -> None:
@@ -80,6 +83,8 @@ class EvaluateConfig:
             raise UserError(f"speeds must be numbers in [0, 1] (0 = full depth, 1 = leave at layer 1); "
                              f"got {bad or 'none'}")
         self.speeds = sorted({float(s) for s in speeds})
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("micro_batch", "repeats"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -212,7 +217,7 @@ def read_labelled(config: EvaluateConfig, known: list[str]) -> tuple[list[str], 
     import pyarrow as pa
     import pyarrow.dataset as pds
 
-    from pipeline.text import is_text_type, plain_dataset
+    from pipeline.text import describe_columns, is_text_type, plain_dataset
 
     uri = config.input
     try:
@@ -227,7 +232,7 @@ def read_labelled(config: EvaluateConfig, known: list[str]) -> tuple[list[str], 
     except (OSError, pa.ArrowInvalid) as e:
         raise UserError(f"{uri}: not readable as Parquet ({e})") from e
     columns = dataset.schema.names
-    listed = ", ".join(f"{f.name}: {f.type}" for f in dataset.schema)  # columns and their types
+    listed = describe_columns(dataset.schema)
     if config.text_column not in columns:
         raise UserError(f"{uri}: no text column {config.text_column!r}; it has {listed} (pass --text-column)")
     text_type = dataset.schema.field(config.text_column).type
@@ -302,7 +307,9 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
     log(f"evaluating {config.model} on {len(texts)} rows of {config.input}: one full-depth pass keeping "
         f"every exit's output, then {timed}")
     tick = time.perf_counter()
-    exits = all_exits(model, texts, labels)
+    precision = resolve_precision(config.precision, next(model.parameters()).device)
+    log(f"precision: {precision}" + (" (auto)" if config.precision == "auto" else ""))
+    exits = all_exits(model, texts, labels, precision=precision)
     full_pass_s = time.perf_counter() - tick
     log(f"full pass: {full_pass_s:.1f} s ({len(texts) / full_pass_s:.0f} rows/s)")
     teacher = at_speed(exits, model, 0.0)
@@ -316,7 +323,7 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
     baselines["truncation"] = {"curve": curve, "at_speeds": comparison, **_verdict(comparison)}
     if "label_students" in extra:
         log(f"baseline (c): full pass of the label-trained students {config.label_students}")
-        other_exits = all_exits(extra["label_students"], texts, labels)
+        other_exits = all_exits(extra["label_students"], texts, labels, precision=precision)
         other = [asdict(at_speed(other_exits, extra["label_students"], s)) for s in COMPARISON_SPEEDS]
         comparison = at_equal_flops(rows, other, correct, correct_at(other_exits, COMPARISON_SPEEDS))
         baselines["label_students"] = {"model": config.label_students, "teacher_accuracy": other[0]["accuracy"],
@@ -344,6 +351,7 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
         "teacher_accuracy": teacher.accuracy,
         "teacher_macro_f1": macro_f1(exits.labels, exits.predictions[-1], model.config.num_labels),
         "layers": model.config.num_layers,
+        "precision": precision,
         "speeds": rows,
         "baselines": baselines,
         "timing": {"what": "Scorer.score_tokens on rows tokenised once, in rounds that time every speed once, "
@@ -395,11 +403,11 @@ def _time_speeds(model: FastBert, texts: list[str], exits: AllExits, rows: list[
     # shapes cost up to a million page faults, charged to whichever pass met them first
     with steady_heap():
         log("warm-up: one untimed pass at speed 0 (allocator and threads, so speed 0 is not timed cold)")
-        Scorer(model, speed=0.0, micro_batch=config.micro_batch).score_tokens(token_ids)
+        Scorer(model, speed=0.0, micro_batch=config.micro_batch, precision=config.precision).score_tokens(token_ids)
         tick = time.perf_counter()
         for done, speed in enumerate(order, start=1):
             round_ = (done - 1) // len(speeds)
-            scorer = Scorer(model, speed=speed, micro_batch=config.micro_batch)
+            scorer = Scorer(model, speed=speed, micro_batch=config.micro_batch, precision=config.precision)
             t0 = time.perf_counter()
             table = scorer.score_tokens(token_ids)
             seconds = time.perf_counter() - t0

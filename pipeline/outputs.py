@@ -10,16 +10,17 @@ one, or with files its manifest does not own, is not ours: nothing in it is dele
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
+import re
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 MANIFEST = "_manifest.json"
-# the hidden temporary names of write_file, at any depth: a run that died mid-write leaves them
-TEMPORARY = (".*.tmp-*", "*/.*.tmp-*")
+# the hidden temporary names of write_file (.NAME.tmp-XXXXXXXX, 8 hex digits), at any depth: a
+# run that died mid-write leaves them
+TEMPORARY = re.compile(r"(.*/)?\.[^/]+\.tmp-[0-9a-f]{8}")
 
 
 class UserError(ValueError):
@@ -36,23 +37,38 @@ class Manifest:
     """What a job wrote into an output folder (``_manifest.json``)."""
 
     job: str  # the job that owns the folder: "jobs.score", "jobs.train", ...
-    owns: list[str]  # fnmatch patterns, relative to the folder, of every file the job writes there
+    # patterns, relative to the folder, of every file the job writes there: * and ? within one
+    # name, ** across folders ("_ray/**": everything below _ray)
+    owns: list[str]
     arguments: dict[str, Any] = field(default_factory=dict)  # what decides the folder's contents
 
     def owned(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, p) for p in (*self.owns, MANIFEST, *TEMPORARY))
+        return name == MANIFEST or bool(TEMPORARY.fullmatch(name)) or any(_glob(p).fullmatch(name) for p in self.owns)
+
+
+def _glob(pattern: str) -> re.Pattern:
+    """A path pattern as a regular expression: ``*`` and ``?`` stay within one name (fnmatch's
+    would cross ``/`` and own a user's ``part-x/mine.parquet``), ``**`` crosses folders."""
+    parts = re.split(r"(\*\*|\*|\?)", pattern)
+    wild = {"**": ".*", "*": "[^/]*", "?": "[^/]"}
+    return re.compile("".join(wild.get(part, re.escape(part)) for part in parts))
 
 
 # -- files that appear whole ----------------------------------------------------------------------
 
 
+def _temporary(fs, path: str) -> str:
+    """The hidden name beside ``path`` that a file is written under before it is renamed."""
+    folder, name = path.rstrip("/").rsplit("/", 1) if "/" in path else ("", path)
+    if folder:
+        fs.makedirs(folder, exist_ok=True)
+    return f"{folder}/.{name}.tmp-{uuid.uuid4().hex[:8]}" if folder else f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
 def write_file(fs, path: str, data: bytes | str) -> None:
     """Write ``data`` to ``path`` on the fsspec filesystem ``fs`` atomically: under a hidden
     name beside it, then renamed (readers see the old file or the new one, never half of one)."""
-    folder, name = path.rstrip("/").rsplit("/", 1) if "/" in path else ("", path)
-    temporary = f"{folder}/.{name}.tmp-{uuid.uuid4().hex[:8]}" if folder else f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-    if folder:
-        fs.makedirs(folder, exist_ok=True)
+    temporary = _temporary(fs, path)
     with fs.open(temporary, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
     fs.mv(temporary, path)
@@ -64,8 +80,7 @@ def write_json(fs, path: str, value: Any) -> None:
 
 def put_file(fs, local: str, path: str) -> None:
     """Copy the local file ``local`` to ``path`` on ``fs`` atomically (see ``write_file``)."""
-    folder, name = path.rstrip("/").rsplit("/", 1)
-    temporary = f"{folder}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+    temporary = _temporary(fs, path)
     fs.put_file(local, temporary)
     fs.mv(temporary, path)
 
@@ -92,6 +107,11 @@ def _key(uri: str) -> tuple[str, str]:
 
 def _inside(path: tuple[str, str], folder: tuple[str, str]) -> bool:
     return path[0] == folder[0] and (path[1] == folder[1] or path[1].startswith(folder[1].rstrip("/") + "/"))
+
+
+def same_or_inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it (local paths resolved, URIs compared)."""
+    return _inside(_key(path), _key(folder))
 
 
 def refuse_unsafe_output(output: str, inputs: list[tuple[str, str | None]], flag: str = "--output") -> None:

@@ -33,7 +33,7 @@ import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -41,11 +41,11 @@ import pyarrow.parquet as pq
 
 from pipeline import flops as flop_account
 from pipeline.config import SCHEMA as ENGINE_SCHEMA
-from pipeline.config import load_config
+from pipeline.config import PRECISIONS, load_config
 from pipeline.heap import release_freed_memory
 from pipeline.outputs import Manifest, UserError, absolute, claim_output, refuse_unsafe_output, write_file, write_json
 from pipeline.ray_init import check_ray_address, init_ray
-from pipeline.text import load_tokenizer, tokenize
+from pipeline.text import describe_columns, load_tokenizer, tokenize
 from pipeline.tradeoff import choose_speed, describe_choice, load_table
 
 # torch, transformers and the modules that import them (engine, model) are imported in the
@@ -58,7 +58,7 @@ SUMMARY_FILE = "_summary.json"
 SUCCESS_FILE = "_SUCCESS"
 PIECES = "_pieces"
 # fields of the job that decide what the output holds: a resumed job must match them
-IDENTITY = ("model", "speed", "text_column", "id_column", "columns", "max_length")
+IDENTITY = ("model", "speed", "text_column", "id_column", "columns", "max_length", "precision")
 
 
 @dataclass
@@ -79,6 +79,7 @@ class ScoreJobConfig:
     cpus_per_replica: float = 1.0  # Ray CPUs of each replica
     threads_per_replica: int | None = None  # torch threads in a CPU replica; none given: cpus_per_replica
     rows_per_call: int = 1024  # rows handed to a replica per call
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto (bf16 where the chip has it natively, else fp32), fp32, bf16 or fp16
     micro_batch: int = 32  # rows per layer step inside a replica (the engine's batch)
     max_length: int | None = None  # tokens per text; none given: the model's
     resume: bool = False  # finish an interrupted run of the same job
@@ -113,8 +114,13 @@ class ScoreJobConfig:
         if self.resume and self.overwrite:
             raise UserError("resume and overwrite exclude each other: resume keeps the output, overwrite deletes it")
         self.replica_range()  # checks replicas
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.gpus_per_replica is not None and self.gpus_per_replica < 0:
             raise UserError(f"gpus_per_replica must be >= 0, got {self.gpus_per_replica}")
+        if self.threads_per_replica is not None and (isinstance(self.threads_per_replica, bool)
+                                                     or self.threads_per_replica < 1):
+            raise UserError(f"threads_per_replica must be a positive integer, got {self.threads_per_replica!r}")
         if self.cpus_per_replica <= 0:
             raise UserError(f"cpus_per_replica must be > 0, got {self.cpus_per_replica}")
 
@@ -205,11 +211,6 @@ def expand_inputs(specs: list[str]) -> list[str]:
     return sorted(found)
 
 
-def _columns(schema: pa.Schema) -> str:
-    """``id: int64, text: string``: a file's columns as an error message lists them."""
-    return ", ".join(f"{f.name}: {f.type}" for f in schema)
-
-
 def plan(job: ScoreJobConfig, labels: list[str] | None = None) -> Plan:
     """Read every input's Parquet footer and cut the work into chunks; raises a one-line
     UserError naming the file and column for bad input (a corrupt file is skipped and
@@ -260,7 +261,8 @@ def plan(job: ScoreJobConfig, labels: list[str] | None = None) -> Plan:
             raise UserError(f"{uri}: not a readable Parquet file ({type(e).__name__}: {e}); fix or remove it, "
                             "or pass --skip-bad-files to record it in the summary and go on") from e
         if job.text_column not in schema.names:
-            raise UserError(f"{uri}: no text column {job.text_column!r}; it has {_columns(schema)} (pass --text-column)")
+            raise UserError(f"{uri}: no text column {job.text_column!r}; it has {describe_columns(schema)} "
+                            "(pass --text-column)")
         if not meta.num_rows:  # no chunk; its types (any) neither fix the carried columns nor are checked
             empty = empty or (uri, schema)
             continue
@@ -358,7 +360,8 @@ class Replica:
     (Ray Data's callable-class pattern): ``Replica(...)(batch)`` works without Ray too."""
 
     def __init__(self, model: str, speed: float, micro_batch: int = 32, max_length: int | None = None,
-                 device: str | None = None, threads: int | None = None, kill_once: str | None = None):
+                 device: str | None = None, threads: int | None = None, kill_once: str | None = None,
+                 precision: str = "auto"):
         import torch
 
         from pipeline.engine import Scorer
@@ -369,12 +372,13 @@ class Replica:
             torch.set_num_threads(threads)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.scorer = Scorer(FastBert.from_pretrained(model, map_location=device), speed=speed,
-                             micro_batch=micro_batch, max_length=max_length, device=device)
+                             micro_batch=micro_batch, max_length=max_length, device=device, precision=precision)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Rows with ``__ids``, ``__error``, ``__truncated`` -> the same rows with the engine's
         columns (``prediction`` ... ``error``, ``flops``) and, for the summary, what a
-        full-depth BERT would have spent (``__full_flops``) and ``__truncated_out``."""
+        full-depth BERT would have spent (``__full_flops``), ``__truncated_out`` and the
+        precision the replica runs in (``__precision``)."""
         self.calls += 1
         if self.kill_once and self.calls == 2 and not os.path.exists(f"{self.kill_once}/killed"):
             open(f"{self.kill_once}/killed", "w").close()
@@ -392,6 +396,7 @@ class Replica:
             batch = batch.append_column(name, scored.column(name))
         batch = batch.append_column("__full_flops", pa.array(full))
         release_freed_memory()
+        batch = batch.append_column("__precision", pa.array([self.scorer.precision] * batch.num_rows, pa.string()))
         return batch.append_column("__truncated_out", pa.array(truncated & ok))
 
 
@@ -448,6 +453,7 @@ def write_pieces(batch: pa.Table, output: str, schema: pa.Schema, layers: int) -
             "truncated": int(np.sum(part.column("__truncated_out").to_numpy(zero_copy_only=False))),
             "flops": int(np.sum(part.column("flops").fill_null(0).to_numpy())),
             "full_depth_flops": int(np.sum(part.column("__full_flops").to_numpy())),
+            "precision": part.column("__precision")[0].as_py(),
         }
         table = pa.table([part.column(f.name).cast(f.type) for f in schema], schema=schema)
         buffer = pa.BufferOutputStream()
@@ -518,13 +524,14 @@ def run(job: ScoreJobConfig, log=print, kill_once: str | None = None) -> dict[st
     summary["speed_choice"] = choice
     if summary["flop_speedup"] < 1:
         summary["note"] = (f"at speed {job.speed} few rows leave before the last layer, and every layer a row "
-                           "passes also runs its student classifier, so this costs more than full depth: "
-                           "choose a higher --speed, or a budget (--max-accuracy-drop)")
+                           "passes also runs its student classifier, so this costs more than full depth"
+                           + (": choose a higher --speed, or a budget (--max-accuracy-drop)" if job.speed < 1 else
+                              ": the model's students are not confident enough to save anything here"))
     write_json(fs, f"{root}/{SUMMARY_FILE}", summary)
     write_file(fs, f"{root}/{SUCCESS_FILE}", "")
     log(f"{summary['rows_out']} rows written to {job.output} in {seconds:.0f} s ({summary['rows_per_s']:.1f} rows/s); "
         f"mean exit layer {summary['mean_exit_layer']:.2f}, FLOP speed-up {summary['flop_speedup']:.2f}x, "
-        f"{summary['error_rows']} rows with an error, {summary['truncated_rows']} texts truncated to "
+        f"{summary['precision']}, {summary['error_rows']} rows with an error, {summary['truncated_rows']} texts truncated to "
         f"{max_length} tokens" + (f"; {summary['note']}" if "note" in summary else ""))
     return summary
 
@@ -552,7 +559,8 @@ def _stream(job: ScoreJobConfig, work: Plan, todo: list[Chunk], max_length: int,
         Replica, batch_format="pyarrow", batch_size=job.rows_per_call,
         fn_constructor_kwargs={"model": job.model, "speed": job.speed, "micro_batch": job.micro_batch,
                                "max_length": max_length, "device": "cuda" if gpus else "cpu",
-                               "threads": None if gpus else threads, "kill_once": kill_once},
+                               "threads": None if gpus else threads, "kill_once": kill_once,
+                               "precision": job.precision},
         # each replica holds its next call while it computes: with one call in flight a CPU
         # replica waited 0.1-0.25 s between calls for Ray Data to hand it the next (measured on
         # 2 cores: 1.6 s per replica over 10 calls, against 0.1 s with two in flight)
@@ -632,6 +640,8 @@ def _summarise(job: ScoreJobConfig, work: Plan, fs, root: str, layers: int, seco
         "files": len({c.uri for c in work.chunks}), "bad_files": work.bad_files,
         "rows_in": rows_in, "rows_out": rows_out, "error_rows": sum(errors.values()), "errors": dict(errors),
         "truncated_rows": sum(m["truncated"] for m in markers),
+        # what the replicas ran in ("auto" resolved on each: bf16 where the chip has it natively)
+        "precision": ", ".join(sorted({m["precision"] for m in markers if m.get("precision")})) or None,
         "mean_exit_layer": float((np.arange(1, layers + 1) * exits).sum() / scored) if scored else float("nan"),
         # rows by the layer they left at, keyed "1" .. "L" (the markers keep a plain list)
         "exit_counts": {str(k): int(n) for k, n in enumerate(exits, start=1)},

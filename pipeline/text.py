@@ -119,6 +119,11 @@ def _text_error(text) -> str | None:
 # -- column types: one type per column, the way Spark reads a folder ------------------------------
 
 
+def describe_columns(schema: pa.Schema) -> str:
+    """``id: int64, text: string``: a file's columns as an error message lists them."""
+    return ", ".join(f"{f.name}: {f.type}" for f in schema)
+
+
 def plain_type(kind: pa.DataType) -> pa.DataType:
     """``kind`` without its storage flavour: a dictionary-encoded column (what pandas writes for
     a categorical) as its values, ``large_string`` and ``string_view`` as ``string``,

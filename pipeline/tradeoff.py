@@ -46,21 +46,26 @@ class Point:
     exit_counts: list[int]  # rows leaving at layer 1..L
 
 
-def all_exits(model: FastBert, texts: list[str], labels: list[str], batch_size: int = 64) -> AllExits:
+def all_exits(model: FastBert, texts: list[str], labels: list[str], batch_size: int = 64,
+              precision: str = "fp32") -> AllExits:
     """One full-depth pass over ``texts`` in eval mode, keeping every exit's prediction and
-    uncertainty. ``labels`` are label names of ``model.config.labels``."""
+    uncertainty. ``labels`` are label names of ``model.config.labels``. ``precision``: that
+    of the matrix products (``model.resolve_precision``); uncertainties are computed in fp32."""
     import torch
 
-    from pipeline.model import uncertainty
+    from pipeline.model import autocast, resolve_precision, uncertainty
     from pipeline.train import batches
+
+    device = next(model.parameters()).device
+    precision = resolve_precision(precision, device)
 
     model.eval()
     order = np.argsort([len(t) for t in texts], kind="stable")  # batches of similar lengths pad little
     texts, labels = [texts[i] for i in order], [labels[i] for i in order]
     predictions, entropies, lengths, truth = [], [], [], []
-    with torch.no_grad():
+    with torch.no_grad(), autocast(precision, device):
         for batch in batches(model, texts, labels, batch_size=batch_size):
-            logits = model(batch["input_ids"], batch["attention_mask"]).logits  # (L, B, N)
+            logits = model(batch["input_ids"], batch["attention_mask"]).logits.float()  # (L, B, N)
             predictions.append(logits.argmax(-1).numpy())  # (L, B)
             entropies.append(uncertainty(logits).numpy())  # (L, B)
             lengths.append(batch["attention_mask"].sum(1).numpy())  # (B,)

@@ -26,7 +26,6 @@ its ``forward``, so a ``DistributedDataParallel`` wrapper works; wrap after ``se
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -40,7 +39,7 @@ import torch
 from torch import nn
 
 from pipeline.losses import distillation_loss, student_label_loss, teacher_loss
-from pipeline.model import FastBert, FastBertOutput
+from pipeline.model import FastBert, FastBertOutput, autocast
 from pipeline.outputs import UserError
 
 Stage = Literal["finetune", "distill"]
@@ -362,7 +361,7 @@ def train_epoch(
     stage: Stage,
     config: TrainConfig,
     device: str | torch.device = "cpu",
-    autocast_dtype: torch.dtype | None = None,
+    precision: str = "fp32",
     log: Callable[[int, float, float], None] | None = None,
 ) -> EpochStats:
     """One pass over ``batches`` for a stage: one optimizer and scheduler step per batch.
@@ -372,8 +371,9 @@ def train_epoch(
     teacher's cross-entropy (needs labels). ``"distill"``: ``distillation_loss`` of the
     students against the teacher (``config.kl``), or their cross-entropy with the labels when
     ``config.student_targets == "labels"``; the frozen backbone and teacher build no autograd
-    graph and get no gradient. ``autocast_dtype`` (e.g. torch.bfloat16) runs the forward in
-    autocast; losses are computed in float32. ``log(step, loss, samples_per_s)`` is called
+    graph and get no gradient. ``precision`` (a resolved one: fp32, bf16 or fp16) runs the
+    forward in autocast, mixed precision: the weights, their updates and the losses stay fp32;
+    fp16 scales the loss against underflow (``torch.amp.GradScaler``). ``log(step, loss, samples_per_s)`` is called
     every ``config.log_every`` steps.
     """
     if stage not in STAGES:
@@ -382,9 +382,7 @@ def train_epoch(
     needs_labels = stage == "finetune" or config.student_targets == "labels"
     params = [p for group in optimizer.param_groups for p in group["params"]]
     device = torch.device(device)
-    autocast = (
-        (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
-    )
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # a no-op unless fp16
     total = torch.zeros((), device=device)  # sum of per-row losses, synced once at the end
     steps = samples = 0
     start = time.perf_counter()
@@ -401,7 +399,7 @@ def train_epoch(
             )
         if labels is not None:
             labels = labels.to(device, non_blocking=True)  # (B,)
-        with autocast():
+        with autocast(precision, device):
             out = model(input_ids, attention_mask)  # FastBert: logits (L, B, N); a plain classifier: (B, N)
         if stage == "finetune":
             loss = teacher_loss(out.teacher_logits if isinstance(out, FastBertOutput) else out.logits, labels)
@@ -410,10 +408,12 @@ def train_epoch(
         else:
             loss = distillation_loss(out.student_logits, out.teacher_logits, config.kl)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if config.max_grad_norm > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         rows = input_ids.shape[0]
         total += loss.detach() * rows

@@ -27,6 +27,7 @@ from tiny import tiny_model
 ray = pytest.importorskip("ray")
 
 FAST = dict(epochs=2, distill_epochs=2, lr=3e-3, head_lr=1e-2, distill_lr=1e-2, batch_size=8, max_length=32, log_every=4,
+            precision="fp32",  # the exact comparisons below; tests/test_train.py trains in bf16 and fp16
             branch_width=16)  # students narrower than the 32-wide backbone, or no exit saves FLOPs
 
 
@@ -85,7 +86,7 @@ def test_two_workers_learn_and_distil(trained, data):
     assert len(last["exit_accuracy"]) == 3 and last["samples_per_s"] > 0 and last["seconds"] > 0
     for stage in ("finetune", "distill"):  # the workers' shards cover each input once per epoch
         assert [(e["samples"], e["validation_samples"], e["workers"]) for e in metrics[stage]] == [(256, 128, 2)] * 2
-    assert metrics["labels"] == list(LABELS)
+    assert metrics["labels"] == list(LABELS) and metrics["precision"] == "fp32"
     on_disk = json.loads((output / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
     assert on_disk["arguments"]["epochs"] == 2 and on_disk["arguments"]["train"].endswith("train.parquet")
@@ -93,7 +94,7 @@ def test_two_workers_learn_and_distil(trained, data):
     model = FastBert.from_pretrained(str(output))
     assert model.config.labels == list(LABELS)
     texts, labels = toy_task(np.random.default_rng(1), 64)
-    table = Scorer(model, speed=0.0)(texts)
+    table = Scorer(model, precision="fp32", speed=0.0)(texts)
     assert set(table.column("prediction").to_pylist()) <= set(LABELS)
     assert accuracy(table.column("prediction").to_pylist(), labels) > 0.9
 
@@ -108,15 +109,15 @@ def test_the_model_carries_its_validation_tradeoff_and_keeps_its_promises(traine
     validation = pq.read_table(data / "validation.parquet")
     texts, labels = validation.column("text").to_pylist(), validation.column("label").to_pylist()
     for budget in ({"max_accuracy_drop": 1.0}, {"target_speedup": 1.2}):
-        scorer = Scorer(model, **budget)  # the speed comes from the table
+        scorer = Scorer(model, precision="fp32", **budget)  # the speed comes from the table
         promised = scorer.speed_choice
         assert scorer.speed == promised.speed and promised in table.points
         out = scorer(texts)  # on the same rows, the engine delivers exactly what the table promised
         assert accuracy(out.column("prediction").to_pylist(), labels) == pytest.approx(promised.accuracy)
         assert scorer.stats.flop_speedup == pytest.approx(promised.flop_speedup)
-    assert table.teacher.accuracy - Scorer(model, max_accuracy_drop=1.0).speed_choice.accuracy <= 0.01
+    assert table.teacher.accuracy - Scorer(model, precision="fp32", max_accuracy_drop=1.0).speed_choice.accuracy <= 0.01
     with pytest.raises(ValueError, match="no speed reaches a 50.0x FLOP speed-up .* the most is"):
-        Scorer(model, target_speedup=50.0)
+        Scorer(model, precision="fp32", target_speedup=50.0)
 
 
 def test_running_a_finished_job_again_resumes(trained, data):

@@ -153,9 +153,10 @@ def test_evaluation_matches_the_engine_and_writes_every_file(models, tmp_path):
     result = run_evaluation(EvaluateConfig(model=models["distilled"], input=models["data"], output=str(output),
                                            speeds=speeds, text_column="review", label_column="sentiment",
                                            max_rows=100, plain_bert=models["plain"],
-                                           label_students=models["labels"], micro_batch=8, repeats=2),
+                                           label_students=models["labels"], micro_batch=8, repeats=2,
+                                           precision="fp32"),
                             log=lines.append)
-    assert result["rows"] == 100 and [r["speed"] for r in result["speeds"]] == speeds
+    assert result["rows"] == 100 and [r["speed"] for r in result["speeds"]] == speeds and result["precision"] == "fp32"
     table = pq.read_table(models["data"]).slice(0, 100)
     texts, labels = table.column("review").to_pylist(), table.column("sentiment").to_pylist()
 
@@ -163,7 +164,7 @@ def test_evaluation_matches_the_engine_and_writes_every_file(models, tmp_path):
 
     model = FastBert.from_pretrained(models["distilled"])
     for row in result["speeds"]:  # the full pass says what the engine does at each speed
-        scorer = Scorer(model, speed=row["speed"])
+        scorer = Scorer(model, precision="fp32", speed=row["speed"])
         predicted = scorer(texts).column("prediction").to_pylist()
         assert row["accuracy"] == pytest.approx(accuracy(predicted, labels))
         assert row["exit_counts"] == scorer.stats.exit_counts

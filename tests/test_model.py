@@ -281,7 +281,7 @@ def test_from_backbone_on_a_local_folder_and_roberta(tmp_path):
     model = FastBert.from_backbone(str(tmp_path / "roberta"), labels=["x", "y"], max_length=24).eval()
     assert model.config.backbone["model_type"] == "roberta" and model.config.num_layers == 2
     texts = random_texts(np.random.default_rng(0), 12, max_words=30)
-    table = Scorer(model, speed=0.0, micro_batch=4)(texts)
+    table = Scorer(model, precision="fp32", speed=0.0, micro_batch=4)(texts)
     enc = encode(model, texts)
     with torch.inference_mode():
         teacher = torch.softmax(model(enc["input_ids"], enc["attention_mask"]).teacher_logits, -1)
@@ -305,7 +305,7 @@ def test_eager_attention_backbones_match_sdpa():
     eager.branches.load_state_dict(sdpa.branches.state_dict())
     assert eager.backbone.config._attn_implementation == "eager"
     texts = random_texts(np.random.default_rng(1), 10, max_words=30)
-    a, b = Scorer(sdpa, speed=0.0, micro_batch=4)(texts), Scorer(eager, speed=0.0, micro_batch=4)(texts)
+    a, b = Scorer(sdpa, precision="fp32", speed=0.0, micro_batch=4)(texts), Scorer(eager, precision="fp32", speed=0.0, micro_batch=4)(texts)
     np.testing.assert_allclose(np.array(a["probabilities"].to_pylist()), np.array(b["probabilities"].to_pylist()),
                                atol=1e-5)
 

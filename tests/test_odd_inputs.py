@@ -122,7 +122,7 @@ def odd(tmp_path_factory):
 
 def job(root, output, **changes) -> ScoreJobConfig:
     settings = dict(model=str(root / "model"), input=[str(root / "data")], output=str(output), replicas="1",
-                    micro_batch=4, cpus_per_replica=0.5)
+                    micro_batch=4, cpus_per_replica=0.5, precision="fp32")
     return ScoreJobConfig(**{**settings, **changes})
 
 
@@ -151,7 +151,7 @@ def test_odd_files_in_one_folder_score_every_row_once_like_the_engine(scored, od
     for name in ("id", "text", "tag", "note"):  # every row once, in file and row order
         assert out.column(name).to_pylist() == rows[name], name
 
-    expected = Scorer(tiny_model(labels=LABELS, seed=SEED), speed=speed, micro_batch=8)(rows["text"])
+    expected = Scorer(tiny_model(labels=LABELS, seed=SEED), precision="fp32", speed=speed, micro_batch=8)(rows["text"])
     for name in ("prediction", "exit_layer", "error"):
         assert out.column(name).to_pylist() == expected.column(name).to_pylist(), name
     got = np.array([p or [0.0, 0.0] for p in out.column("probabilities").to_pylist()])
@@ -178,7 +178,7 @@ def test_the_output_names_the_labels_and_the_summary_keys_exits_by_layer(scored,
         if probabilities is not None:
             assert prediction == LABELS[int(np.argmax(probabilities))]
 
-    exits = [e for e in Scorer(tiny_model(labels=LABELS, seed=SEED), speed=speed)(rows["text"])
+    exits = [e for e in Scorer(tiny_model(labels=LABELS, seed=SEED), precision="fp32", speed=speed)(rows["text"])
              .column("exit_layer").to_pylist() if e is not None]
     assert summary["labels"] == list(LABELS)
     assert summary["exit_counts"] == {str(k): exits.count(k) for k in (1, 2, 3)}

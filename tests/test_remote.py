@@ -100,7 +100,7 @@ def test_train_from_s3_to_s3(s3, backbone):
     assert len(fs.glob(f"{output}/_ray/finetune/checkpoint_*/state.json")) == 1
     model = FastBert.from_pretrained(output)  # the published model, straight from the bucket
     assert model.config.labels == list(LABELS)
-    assert set(Scorer(model, speed=0.0)(toy_task(rng, 16)[0]).column("prediction").to_pylist()) <= set(LABELS)
+    assert set(Scorer(model, precision="fp32", speed=0.0)(toy_task(rng, 16)[0]).column("prediction").to_pylist()) <= set(LABELS)
 
 
 def test_missing_object_and_unreachable_endpoint_are_clear_errors(s3, monkeypatch, tmp_path):
@@ -135,20 +135,20 @@ def test_score_from_s3_to_s3(s3):
                     pa.table({"id": list(range(20 * i, 20 * i + 20)), "text": texts[20 * i: 20 * i + 20]}))
     output = f"s3://{BUCKET}/scored"
     summary = score(ScoreJobConfig(model=model, input=[f"s3://{BUCKET}/texts/*.parquet"], output=output, speed=0.5,
-                                   rows_per_call=8, micro_batch=4, cpus_per_replica=0.5))
+                                   rows_per_call=8, micro_batch=4, cpus_per_replica=0.5, precision="fp32"))
     assert summary["rows_in"] == summary["rows_out"] == 40 and summary["files"] == 2
     fs = s3fs.S3FileSystem()
     assert fs.exists(f"{output}/_SUCCESS") and fs.exists(f"{output}/_summary.json")
     files = sorted(p for p in fs.glob(f"{output}/part-*.parquet"))
     table = pa.concat_tables(pq.read_table(fs.open(p, "rb")) for p in files)
     assert table.column("id").to_pylist() == list(range(40))
-    expected = Scorer(tiny_model(labels=LABELS, seed=2), speed=0.5)(texts)
+    expected = Scorer(tiny_model(labels=LABELS, seed=2), precision="fp32", speed=0.5)(texts)
     assert table.column("prediction").to_pylist() == expected.column("prediction").to_pylist()
 
     # the same job again: already complete, nothing rewritten
     before = {p: fs.cat(p) for p in fs.find(output)}
     again = score(ScoreJobConfig(model=model, input=[f"s3://{BUCKET}/texts/*.parquet"], output=output, speed=0.5,
-                                 rows_per_call=8, micro_batch=4, cpus_per_replica=0.5))
+                                 rows_per_call=8, micro_batch=4, cpus_per_replica=0.5, precision="fp32"))
     assert again["rows_out"] == 40 and {p: fs.cat(p) for p in fs.find(output)} == before
 
 

@@ -54,6 +54,12 @@ def test_overwrite_removes_only_what_the_manifest_owns(tmp_path):
     assert json.loads((out / MANIFEST).read_text())["arguments"] == {"speed": 0.1}
 
     (out / "part-0.parquet").write_bytes(b"ours")
+    (out / "part-2024").mkdir()  # a folder of the user's whose name a pattern of ours would match
+    (out / "part-2024" / "x.parquet").write_bytes(b"the user's")
+    with pytest.raises(UserError, match=r"did not write \(part-2024/x.parquet\)"):
+        claim_output(str(out), manifest, overwrite=True)
+    (out / "part-2024" / "x.parquet").unlink()
+    (out / "part-2024").rmdir()
     (out / "sub").mkdir()
     (out / "sub" / "mine.parquet").write_bytes(b"the user's")
     before = files(out)
@@ -150,6 +156,7 @@ def test_every_scoring_mistake_is_one_line_before_ray_starts(world, tmp_path):
     previous = tmp_path / "previous"  # an earlier run at speed 0.5, to --resume with another speed
     claim_output(str(previous), Manifest("jobs.score", [], {
         "model": model, "speed": 0.5, "text_column": "text", "id_column": None, "columns": None, "max_length": None,
+        "precision": "auto",
         "inputs": [part]}), overwrite=False)
     cases = [
         (["--input", part, "--output", out, "--text-column", "body"],
@@ -192,9 +199,19 @@ def test_training_mistakes_are_one_line_before_ray_starts(world, tmp_path):
         (["--train", part, "--validation", part, "--output", str(world / "data"), "--overwrite"],
          "holds the input --train"),
         (["--train", part, "--validation", part, "--output", str(tmp_path / "m"), "--lr", "-1"], "lr"),
+        (["--train", part, "--validation", part, "--output", str(tmp_path / "m"), "--max-length", "99999"],
+         "max_length must be in [2, 64]"),
+        (["--train", part, "--validation", part, "--output", str(tmp_path / "m"), "--storage", str(tmp_path / "m" / "r")],
+         "lies in --output"),
+        (["--train", part, "--validation", part, "--output", str(tmp_path / "m"), "--backbone", str(world / "data")],
+         "is not a Hugging Face model transformers can load"),
+        (["--train", part, "--validation", part, "--output", str(tmp_path / "m"), "--backbone", "no-such-model"],
+         "no such model in the Hugging Face cache"),
     ]
     for argv, message in cases:
-        assert_one_line(run_job("jobs.train", [*argv, "--backbone", backbone], tmp_path), "jobs.train", message)
+        if "--backbone" not in argv:
+            argv = [*argv, "--backbone", backbone]
+        assert_one_line(run_job("jobs.train", argv, tmp_path), "jobs.train", message)
     assert not (tmp_path / "m").exists()
     assert sorted(p.name for p in (world / "data").iterdir()) == ["notes.txt", "one-label.parquet", "part-0.parquet"]
 

@@ -80,7 +80,7 @@ def inputs(tmp_path_factory):
 
 def job(inputs, output, **changes) -> ScoreJobConfig:
     settings = dict(model=str(inputs / "model"), input=[str(inputs / "data")], output=str(output), speed=SPEED,
-                    replicas="2", rows_per_call=16, micro_batch=4, cpus_per_replica=0.5)
+                    replicas="2", rows_per_call=16, micro_batch=4, cpus_per_replica=0.5, precision="fp32")
     return ScoreJobConfig(**{**settings, **changes})
 
 
@@ -102,6 +102,7 @@ def scored(ray_session, inputs, tmp_path_factory):
 
 def test_every_row_once_in_order_and_equal_to_the_engine(scored, inputs):
     output, summary = scored
+    assert summary["precision"] == "fp32"  # what the replicas ran in, recorded
     source = all_inputs(inputs)
     out = read_output(output)
     assert out.column_names == ["id", "text", "score", "prediction", "probabilities", "exit_layer", "uncertainty",
@@ -110,7 +111,7 @@ def test_every_row_once_in_order_and_equal_to_the_engine(scored, inputs):
     assert out.column("text").to_pylist() == source.column("text").to_pylist()
     assert out.column("score").to_pylist() == source.column("score").to_pylist()
 
-    expected = Scorer(tiny_model(labels=LABELS, seed=4), speed=SPEED, micro_batch=8)(source.column("text"))
+    expected = Scorer(tiny_model(labels=LABELS, seed=4), precision="fp32", speed=SPEED, micro_batch=8)(source.column("text"))
     for name in ("prediction", "exit_layer", "error"):
         assert out.column(name).to_pylist() == expected.column(name).to_pylist(), name
     got = np.array([p or [0.0, 0.0] for p in out.column("probabilities").to_pylist()])
@@ -230,6 +231,9 @@ def test_the_driver_runs_without_torch(ray_session, inputs, tmp_path):
     assert driver.wait(timeout=300) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     assert json.loads((output / "_summary.json").read_text())["speed"] == choose_speed(model.tradeoff,
                                                                                       target_speedup=1.1).speed
+    from pipeline.model import resolve_precision
+
+    assert json.loads((output / "_summary.json").read_text())["precision"] == resolve_precision("auto", "cpu")
     assert read_output(output).column("id").to_pylist() == all_inputs(inputs).column("id").to_pylist()
     # quiet: the choice, the plan, the summary last; none of Ray's INFO or WARNING lines (Ray's
     # C++ core worker still logs one ERROR-level notice about its actors' restarts)
@@ -251,10 +255,10 @@ def test_replica_scores_one_batch_without_ray(inputs):
     ids, errors, truncated = tokenize(model.tokenizer, texts, 32)
     batch = pa.table({"id": [1, 2, 3], "__ids": pa.array(ids, pa.list_(pa.int32())), "__error": errors,
                       "__truncated": truncated})
-    out = Replica(str(inputs / "model"), speed=0.0, threads=1)(batch)
+    out = Replica(str(inputs / "model"), speed=0.0, threads=1, precision="fp32")(batch)
     assert out.column("id").to_pylist() == [1, 2, 3]
     assert out.column("error").to_pylist() == [None, "text is null", None]
-    assert out.column("prediction").to_pylist() == Scorer(model, speed=0.0)(texts).column("prediction").to_pylist()
+    assert out.column("prediction").to_pylist() == Scorer(model, precision="fp32", speed=0.0)(texts).column("prediction").to_pylist()
 
 
 # a process that allocates, fills and frees an 8 MiB block three times, then prints how much its

@@ -22,7 +22,7 @@ def test_every_speed_matches_the_engine_row_for_row():
     seen_exits = set()
     for speed in speeds:
         point = at_speed(exits, model, speed)
-        scorer = Scorer(model, speed=speed, micro_batch=7)
+        scorer = Scorer(model, precision="fp32", speed=speed, micro_batch=7)
         table = scorer(texts)
         predicted = table.column("prediction").to_pylist()
         assert point.accuracy == pytest.approx(np.mean([p == y for p, y in zip(predicted, labels)]))

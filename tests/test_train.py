@@ -117,8 +117,8 @@ def test_distillation_makes_the_first_exit_agree_with_the_teacher(trained):
 
 
 def test_scorer_exits_early_at_nearly_the_same_accuracy(trained):
-    full = Scorer(trained.model, speed=0.0, micro_batch=32, device="cpu")
-    fast = Scorer(trained.model, speed=0.5, micro_batch=32, device="cpu")
+    full = Scorer(trained.model, precision="fp32", speed=0.0, micro_batch=32, device="cpu")
+    fast = Scorer(trained.model, precision="fp32", speed=0.5, micro_batch=32, device="cpu")
     full_predictions = full(trained.val_texts).column("prediction").to_pylist()
     fast_predictions = fast(trained.val_texts).column("prediction").to_pylist()
     # string labels round-trip: the Scorer answers with the names the labels were given as
@@ -328,7 +328,7 @@ def test_train_epoch_in_bfloat16_autocast_and_logging():
     optimizer, scheduler = make_optimizer(set_stage(model, "finetune"), 1e-3, 0.01, len(data), 0.0)
     logged: list[tuple[int, float, float]] = []
     stats = train_epoch(model, data, optimizer, scheduler, "finetune", TrainConfig(log_every=1),
-                        autocast_dtype=torch.bfloat16, log=lambda *args: logged.append(args))
+                        precision="bf16", log=lambda *args: logged.append(args))
     assert math.isfinite(stats.loss) and stats.samples_per_s > 0
     assert [step for step, _, _ in logged] == [1, 2, 3]
     assert all(math.isfinite(loss) for _, loss, _ in logged)
@@ -389,3 +389,19 @@ def test_head_lr_applies_to_the_teacher_only():
     assert {lr_of[id(p)] for p in model.branches[-1].parameters()} == {1e-3}
     assert {lr_of[id(p)] for p in model.backbone.parameters()} == {1e-4}
     assert len(lr_of) == len(params)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_with_fp32_weights(precision):
+    """bf16/fp16 autocast: the forward runs in reduced precision, the weights, their updates
+    and the loss stay fp32 (fp16 with loss scaling, a no-op where the scaler is off), and
+    fine-tuning learns the toy task as in fp32."""
+    model = tiny_model(labels=LABELS, seed=1)
+    data = small_batches(model, n=96)
+    params = set_stage(model, "finetune")
+    optimizer, scheduler = make_optimizer(params, 1e-2, 0.1, total_steps=6 * len(data), warmup=0.0,
+                                          head_params=model.branches[-1].parameters(), head_lr=3e-2)
+    losses = [train_epoch(model, data, optimizer, scheduler, "finetune", TrainConfig(**FAST), precision=precision).loss
+              for _ in range(6)]
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
