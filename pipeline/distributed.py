@@ -329,15 +329,11 @@ def _validation_tradeoff(job: TrainJobConfig) -> TradeoffTable:
     """Accuracy and FLOP speed-up of the published model at every speed on the validation
     rows (one full-depth pass on the driver), written into the model folder so that scoring
     can pick a speed for an accuracy or speed-up budget."""
-    import fsspec
-    import pyarrow.dataset as pds
-
-    from pipeline.text import plain_dataset
+    from pipeline.text import parquet_dataset
 
     model = FastBert.from_pretrained(job.output)
-    fs, path = fsspec.core.url_to_fs(job.validation)
     columns = [job.text_column, job.label_column]
-    rows = plain_dataset(pds.dataset(path, format="parquet", filesystem=fs), columns).to_table(columns=columns)
+    rows = parquet_dataset(job.validation, columns).to_table(columns=columns)
     rows = rows.slice(0, job.max_rows or rows.num_rows)
     labels = [str(v) for v in rows.column(job.label_column).to_pylist()]
     table = tradeoff_table(model, rows.column(job.text_column).to_pylist(), labels, data=job.validation)
@@ -392,7 +388,6 @@ def _read_labels(uri: str, job: TrainJobConfig, label_column: str | None) -> tup
     ``max_rows`` keeps."""
     import fsspec
     import pyarrow as pa
-    import pyarrow.dataset as pds
 
     try:
         fs, path = fsspec.core.url_to_fs(uri)
@@ -402,13 +397,13 @@ def _read_labels(uri: str, job: TrainJobConfig, label_column: str | None) -> tup
                          "backend is installed (s3fs, gcsfs, ...) and the credentials and network") from e
     if not found:
         raise UserError(f"{uri}: no such file or folder")
-    from pipeline.text import describe_columns, is_text_type, plain_dataset
+    from pipeline.text import describe_columns, is_text_type, parquet_dataset
 
     try:
-        # string, large_string, string_view or dictionary-encoded text (and labels), also mixed
-        # between files; files without rows (pandas' empty frames: null-typed) fix no types
-        dataset = plain_dataset(pds.dataset(path, format="parquet", filesystem=fs),
-                                [c for c in (job.text_column, label_column) if c is not None])
+        # the Parquet files it names, as in scoring; string, large_string, string_view or
+        # dictionary-encoded text (and labels), also mixed between files; files without rows
+        # (pandas' empty frames: null-typed) fix no types
+        dataset = parquet_dataset(uri, [c for c in (job.text_column, label_column) if c is not None])
     except (OSError, pa.ArrowInvalid) as e:
         raise UserError(f"{uri}: not readable as Parquet ({e})") from e
     columns = dataset.schema.names
@@ -558,18 +553,16 @@ def _dataset(uri: str, job: TrainJobConfig, tokenizer: Any, labels: list[str] | 
     ``labels`` (int64 indices into ``labels``)."""
     import ray
 
-    import fsspec
     import pyarrow as pa
-    import pyarrow.dataset as pds
 
-    from pipeline.text import plain_dataset
+    from pipeline.text import expand_inputs, parquet_dataset
 
     columns = [job.text_column] + ([job.label_column] if labels is not None else [])
-    # one schema for every file: files may store the text as string, large_string or
-    # dictionary-encoded alike, and an empty file's text as the null type (pandas)
-    fs, path = fsspec.core.url_to_fs(uri)
-    plain = plain_dataset(pds.dataset(path, format="parquet", filesystem=fs), columns).schema
-    ds = ray.data.read_parquet(uri, schema=pa.schema([plain.field(c) for c in columns])).select_columns(columns)
+    # the files scoring would read, in one schema: files may store the text as string,
+    # large_string or dictionary-encoded alike, and an empty file's text as the null type (pandas)
+    plain = parquet_dataset(uri, columns).schema
+    ds = ray.data.read_parquet(expand_inputs([uri]), schema=pa.schema([plain.field(c) for c in columns]))
+    ds = ds.select_columns(columns)
     ds.context.execution_options.preserve_order = True  # this pipeline's own context: rows in file order
     if job.max_rows:
         ds = ds.limit(job.max_rows)

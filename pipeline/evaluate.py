@@ -213,22 +213,16 @@ def read_labelled(config: EvaluateConfig, known: list[str]) -> tuple[list[str], 
     """Texts and label names of the evaluation data, checked: a one-line ValueError names the
     file, column or row when a label column is missing, a row has no text or no label, or a
     label is not one the model knows (``known``)."""
-    import fsspec
     import pyarrow as pa
-    import pyarrow.dataset as pds
 
-    from pipeline.text import describe_columns, is_text_type, plain_dataset
+    from pipeline.text import describe_columns, is_text_type, parquet_dataset
 
     uri = config.input
     try:
-        fs, path = fsspec.core.url_to_fs(uri)
-        paths = sorted(fs.glob(path)) if any(c in path for c in "*?[") else [path]
-        if not paths or not all(fs.exists(p) for p in paths):
-            raise UserError(f"{uri}: no such file or folder")
-        dataset = pds.dataset(paths if len(paths) > 1 else paths[0], format="parquet", filesystem=fs)
-        # string, large_string, string_view or dictionary-encoded texts and labels, also mixed
-        # between files; files without rows (pandas' empty frames: null-typed) fix no types
-        dataset = plain_dataset(dataset, [config.text_column, config.label_column])
+        # the Parquet files it names, as in scoring; string, large_string, string_view or
+        # dictionary-encoded texts and labels, also mixed between files; files without rows
+        # (pandas' empty frames: null-typed) fix no types
+        dataset = parquet_dataset(uri, [config.text_column, config.label_column])
     except (OSError, pa.ArrowInvalid) as e:
         raise UserError(f"{uri}: not readable as Parquet ({e})") from e
     columns = dataset.schema.names

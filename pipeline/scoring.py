@@ -45,7 +45,7 @@ from pipeline.config import PRECISIONS, load_config
 from pipeline.heap import release_freed_memory
 from pipeline.outputs import Manifest, UserError, absolute, claim_output, refuse_unsafe_output, write_file, write_json
 from pipeline.ray_init import check_ray_address, init_ray
-from pipeline.text import describe_columns, load_tokenizer, tokenize
+from pipeline.text import describe_columns, expand_inputs, load_tokenizer, tokenize
 from pipeline.tradeoff import choose_speed, describe_choice, load_table
 
 # torch, transformers and the modules that import them (engine, model) are imported in the
@@ -180,35 +180,6 @@ class Plan:
         labels = json.dumps(list(self.labels))
         result = [f.with_metadata({LABELS_METADATA: labels}) if f.name == "probabilities" else f for f in result]
         return pa.schema(list(self.carried) + result, metadata={LABELS_METADATA: labels})
-
-
-def expand_inputs(specs: list[str]) -> list[str]:
-    """Files named by ``specs`` (files, folders searched recursively for ``*.parquet``, or
-    globs) as sorted URIs; names starting with ``_`` or ``.`` are skipped, as Parquet readers do."""
-    import fsspec
-
-    found = set()
-    for spec in specs:
-        try:
-            fs, path = fsspec.core.url_to_fs(spec)
-            if any(c in path for c in "*?["):
-                paths = fs.glob(path)
-            elif fs.isdir(path):
-                paths = [p for p in fs.find(path) if p.endswith(".parquet")]
-            elif fs.exists(path):
-                paths = [path]
-            else:
-                paths = []
-        except Exception as e:  # unknown protocol, missing backend, unreachable endpoint
-            raise UserError(f"{spec}: cannot be reached ({type(e).__name__}: {e}); check the URI, that its fsspec "
-                             "backend is installed (s3fs, gcsfs, ...) and the credentials and network") from e
-        for p in paths:
-            if not p.rsplit("/", 1)[-1].startswith(("_", ".")) and not fs.isdir(p):
-                found.add(fs.unstrip_protocol(p) if "://" in spec else p)
-    if not found:
-        raise UserError(f"no input files matched {specs}: --input takes Parquet files, folders (searched for "
-                        "*.parquet) or globs; check the path")
-    return sorted(found)
 
 
 def plan(job: ScoreJobConfig, labels: list[str] | None = None) -> Plan:

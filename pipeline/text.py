@@ -119,6 +119,49 @@ def _text_error(text) -> str | None:
 # -- column types: one type per column, the way Spark reads a folder ------------------------------
 
 
+def expand_inputs(specs: list[str]) -> list[str]:
+    """Files named by ``specs`` (files, folders searched recursively for ``*.parquet``, or
+    globs) as sorted URIs; names starting with ``_`` or ``.`` are skipped, as Parquet readers do.
+    What an input means in every job."""
+    import fsspec
+
+    found = set()
+    for spec in specs:
+        try:
+            fs, path = fsspec.core.url_to_fs(spec)
+            if any(c in path for c in "*?["):
+                paths = fs.glob(path)
+            elif fs.isdir(path):
+                paths = [p for p in fs.find(path) if p.endswith(".parquet")]
+            elif fs.exists(path):
+                paths = [path]
+            else:
+                paths = []
+        except Exception as e:  # unknown protocol, missing backend, unreachable endpoint
+            raise UserError(f"{spec}: cannot be reached ({type(e).__name__}: {e}); check the URI, that its fsspec "
+                             "backend is installed (s3fs, gcsfs, ...) and the credentials and network") from e
+        for p in paths:
+            if not p.rsplit("/", 1)[-1].startswith(("_", ".")) and not fs.isdir(p):
+                found.add(fs.unstrip_protocol(p) if "://" in spec else p)
+    if not found:
+        raise UserError(f"no input files matched {specs}: --input takes Parquet files, folders (searched for "
+                        "*.parquet) or globs; check the path")
+    return sorted(found)
+
+
+def parquet_dataset(spec: str, columns: list[str]):
+    """A ``pyarrow.dataset`` over the Parquet files ``spec`` names (``expand_inputs``), with
+    ``columns`` in their plain types (``plain_dataset``): the training and evaluation jobs read
+    their inputs through it, so an input means there what it means to the scoring job."""
+    import fsspec
+    import pyarrow.dataset as pds
+
+    files = expand_inputs([spec])
+    fs = fsspec.core.url_to_fs(files[0])[0]
+    paths = [fsspec.core.url_to_fs(f)[1] for f in files]
+    return plain_dataset(pds.dataset(paths, format="parquet", filesystem=fs), columns)
+
+
 def describe_columns(schema: pa.Schema) -> str:
     """``id: int64, text: string``: a file's columns as an error message lists them."""
     return ", ".join(f"{f.name}: {f.type}" for f in schema)

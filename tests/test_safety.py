@@ -245,3 +245,24 @@ def test_evaluation_and_demo_outputs_keep_the_users_files(world, tmp_path):
         with pytest.raises(UserError, match=r"did not write \(mine.txt\); nothing was deleted"):
             run_demo(DemoConfig(output=str(tmp_path / "demo"), overwrite=overwrite))
     assert files(tmp_path / "evaluation") == files(tmp_path / "demo") == {"mine.txt": b"the user's"}
+
+
+def test_a_folder_input_means_its_parquet_files_in_every_job(world, tmp_path):
+    """A folder is read as the ``*.parquet`` files below it (names starting with _ or . left
+    out) by scoring, training and evaluation alike: a user's notes beside the data are no input."""
+    from pipeline.distributed import TrainJobConfig, check_inputs
+    from pipeline.evaluate import EvaluateConfig, read_labelled
+    from pipeline.text import parquet_dataset
+
+    folder = tmp_path / "labelled"
+    (folder / "more").mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["good w1", "bad w2"], "label": ["pos", "neg"]}), folder / "a.parquet")
+    pq.write_table(pa.table({"text": ["w3 good"], "label": ["pos"]}), folder / "more" / "b.parquet")
+    (folder / "notes.txt").write_text("the user's notes")
+    (folder / "_SUCCESS").write_text("")
+    assert parquet_dataset(str(folder), ["text"]).to_table().num_rows == 3
+    config = EvaluateConfig(model=str(world / "model"), input=str(folder), output=str(tmp_path / "e"))
+    assert read_labelled(config, ["neg", "pos"])[1] == ["pos", "neg", "pos"]
+    inputs = check_inputs(TrainJobConfig(train=str(folder), validation=str(folder), output=str(tmp_path / "m"),
+                                         workers=1, backbone=str(world / "backbone")))
+    assert (inputs.train_rows, inputs.labels) == (3, ["neg", "pos"])
