@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.outputs import MANIFEST, Manifest, UserError, claim_output, refuse_unsafe_output, write_file
+from pipeline.tradeoff import tradeoff_table
 from tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,6 +137,9 @@ def world(tmp_path_factory):
     """A tiny model, a labelled Parquet file beside a file of the user's, and a corrupt file."""
     root = tmp_path_factory.mktemp("world")
     tiny_model().save_pretrained(str(root / "model"))
+    with_table = tiny_model()  # a model whose trade-off table a budget can be asked of
+    with_table.tradeoff = tradeoff_table(with_table, ["good w1", "bad w2", "w3"], ["pos", "neg", "pos"], data="toy")
+    with_table.save_pretrained(str(root / "with-table"))
     backbone = root / "backbone"
     tiny = tiny_model()
     tiny.backbone.save_pretrained(backbone)
@@ -169,6 +173,8 @@ def test_every_scoring_mistake_is_one_line_before_ray_starts(world, tmp_path):
         (["--input", part, "--output", str(world / "data" / "notes.txt"), "--overwrite"], "is an existing file"),
         (["--input", part, "--output", str(previous), "--speed", "0.3", "--resume"], "(differing: speed)"),
         (["--input", part, "--output", str(world / "data"), "--target-speedup", "2"], "no tradeoff.json"),
+        (["--input", part, "--output", out, "--model", str(world / "with-table"), "--target-speedup", "50"],
+         "no speed reaches a 50.0x FLOP speed-up"),
     ]
     for argv, message in cases:
         if "--model" not in argv:
