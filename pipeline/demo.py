@@ -28,7 +28,7 @@ from pipeline.train import TrainConfig, fit
 @dataclass
 class DemoConfig:
     output: str = "runs/demo"  # data/, model/, scored/ and evaluation/ go here
-    dataset: str = "r8"  # a bundled data set: r8, r52, 20news
+    dataset: str = "r8"  # a bundled data set: r8, r52, 20news, tweets
     backbone: str = BUNDLED  # a BERT-shaped HF folder, or the bundled MiniLM
     train_rows: int = 1200  # labelled rows for fine-tuning (and distillation): sized for ~5 min on 2 cores
     validation_rows: int = 300  # held-out training rows: the best fine-tuning epoch and the trade-off table

@@ -44,13 +44,16 @@ from pipeline.outputs import (Manifest, UserError, absolute, claim_output, inspe
 from pipeline.plain_bert import load_plain_bert, new_plain_bert, save_plain_bert
 from pipeline.ray_init import check_ray_address, init_ray
 from pipeline.text import training_rows
-from pipeline.tradeoff import TRADEOFF_FILE, TradeoffTable, choose_speed, describe_choice, save_table, tradeoff_table
+from pipeline.tradeoff import (TRADEOFF_FILE, TradeoffTable, choose_speed, describe_choice, format_table, save_table,
+                               tradeoff_table)
 from pipeline.train import (
+    KEPT_BY,
     STAGES,
     EvalStats,
     Stage,
     TrainConfig,
     format_values,
+    kept_score,
     OPTIMIZER_STATE,
     OPTIMIZER_TENSORS,
     evaluate,
@@ -97,7 +100,7 @@ class TrainJobConfig:
     lr: float = 2e-5  # stage 1 learning rate of the backbone (AdamW, linear warm-up and decay)
     head_lr: float | None = None  # stage 1 learning rate of the new teacher head; none given: --lr
     distill_lr: float = 2e-4  # stage 2 learning rate of the students
-    batch_size: int = 32  # rows per step on each worker
+    batch_size: int = 32  # rows per optimizer step over all workers (each takes batch_size / workers): any worker count, one model
     max_length: int = 128  # tokens per text; longer texts are truncated
     branch_width: int = 128  # width of the students (the paper's 128); a new model only
     teacher_head: Literal["pooler", "branch"] = "pooler"  # plain BERT's head, or the paper's branch; a new model only
@@ -115,6 +118,7 @@ class TrainJobConfig:
     # it from the files every epoch, for inputs too large to keep)
     cache: Literal["auto", "on", "off"] = "auto"  # keep the tokenised inputs in Ray's object store (auto: if they fit)
     log_every: int = 50  # steps between progress lines (rank 0)
+    patience: int | None = None  # stop a stage after this many epochs without a better validation score (kept: the best)
     # mixed precision of the forward passes: auto is bf16 where the chip has it natively (fp16 with
     # loss scaling on older GPUs), else fp32; weights, updates and losses stay fp32
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # forward passes in bf16/fp16 autocast, or fp32
@@ -139,6 +143,11 @@ class TrainJobConfig:
                 f"workers, cpus_per_worker, epochs, batch_size and log_every must be >= 1, got {self.workers}, "
                 f"{self.cpus_per_worker}, {self.epochs}, {self.batch_size} and {self.log_every}"
             )
+        if self.batch_size % self.workers:
+            near = sorted({max(self.workers, self.batch_size // self.workers * self.workers),
+                           -(-self.batch_size // self.workers) * self.workers})
+            raise UserError(f"batch_size {self.batch_size} is the global batch, split evenly over the {self.workers} "
+                            f"workers: make it a multiple of {self.workers} (e.g. {' or '.join(map(str, near))})")
         if self.branch_width < 1 or (self.teacher_width is not None and (
                 isinstance(self.teacher_width, bool) or not isinstance(self.teacher_width, int) or self.teacher_width < 1)):
             raise UserError(f"branch_width must be a positive integer and teacher_width one or None (the backbone's "
@@ -188,7 +197,12 @@ class TrainJobConfig:
         return TrainConfig(epochs=self.epochs, lr=self.lr, head_lr=self.head_lr, distill_epochs=self.distill_epochs,
                            distill_lr=self.distill_lr, batch_size=self.batch_size,
                            student_targets=self.student_targets, kl=self.kl, seed=self.seed,
-                           log_every=self.log_every)
+                           log_every=self.log_every, patience=self.patience, precision=self.precision)
+
+    @property
+    def worker_batch(self) -> int:
+        """Rows per optimizer step on each worker: the global batch split evenly."""
+        return self.batch_size // self.workers
 
     @property
     def storage_path(self) -> str:
@@ -301,17 +315,23 @@ def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None =
     if distills:
         log(f"distill: {stage2_rows} rows on {job.workers} workers ({device}), from {origin}")
         result = trainer("distill", {"train": _shuffled(stage2, job.seed)}, stage2_rows, start=start).fit()
-        final = result.checkpoint
-    final_state = _read_state(final)
+        last_state = _read_state(result.checkpoint)  # the whole stage's history
+        final = _checkpoint_of_epoch(result, last_state.get("best_epoch") or last_state["epoch"])  # (older runs kept none)
+    else:
+        last_state = _read_state(final)
     metrics = {
         "arguments": job.arguments(),
         "labels": inputs.labels,
         "best_epoch": state["best_epoch"],
         "finetuned": _uri(best) if best is not None else job.finetuned,  # the model stage 2 started from
         "finetune": state["history"],
-        "distill": final_state["history"] if job.distill_epochs > 0 and not job.plain_bert else [],
+        "distill": last_state["history"] if distills else [],
+        # the epoch each stage kept: stage 1 by validation teacher accuracy, stage 2 by the
+        # students' mean validation agreement with the teacher
+        "kept": {name: _kept(name, s) for name, s in (("finetune", state), ("distill", last_state if distills else None))
+                 if s is not None and s.get("best_epoch") is not None},
         # what the forward passes ran in ("auto" resolved on the workers)
-        "precision": ", ".join(sorted({e["precision"] for e in state["history"] + final_state["history"]
+        "precision": ", ".join(sorted({e["precision"] for e in state["history"] + last_state["history"]
                                        if "precision" in e})) or None,
     }
     _publish(final, job.output, metrics)
@@ -320,9 +340,22 @@ def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None =
             f"{state['best_accuracy']:.4f} (epoch {state['best_epoch']})")
         return metrics
     table = _validation_tradeoff(job)
-    log(f"model, {METRICS_FILE} and {TRADEOFF_FILE} written to {job.output}; on the validation rows: "
-        f"{describe_choice(choose_speed(table, max_accuracy_drop=0.5), table)} (--max-accuracy-drop 0.5)")
+    half, one = choose_speed(table, max_accuracy_drop=0.5), choose_speed(table, max_accuracy_drop=1.0)
+    log(f"model, {METRICS_FILE} and {TRADEOFF_FILE} written to {job.output}; the trade-off on the validation rows:")
+    for line in format_table(table, marked={half.speed: "<- suggested for 0.5 point (scoring's default)",
+                                            one.speed: "<- suggested for 1 point"} if half.speed != one.speed else
+                             {half.speed: "<- suggested for 0.5 and 1 point (scoring's default)"}):
+        log("  " + line)
+    log(f"scoring without --speed runs {describe_choice(half, table)} (--max-accuracy-drop 0.5); "
+        f"--max-accuracy-drop 1: speed {one.speed}, {one.flop_speedup:.2f}x")
     return metrics
+
+
+def _kept(stage: Stage, state: dict[str, Any]) -> dict[str, Any]:
+    """What metrics.json says of the epoch a stage kept."""
+    return {"epoch": state["best_epoch"], "by": KEPT_BY[stage],
+            "value": state.get("best_score", state.get("best_accuracy")), "epochs_run": len(state["history"]),
+            "stopped_early": bool(state.get("stopped_early"))}
 
 
 def _validation_tradeoff(job: TrainJobConfig) -> TradeoffTable:
@@ -736,7 +769,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)  # Ray: to the device, DDP across the workers
 
     epochs, lr = (job.epochs, job.lr) if stage == "finetune" else (job.distill_epochs, job.distill_lr)
-    steps_per_epoch = batches_per_worker(loop_config["train_rows"], workers, job.batch_size) or 1
+    # the global batch is split over the workers, so every worker count takes the same optimizer
+    # steps of the same number of rows: one schedule, one model, whatever the scale
+    batch = job.worker_batch  # rows per step on this worker
+    steps_per_epoch = batches_per_worker(loop_config["train_rows"], workers, batch) or 1
     head = (fastbert.classifier.parameters() if job.plain_bert else fastbert.new_head_parameters()) if stage == "finetune" else ()
     optimizer, scheduler = make_optimizer(params, lr, config.weight_decay, epochs * steps_per_epoch, config.warmup,
                                           head_params=head, head_lr=job.head_lr if stage == "finetune" else None)
@@ -757,16 +793,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("validation")  # Ray
 
     def shard_batches(shard):  # evaluation: in order
-        return (collate(b, pad_id) for b in shard.iter_batches(batch_size=job.batch_size, batch_format="numpy"))
+        return (collate(b, pad_id) for b in shard.iter_batches(batch_size=batch, batch_format="numpy"))
 
     precision = resolve_precision(job.precision, device)  # auto: bf16 where the chip has it natively
     fail_once = loop_config.get("fail_once")  # test-only fault injection, see ``run``
-    for epoch in range(state["epoch"] + 1, epochs + 1):
+    for epoch in range(state["epoch"] + 1, 1 if state.get("stopped_early") else epochs + 1):  # resumed: as far as before
         def progress(step: int, loss: float, sps: float, epoch: int = epoch) -> None:
             # ETA of the stage's training steps at this epoch's pace (evaluations not included)
             left = (steps_per_epoch - min(step, steps_per_epoch)) + (epochs - epoch) * steps_per_epoch
             _say(f"{stage} epoch {epoch}/{epochs} step {step}/{steps_per_epoch}: loss {loss:.4f}, "
-                 f"{sps * workers:.1f} samples/s, stage ETA {_duration(left * job.batch_size / sps)}")
+                 f"{sps * workers:.1f} samples/s, stage ETA {_duration(left * batch / sps)}")
             if fail_once and (stage, epoch) == tuple(fail_once[:2]) and not os.path.exists(f"{fail_once[2]}/failed"):
                 open(f"{fail_once[2]}/failed", "w").close()
                 raise RuntimeError(f"injected fault in {stage} epoch {epoch}, step {step}")
@@ -774,7 +810,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if fail_once and rank == 0:
             with open(f"{fail_once[2]}/starts.log", "a") as f:
                 f.write(f"{stage} {epoch}\n")
-        rows = Lockstep(bucketed_batches(train_shard, job.batch_size, pad_id, job.seed + epoch), flags)
+        rows = Lockstep(bucketed_batches(train_shard, batch, pad_id, job.seed + epoch), flags)
         stats = train_epoch(model, rows, optimizer, scheduler, stage, config, device, precision=precision,
                             log=progress if rank == 0 else None)
         (steps_min, _), (steps_max, drained_max) = _min_max_over_workers([stats.steps, rows.drained], device)
@@ -794,8 +830,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                   "finished_at": time.time()}
         state["history"].append(record)
         state["epoch"] = epoch
-        if stage == "finetune" and (state["best_accuracy"] is None or ev.teacher_accuracy >= state["best_accuracy"]):
-            state["best_epoch"], state["best_accuracy"] = epoch, ev.teacher_accuracy
+        score = kept_score(stage, ev)  # stage 1: teacher accuracy; stage 2: the students' mean agreement
+        if state.get("best_score") is None or score > state["best_score"]:
+            state["improved_epoch"] = epoch  # patience counts from the last strict improvement
+        if state.get("best_score") is None or score >= state["best_score"]:  # on ties the later epoch
+            state["best_epoch"], state["best_score"] = epoch, score
+            state["best_accuracy"] = ev.teacher_accuracy
+        if job.patience and epoch - state["improved_epoch"] >= job.patience and epoch < epochs:
+            state["stopped_early"] = True  # every worker decides alike: the scores are all-reduced
         if rank == 0:
             _say(f"{stage} epoch {epoch}/{epochs}: loss {record['loss']:.4f}, teacher acc {ev.teacher_accuracy:.4f}, "
                  f"exit acc {format_values(ev.exit_accuracy)}, agreement {format_values(ev.agreement)}, "
@@ -810,6 +852,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 saved = ray.train.Checkpoint.from_directory(tmp)  # Ray
             ray.train.report({"epoch": epoch, "loss": record["loss"], "teacher_accuracy": ev.teacher_accuracy},
                              checkpoint=saved)  # Ray: every worker reports, rank 0 with the checkpoint
+        if state.get("stopped_early"):
+            if rank == 0:
+                _say(f"{stage}: no better {KEPT_BY[stage]} in {job.patience} epochs: stopped after epoch {epoch}")
+            break
 
 
 def _say(line: str) -> None:

@@ -217,6 +217,14 @@ class FastBert(nn.Module):
         out = self.layers[k](hidden, layer_mask)
         return out[0] if isinstance(out, tuple) else out  # older transformers return a tuple
 
+    def exit_logits(self, k: int, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The logits (B, N) of exit k (0-based) on layer k's output hidden (B, T, H), in fp32
+        whatever autocast is on: the exit is decided from them, and the branches are small.
+        (With the branches in bf16, 0.53% of 20 Newsgroups test rows got another answer than
+        in fp32 at speed 0.5; with them in fp32, 0.16%.)"""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.branches[k](hidden.float(), mask).float()  # (B, N)
+
     # -- training ---------------------------------------------------------------------------
 
     def new_head_parameters(self) -> list[nn.Parameter]:
@@ -234,9 +242,9 @@ class FastBert(nn.Module):
         hidden = self.embed(input_ids)  # (B, T, H)
         extended = self.layer_mask(mask, hidden.dtype)  # (B, 1, 1, T)
         logits = []
-        for k, branch in enumerate(self.branches):
+        for k in range(len(self.branches)):
             hidden = self.run_layer(k, hidden, extended)  # (B, T, H)
-            logits.append(branch(hidden, mask))  # (B, N)
+            logits.append(self.exit_logits(k, hidden, mask))  # (B, N) fp32
         return FastBertOutput(logits=torch.stack(logits))  # (L, B, N)
 
     # -- construction, saving, loading ------------------------------------------------------

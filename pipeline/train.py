@@ -38,8 +38,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.config import PRECISIONS
 from pipeline.losses import distillation_loss, student_label_loss, teacher_loss
-from pipeline.model import FastBert, FastBertOutput, autocast
+from pipeline.model import FastBert, FastBertOutput, autocast, resolve_precision
 from pipeline.outputs import UserError
 
 Stage = Literal["finetune", "distill"]
@@ -70,8 +71,13 @@ class TrainConfig:
     student_targets: Literal["teacher", "labels"] = "teacher"  # "labels": the ablation
     seed: int = 0  # seeds torch, numpy and the shuffling
     log_every: int = 50  # steps between progress lines
+    patience: int | None = None  # stop a stage after this many epochs without a better validation score
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # of the forward passes (``fit``; a job resolves its own)
 
     def __post_init__(self) -> None:
+        if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(self.patience, int)
+                                          or self.patience < 1):
+            raise UserError(f"patience must be a positive integer or None (no early stopping), got {self.patience!r}")
         for name in ("epochs", "distill_epochs", "batch_size", "seed", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
@@ -87,6 +93,8 @@ class TrainConfig:
             raise UserError(
                 f"lr, head_lr and distill_lr must be > 0, got {self.lr}, {self.head_lr} and {self.distill_lr}"
             )
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not 0.0 <= self.warmup < 1.0:
             raise UserError(f"warmup is a fraction of each stage's steps in [0, 1), got {self.warmup}")
         if not self.weight_decay >= 0 or not self.max_grad_norm >= 0:
@@ -440,6 +448,18 @@ class EvalStats:
     agreement: list[float]  # per layer: fraction of rows whose argmax equals the teacher's
 
 
+KEPT_BY = {"finetune": "teacher_accuracy", "distill": "mean_agreement"}  # what each stage keeps its best epoch by
+
+
+def kept_score(stage: Stage, ev: EvalStats) -> float:
+    """The validation score a stage keeps its best epoch by: stage 1 the teacher's accuracy,
+    stage 2 the students' mean agreement with the teacher (the exits' quality, whatever the
+    labels; the teacher itself is frozen in stage 2)."""
+    if stage == "finetune":
+        return ev.teacher_accuracy
+    return float(np.mean(ev.agreement[:-1])) if len(ev.agreement) > 1 else 1.0
+
+
 def evaluate(model: FastBert | nn.Module, batches: Iterable[Batch], device: str | torch.device = "cpu") -> EvalStats:
     """Every exit's accuracy and agreement with the teacher over ``batches``, in eval mode
     under ``torch.inference_mode``; the modules' training flags are restored afterwards."""
@@ -495,9 +515,12 @@ def fit(
     Labels may be names (``model.config.labels``) or indices. ``log`` gets progress lines
     (None: silent). The model is left on ``device``, in eval mode, every parameter trainable.
 
-    Returns ``{"finetune": [...], "distill": [...], "best_epoch": int | None}``: one dict per
-    epoch with epoch, loss, teacher_accuracy, exit_accuracy, agreement, seconds,
-    samples_per_s, steps and lr (the learning rate after the epoch's last step).
+    Each stage ends with the weights of its best epoch (``kept_score``; on ties the later);
+    ``config.patience`` stops a stage after that many epochs without a better one.
+    Returns ``{"finetune": [...], "distill": [...], "best_epoch": int | None, "kept": {...}}``:
+    one dict per epoch with epoch, loss, teacher_accuracy, exit_accuracy, agreement, seconds,
+    samples_per_s, steps and lr (the learning rate after the epoch's last step); ``kept`` says
+    per stage which epoch was kept, by what, its value and how many epochs ran.
     """
     say = log if log is not None else (lambda line: None)
     torch.manual_seed(config.seed)
@@ -520,7 +543,9 @@ def fit(
     else:
         distill_texts, distill_ids = (train_texts if distill_texts is None else list(distill_texts)), None
     model.to(device)
-    history: dict[str, Any] = {"finetune": [], "distill": [], "best_epoch": None}
+    precision = resolve_precision(config.precision, device)  # auto: bf16 where the chip has it natively
+    say(f"precision: {precision}")
+    history: dict[str, Any] = {"finetune": [], "distill": [], "best_epoch": None, "kept": {}, "precision": precision}
 
     def stage_run(stage: Stage, epochs: int, lr: float, texts: list[str], ids: np.ndarray | None) -> None:
         if epochs == 0:
@@ -532,13 +557,14 @@ def fit(
         head = _unwrap(model).new_head_parameters() if stage == "finetune" else ()
         optimizer, scheduler = make_optimizer(params, lr, config.weight_decay, steps, config.warmup,
                                               head_params=head, head_lr=config.head_lr if stage == "finetune" else None)
-        best_accuracy, best_state = -1.0, None
+        best_score, best_state, best_epoch, improved = -1.0, None, None, 0
         for epoch in range(1, epochs + 1):
             progress = lambda step, loss, sps: say(  # noqa: E731
                 f"{stage} epoch {epoch} step {step}: loss {loss:.4f}, {sps:.0f} samples/s"
             )
             train = batches(model, texts, ids, config.batch_size, shuffle=True, seed=config.seed + epoch)
-            stats = train_epoch(model, train, optimizer, scheduler, stage, config, device, log=progress)
+            stats = train_epoch(model, train, optimizer, scheduler, stage, config, device, precision=precision,
+                                log=progress)
             ev = evaluate(model, batches(model, val_texts, val_ids, config.batch_size), device)
             history[stage].append(
                 {
@@ -558,12 +584,22 @@ def fit(
                 f"{ev.teacher_accuracy:.4f}, exit acc {format_values(ev.exit_accuracy)}, agreement "
                 f"{format_values(ev.agreement)}, {stats.samples_per_s:.0f} samples/s, {stats.seconds:.1f} s"
             )
-            if stage == "finetune" and ev.teacher_accuracy >= best_accuracy:
-                best_accuracy, history["best_epoch"] = ev.teacher_accuracy, epoch
+            score = kept_score(stage, ev)
+            if score > best_score:
+                improved = epoch  # patience counts from the last strict improvement
+            if score >= best_score:  # on ties the later, more trained epoch
+                best_score, best_epoch = score, epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if best_state is not None and history["best_epoch"] != epochs:
+            if config.patience and epoch - improved >= config.patience and epoch < epochs:
+                say(f"{stage}: no better {KEPT_BY[stage]} in {config.patience} epochs: stopped after epoch {epoch}")
+                break
+        history["kept"][stage] = {"epoch": best_epoch, "by": KEPT_BY[stage], "value": best_score,
+                                  "epochs_run": len(history[stage]), "stopped_early": len(history[stage]) < epochs}
+        if stage == "finetune":
+            history["best_epoch"] = best_epoch
+        if best_epoch != len(history[stage]):
             model.load_state_dict(best_state)
-            say(f"finetune: kept epoch {history['best_epoch']} (teacher acc {best_accuracy:.4f})")
+            say(f"{stage}: kept epoch {best_epoch} ({KEPT_BY[stage]} {best_score:.4f})")
 
     stage_run("finetune", config.epochs, config.lr, train_texts, train_ids)
     stage_run("distill", config.distill_epochs, config.distill_lr, distill_texts, distill_ids)

@@ -55,6 +55,15 @@ def test_20news(split, rows):
     _check_table(load_bundled("20news", split), rows, 20)
 
 
+def test_tweets_split_one_file_into_disjoint_fixed_train_and_test():
+    train, test = load_bundled("tweets", "train"), load_bundled("tweets", "test")
+    _check_table(train, 5156, 2)
+    _check_table(test, 1288, 2)
+    assert test.equals(load_bundled("tweets", "test"))  # the same fifth every time
+    both = train["text"].to_pylist() + test["text"].to_pylist()
+    assert len(both) == 6444  # every non-empty row of the file, in one split or the other
+
+
 def test_unknown_name_lists_known():
     with pytest.raises(ValueError) as e:
         load_bundled("imdb")

@@ -19,14 +19,14 @@ from pipeline import FastBert, Scorer
 from jobs.train import parse_args
 from pipeline.distributed import TrainJobConfig, _cached, _dataset, _shuffled, bucketed_batches, check_inputs, run
 from pipeline.outputs import UserError
-from pipeline.tradeoff import SPEED_GRID
+from pipeline.tradeoff import SPEED_GRID, choose_speed
 from test_train import LABELS, accuracy, toy_task
 from driver import start_driver
 from tiny import tiny_model
 
 ray = pytest.importorskip("ray")
 
-FAST = dict(epochs=2, distill_epochs=2, lr=3e-3, head_lr=1e-2, distill_lr=1e-2, batch_size=8, max_length=32, log_every=4,
+FAST = dict(epochs=2, distill_epochs=2, lr=3e-3, head_lr=1e-2, distill_lr=1e-2, batch_size=16, max_length=32, log_every=4,
             precision="fp32",  # the exact comparisons below; tests/test_train.py trains in bf16 and fp16
             branch_width=16)  # students narrower than the 32-wide backbone, or no exit saves FLOPs
 
@@ -87,6 +87,9 @@ def test_two_workers_learn_and_distil(trained, data):
     for stage in ("finetune", "distill"):  # the workers' shards cover each input once per epoch
         assert [(e["samples"], e["validation_samples"], e["workers"]) for e in metrics[stage]] == [(256, 128, 2)] * 2
     assert metrics["labels"] == list(LABELS) and metrics["precision"] == "fp32"
+    scores = [float(np.mean(e["agreement"][:-1])) for e in metrics["distill"]]  # stage 2 keeps its best epoch
+    assert metrics["kept"]["distill"]["epoch"] == max((1, 2), key=lambda e: (scores[e - 1], e))
+    assert metrics["kept"]["finetune"]["epoch"] == metrics["best_epoch"] and metrics["kept"]["finetune"]["by"] == "teacher_accuracy"
     on_disk = json.loads((output / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
     assert on_disk["arguments"]["epochs"] == 2 and on_disk["arguments"]["train"].endswith("train.parquet")
@@ -116,6 +119,8 @@ def test_the_model_carries_its_validation_tradeoff_and_keeps_its_promises(traine
         assert accuracy(out.column("prediction").to_pylist(), labels) == pytest.approx(promised.accuracy)
         assert scorer.stats.flop_speedup == pytest.approx(promised.flop_speedup)
     assert table.teacher.accuracy - Scorer(model, precision="fp32", max_accuracy_drop=1.0).speed_choice.accuracy <= 0.01
+    # no speed, no budget: the model's own suggestion, the fastest speed within 0.5 point
+    assert Scorer(model, precision="fp32").speed_choice == choose_speed(table, max_accuracy_drop=0.5)
     with pytest.raises(ValueError, match="no speed reaches a 50.0x FLOP speed-up .* the most is"):
         Scorer(model, precision="fp32", target_speedup=50.0)
 
@@ -128,6 +133,22 @@ def test_running_a_finished_job_again_resumes(trained, data):
     assert any("nothing to train" in line for line in lines)  # no trainer started
     assert again["finetune"] == metrics["finetune"]  # the same epochs (their timings too): nothing retrained
     assert again["distill"] == metrics["distill"]
+
+
+def test_one_worker_takes_the_steps_two_workers_take(trained, data, tmp_path):
+    """--batch-size is the global batch: one worker takes the 16 rows of a step alone, two
+    take 8 each, so both take the same optimizer steps over the same rows every epoch."""
+    _, metrics = trained
+    lines: list[str] = []
+    one = run(job(data, tmp_path / "one", workers=1, distill_epochs=0), log=lines.append)
+    assert any("suggested for 0.5" in line for line in lines)  # the validation table, printed at the end
+    assert any(line.startswith("scoring without --speed runs speed") for line in lines)
+    two = metrics["finetune"]
+    assert [e["workers"] for e in one["finetune"]] == [1, 1] and [e["workers"] for e in two] == [2, 2]
+    assert [e["steps"] for e in one["finetune"]] == [e["steps"] for e in two] == [256 // 16] * 2
+    assert [e["samples"] for e in one["finetune"]] == [e["samples"] for e in two] == [256] * 2
+    with pytest.raises(UserError, match="batch_size 16 is the global batch.*multiple of 3 .e.g. 15 or 18"):
+        job(data, tmp_path / "three", workers=3)
 
 
 def test_stage_two_alone_from_a_finetuned_model_with_label_trained_students(trained, data, tmp_path):

@@ -150,10 +150,10 @@ def test_waiting_rows_keep_at_most_as_many_other_rows_alive(model):
     held = []  # (rows in the pool, rows of the step outputs it keeps alive), after every push
     push = scorer._push
 
-    def recording_push(k, chunk):
-        push(k, chunk)
-        alive = {id(c.hidden): c.hidden.shape[0] for c in scorer._pools[k]}
-        held.append((scorer._pool_rows[k], sum(alive.values())))
+    def recording_push(call, k, chunk):
+        push(call, k, chunk)
+        alive = {id(c.hidden): c.hidden.shape[0] for c in call.pools[k]}
+        held.append((call.pool_rows[k], sum(alive.values())))
 
     scorer._push = recording_push
     table = scorer(texts)
@@ -338,3 +338,33 @@ def test_bf16_bad_rows_get_an_error_and_never_fail_the_batch(model):
     table = Scorer(model, precision="bf16", speed=0.5, micro_batch=2)(texts).to_pydict()
     assert [e is None for e in table["error"]] == [True, False, False, False, True]
     assert table["prediction"][1] is None and table["prediction"][0] in model.config.labels
+
+
+def test_compiled_layers_give_the_eager_engine_s_answers(model):
+    """compile=True (torch.compile, dynamic shapes, frozen weights) changes no exit and no
+    probability beyond float noise, across batch and sequence sizes (one compile serves them)."""
+    texts = random_texts(np.random.default_rng(5), 40, max_words=45)
+    eager = Scorer(model, precision="fp32", speed=0.3, micro_batch=8)(texts).to_pydict()
+    compiled = Scorer(model, precision="fp32", speed=0.3, micro_batch=8, compile=True)
+    assert compiled.compiled
+    for _ in range(2):  # the second call runs the graphs the first one built
+        got = compiled(texts).to_pydict()
+        assert got["exit_layer"] == eager["exit_layer"]
+        np.testing.assert_allclose(np.array(got["probabilities"]), np.array(eager["probabilities"]), atol=1e-4)
+    assert model.layers[0].training is False and not isinstance(model.layers[0], torch._dynamo.eval_frame.OptimizedModule)
+
+
+def test_one_scorer_serves_threads_at_once(model):
+    """Calls from several threads at once (a threaded Ray actor, a web service) each get what
+    a call alone gets, and the stats add up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    scorer = Scorer(model, precision="fp32", speed=0.3, micro_batch=4)
+    inputs = [random_texts(np.random.default_rng(seed), 25, max_words=45) for seed in range(6)]
+    alone = [Scorer(model, precision="fp32", speed=0.3, micro_batch=4)(texts).to_pydict() for texts in inputs]
+    with ThreadPoolExecutor(3) as pool:
+        together = [t.to_pydict() for t in pool.map(scorer, inputs)]
+    for a, b in zip(alone, together):
+        assert a["exit_layer"] == b["exit_layer"] and a["prediction"] == b["prediction"]
+        np.testing.assert_allclose(np.array(a["probabilities"]), np.array(b["probabilities"]), atol=1e-6)
+    assert scorer.stats.rows == 150 and sum(scorer.stats.exit_counts) == 150

@@ -234,7 +234,7 @@ def test_help_shows_every_flag_with_its_default(tmp_path):
         for block in blocks:
             words = " ".join(block.split())
             assert "(default:" in words or "(required)" in words or block.split()[0].split(",")[0] in {
-                "overwrite", "resume", "skip-bad-files", "verbose", "plain-bert", "gpu"}, (module, words)
+                "overwrite", "resume", "skip-bad-files", "verbose", "plain-bert", "gpu", "compile"}, (module, words)
 
 
 def test_evaluation_and_demo_outputs_keep_the_users_files(world, tmp_path):

@@ -214,8 +214,9 @@ def test_killed_driver_then_resume_loses_and_duplicates_nothing(ray_session, inp
 
 
 def test_the_driver_runs_without_torch(ray_session, inputs, tmp_path):
-    """`python -m jobs.score` with torch unimportable in its process finishes the job, its speed
-    chosen by a budget from the model's table: only the replicas load the model (the driver
+    """`python -m jobs.score` with torch unimportable in its process finishes the job, with no
+    speed given: the model's own suggestion from its table (the fastest within 0.5 point).
+    Only the replicas load the model (the driver
     checks it, reads its table, plans, tokenises through Ray Data tasks and writes the summary),
     so a Ray head node needs no torch, and on 2 cores the driver spends no CPU-seconds importing
     it while the replicas start."""
@@ -225,12 +226,13 @@ def test_the_driver_runs_without_torch(ray_session, inputs, tmp_path):
     model.save_pretrained(str(tmp_path / "model"))
     output = tmp_path / "out"
     argv = ["--model", str(tmp_path / "model"), "--input", str(inputs / "data"), "--output", str(output),
-            "--target-speedup", "1.1", "--rows-per-call", "16", "--micro-batch", "4", "--replicas", "1",
+            "--rows-per-call", "16", "--micro-batch", "4", "--replicas", "1",
             "--cpus-per-replica", "0.5"]
     driver = start_driver("jobs.score", argv, tmp_path / "driver.log", without=("torch",))
     assert driver.wait(timeout=300) == 0, (tmp_path / "driver.log").read_text()[-3000:]
-    assert json.loads((output / "_summary.json").read_text())["speed"] == choose_speed(model.tradeoff,
-                                                                                      target_speedup=1.1).speed
+    summary = json.loads((output / "_summary.json").read_text())
+    assert summary["speed"] == choose_speed(model.tradeoff, max_accuracy_drop=0.5).speed
+    assert summary["speed_choice"]["max_accuracy_drop"] == 0.5
     from pipeline.model import resolve_precision
 
     assert json.loads((output / "_summary.json").read_text())["precision"] == resolve_precision("auto", "cpu")
@@ -375,7 +377,7 @@ def test_command_line_mirrors_the_config():
     assert config.replica_range() == (1, 4)
     budget = parse_args(["--model", "m", "--input", "a", "--output", "o", "--max-accuracy-drop", "0.5"])
     assert budget.speed is None and budget.max_accuracy_drop == 0.5
-    assert parse_args(["--model", "m", "--input", "a", "--output", "o"]).speed == 0.5
+    assert parse_args(["--model", "m", "--input", "a", "--output", "o"]).speed is None  # run() asks the model
     with pytest.raises(SystemExit):  # a speed and a budget exclude each other
         parse_args(["--model", "m", "--input", "a", "--output", "o", "--speed", "0.3", "--target-speedup", "2"])
     with pytest.raises(UserError, match="replicas must be N or MIN-MAX"):

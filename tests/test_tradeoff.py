@@ -29,6 +29,9 @@ def test_every_speed_matches_the_engine_row_for_row():
         assert point.exit_counts == scorer.stats.exit_counts
         assert point.flop_speedup == pytest.approx(scorer.stats.flop_speedup, rel=1e-12)
         assert point.mean_exit_layer == pytest.approx(scorer.stats.mean_exit_layer)
+        teacher = np.array(exits.predictions[-1])
+        got = np.array([model.config.labels.index(p) for p in predicted])
+        assert point.agreement == pytest.approx(float(np.mean(got == teacher)))
         seen_exits |= {k for k, c in enumerate(point.exit_counts) if c}
     assert seen_exits == {0, 1, 2}  # the speeds made rows leave at every layer
     assert at_speed(exits, model, 0.0).flop_speedup == pytest.approx(1.0)  # speed 0: the full-depth classifier
@@ -49,6 +52,20 @@ def test_a_budget_picks_the_fastest_speed_within_it_or_the_most_accurate_reachin
     assert choose_speed(table, target_speedup=2.0).speed == 0.3
     assert choose_speed(table, target_speedup=3.0).speed == 0.4
     assert choose_speed(table, target_speedup=1.0).speed == 0.3
+    assert TradeoffTable.from_json(table.to_json()) == table
+
+
+def test_an_accuracy_budget_is_kept_by_agreement_with_the_teacher():
+    """Where the table keeps each speed's agreement with the teacher, a budget of d points
+    allows speeds whose answers differ from the teacher's on at most d% of the rows: a speed
+    whose accuracy looks within the budget only because its gains cancel its losses on these
+    rows is not chosen."""
+    points = [Point(0.0, 0.950, 1.0, 6.0, [], 1.000), Point(0.1, 0.952, 1.8, 3.0, [], 0.996),
+              Point(0.2, 0.949, 2.5, 2.4, [], 0.980), Point(0.3, 0.930, 3.6, 1.7, [], 0.975)]
+    table = TradeoffTable(data="val.parquet", rows=1000, points=points)
+    assert choose_speed(table, max_accuracy_drop=0.5).speed == 0.1  # 0.2 is within 0.1 point but differs on 2%
+    assert choose_speed(table, max_accuracy_drop=2.0).speed == 0.2
+    assert choose_speed(table, max_accuracy_drop=0.0).speed == 0.0
     assert TradeoffTable.from_json(table.to_json()) == table
 
 

@@ -29,7 +29,7 @@ from tiny import tiny_model
 
 LABELS = ("neg", "pos")
 FILLER = [f"w{i}" for i in range(60)] + ["the", "movie", "was", "fine"]
-FAST = dict(lr=3e-3, distill_lr=3e-3, batch_size=16)  # tiny models need a large learning rate
+FAST = dict(lr=3e-3, distill_lr=3e-3, batch_size=16, precision="fp32")  # tiny models need a large rate; exact fp32
 
 
 def toy_task(rng: np.random.Generator, n: int) -> tuple[list[str], list[str]]:
@@ -114,6 +114,33 @@ def test_distillation_makes_the_first_exit_agree_with_the_teacher(trained):
     for key in ("loss", "teacher_accuracy", "exit_accuracy", "agreement", "seconds", "samples_per_s", "lr"):
         assert key in distill[-1] and key in trained.history["finetune"][-1]
     assert any(line.startswith("distill epoch 4/4") for line in trained.lines)
+    # stage 2 keeps its epoch of best mean student agreement (the later on ties): the model holds it
+    scores = [float(np.mean(r["agreement"][:-1])) for r in distill]
+    kept = trained.history["kept"]["distill"]
+    assert kept["epoch"] == max(range(1, 5), key=lambda e: (scores[e - 1], e)) and kept["by"] == "mean_agreement"
+    assert kept["value"] == scores[kept["epoch"] - 1] and kept["epochs_run"] == 4 and not kept["stopped_early"]
+    stats = evaluate(trained.model, batches(trained.model, trained.val_texts, trained.val_labels))
+    assert stats.agreement == distill[kept["epoch"] - 1]["agreement"]
+    assert trained.history["kept"]["finetune"]["epoch"] == trained.history["best_epoch"]
+
+
+def test_patience_stops_a_stage_without_strict_improvement():
+    """A stage whose score no longer rises stops ``patience`` epochs after its last
+    improvement (a rate too small to move any prediction: the agreement stays put)."""
+    rng = np.random.default_rng(2)
+    texts, labels = toy_task(rng, 64)
+    model = tiny_model(labels=LABELS, seed=0)
+    lines: list[str] = []
+    history = fit(model, texts, labels, texts[:32], labels[:32],
+                  TrainConfig(epochs=1, distill_epochs=6, distill_lr=1e-12, patience=2, lr=3e-3, batch_size=16,
+                              precision="fp32"),
+                  log=lines.append)
+    assert [r["epoch"] for r in history["distill"]] == [1, 2, 3]
+    assert history["kept"]["distill"] == {"epoch": 3, "by": "mean_agreement", "value": history["kept"]["distill"]["value"],
+                                          "epochs_run": 3, "stopped_early": True}
+    assert any("stopped after epoch 3" in line for line in lines)
+    with pytest.raises(ValueError, match="patience must be a positive integer"):
+        TrainConfig(patience=0)
 
 
 def test_scorer_exits_early_at_nearly_the_same_accuracy(trained):

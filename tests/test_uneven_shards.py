@@ -153,28 +153,29 @@ def short_then_long(rng: np.random.Generator, n: int) -> tuple[list[str], list[s
 
 def check_lockstep(metrics: dict, stage: str, epochs: int, rows: int, val_rows: int, workers: int,
                    batch_size: int) -> None:
-    """Every epoch of the stage ran, and every worker took all of its batches, as many as
-    every other worker and as the LR schedule counted (steps_per_epoch)."""
+    """Every epoch of the stage ran, and every worker took all of its batches (of the global
+    ``batch_size`` / ``workers`` rows), as many as every other worker and as the LR schedule
+    counted (steps_per_epoch)."""
     history = metrics[stage]
     assert [e["epoch"] for e in history] == list(range(1, epochs + 1))
     for e in history:
         assert e["workers"] == workers
-        assert e["steps_min"] == e["steps_max"] == e["steps"] == batches_per_worker(rows, workers, batch_size), e
+        assert e["steps_min"] == e["steps_max"] == e["steps"] == batches_per_worker(rows, workers, batch_size // workers), e
         assert e["drained_batches"] == 0, e  # no worker had batches left over: the shards were cut alike
         assert e["samples"] == rows // workers * workers  # Ray's equal split drops rows % workers rows
         assert e["validation_samples"] == val_rows // workers * workers
 
 
 def test_two_workers_on_rows_that_do_not_divide_evenly_finish(ray_session, backbone, tmp_path):
-    """1,001 rows, batch 8: the job's own pipeline cut one worker's 500 rows into 64 batches and
+    """1,001 rows, 8 per worker: the job's own pipeline cut one worker's 500 rows into 64 batches and
     the other's into 63 in an epoch before the fix (and the job hung). Stage 1 only, for time:
     stage 2 runs the same loop (tests/test_distributed.py runs it)."""
     rng = np.random.default_rng(0)
     train, val = write(tmp_path / "train.parquet", *toy_task(rng, 1001)), write(tmp_path / "val.parquet", *toy_task(rng, 301))
     output = tmp_path / "model"
     metrics = run(TrainJobConfig(train=train, validation=val, output=str(output), backbone=str(backbone), workers=2,
-                                 epochs=2, distill_epochs=0, batch_size=8, **FAST), log=lambda line: None)
-    check_lockstep(metrics, "finetune", 2, 1001, 301, 2, 8)
+                                 epochs=2, distill_epochs=0, batch_size=16, **FAST), log=lambda line: None)
+    check_lockstep(metrics, "finetune", 2, 1001, 301, 2, 16)
     assert json.loads((output / "metrics.json").read_text())["finetune"][-1]["epoch"] == 2  # published: the end
     assert (output / "tradeoff.json").exists()
 
@@ -185,7 +186,7 @@ def test_three_workers_on_short_and_long_texts_sorted_by_length_finish(ray_sessi
     val = write(tmp_path / "val.parquet", *short_then_long(rng, 151))
     output = tmp_path / "model"
     metrics = run(TrainJobConfig(train=train, validation=val, output=str(output), backbone=str(backbone), workers=3,
-                                 cpus_per_worker=1, epochs=1, distill_epochs=0, batch_size=4, **FAST),
+                                 cpus_per_worker=1, epochs=1, distill_epochs=0, batch_size=12, **FAST),
                   log=lambda line: None)
-    check_lockstep(metrics, "finetune", 1, 1001, 151, 3, 4)
+    check_lockstep(metrics, "finetune", 1, 1001, 151, 3, 12)
     assert metrics["distill"] == [] and os.path.isfile(output / "metrics.json")

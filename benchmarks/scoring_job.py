@@ -24,7 +24,7 @@ memory the larger round's.
 - plain_hf      benchmarks.plain_hf_job: BertForSequenceClassification with the model's
                 backbone weights, 2 replicas x 1 thread, full depth
 
-    python -m benchmarks.pipeline [--rows 20000] [--rounds 2] [--json out.json] [--work /tmp/fastbert-pipeline]
+    python -m benchmarks.scoring_job [--rows 20000] [--rounds 2] [--json out.json] [--work /tmp/fastbert-pipeline]
 """
 
 from __future__ import annotations
