@@ -97,9 +97,9 @@ class TrainJobConfig:
     use_gpu: bool | None = None  # train on GPUs; none given: when the cluster has them
     epochs: int = 3  # stage 1 (fine-tuning) epochs
     distill_epochs: int = 5  # stage 2 (self-distillation) epochs; 0 skips the stage
-    lr: float = 2e-5  # stage 1 learning rate of the backbone (AdamW, linear warm-up and decay)
-    head_lr: float | None = None  # stage 1 learning rate of the new teacher head; none given: --lr
-    distill_lr: float = 2e-4  # stage 2 learning rate of the students
+    lr: float = 2e-4  # stage 1 learning rate of the backbone (AdamW, linear warm-up and decay; benchmarks.sweep)
+    head_lr: float | None = 2e-3  # stage 1 learning rate of the new teacher head; none given: --lr
+    distill_lr: float = 1e-3  # stage 2 learning rate of the students (benchmarks.sweep)
     batch_size: int = 32  # rows per optimizer step over all workers (each takes batch_size / workers): any worker count, one model
     max_length: int = 128  # tokens per text; longer texts are truncated
     branch_width: int = 128  # width of the students (the paper's 128); a new model only
