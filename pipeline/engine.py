@@ -216,8 +216,7 @@ class Scorer:
         if int(lengths.min()) < T:
             real = self._to_device(lengths)  # (b,)
             mask = self._positions[:T][None, :] < real[:, None]  # (b, T)
-        out = self._layers[k](hidden, self.model.layer_mask(mask, hidden.dtype))
-        hidden = out[0] if isinstance(out, tuple) else out  # (b, T, H); older transformers return a tuple
+        hidden = self.model.run_layer(k, hidden, self.model.layer_mask(mask, hidden.dtype), self._layers[k])  # (b, T, H)
 
         last = k == len(call.pools) - 1
         if not last and not self._students:

@@ -212,9 +212,11 @@ class FastBert(nn.Module):
             return (~mask[:, None, None, :]).to(dtype) * torch.finfo(dtype).min  # (B, 1, 1, T)
         return mask[:, None, None, :]  # (B, 1, 1, T) bool, True = attend (sdpa)
 
-    def run_layer(self, k: int, hidden: torch.Tensor, layer_mask: torch.Tensor | None) -> torch.Tensor:
-        """Layer k (0-based) on hidden (B, T, H); layer_mask from ``layer_mask``. Returns (B, T, H)."""
-        out = self.layers[k](hidden, layer_mask)
+    def run_layer(self, k: int, hidden: torch.Tensor, layer_mask: torch.Tensor | None,
+                  layer: nn.Module | None = None) -> torch.Tensor:
+        """Layer k (0-based) on hidden (B, T, H); layer_mask from ``layer_mask``; ``layer``: a
+        stand-in for layer k (its compiled form). Returns (B, T, H)."""
+        out = (self.layers[k] if layer is None else layer)(hidden, layer_mask)
         return out[0] if isinstance(out, tuple) else out  # older transformers return a tuple
 
     def exit_logits(self, k: int, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
