@@ -1,24 +1,25 @@
 """The paper's comparison (Table 3) in one command: on one bundled data set, train FastBERT,
 its label-trained-students twin and a plain BERT classifier with the same epochs and rates,
-then evaluate them all on the test split and check the acceptance criteria.
+then evaluate them all on the test split, time the engine at every speed, and check the
+acceptance criteria.
 
     python -m benchmarks.ablation --dataset r8 [--train-rows 2000] [--test-rows 0] [--distill-on train|unlabelled]
         [--teacher-head pooler|branch] [--repeats 5] [--work DIR] [--json out.json]
 
-Steps, all with the production code (Ray Train on a local Ray, then jobs.evaluate's code):
+Steps:
 1. the data set to Parquet (train / validation / test);
-2. FastBERT: fine-tuning, then self-distillation (``jobs.train``), on the labelled sample's
-   texts (``--distill-on train``, the default: the paper's ablation), or on the texts of the
-   whole training split outside validation, their labels dropped (``--distill-on
-   unlabelled``: the paper's "any amount of unlabelled text can be used", which students
-   trained on labels cannot follow);
-3. baseline (c): stage 2 again from FastBERT's stage-1 checkpoint, the students trained on the
-   labels of the sample (``--finetuned ... --student-targets labels``): the same backbone and
-   teacher, and as many optimiser steps as FastBERT's stage 2 (with ``unlabelled``, more
-   epochs over the fewer labelled rows: on R8, 8 epochs of 2,000 rows against 3 of 5,185);
-4. baseline (a): a plain ``BertForSequenceClassification``, the same epochs and rates
-   (``--plain-bert``);
-5. the evaluation with both baselines and fixed-depth truncation (b).
+2. FastBERT with the product's training job (Ray Train on a local Ray): fine-tuning, then
+   self-distillation on the labelled sample's texts (``--distill-on train``, the default: the
+   paper's ablation), or on the texts of the whole training split outside validation, their
+   labels dropped (``--distill-on unlabelled``: the paper's "any amount of unlabelled text",
+   which students trained on labels cannot follow);
+3. baseline (c) (``benchmarks.baselines.train_label_students``): from FastBERT's stage-1
+   checkpoint, the students trained on the sample's labels, as many optimiser steps as
+   FastBERT's stage 2 (with ``unlabelled``, more epochs over the fewer labelled rows);
+4. baseline (a) (``benchmarks.baselines.train_plain_bert``): a plain
+   ``BertForSequenceClassification``, the same epochs and rates;
+5. the product's evaluation (``pipeline.evaluate``: every speed, truncation (b)), the two
+   baselines at equal FLOPs and the engine's wall time per speed (``--repeats`` rounds).
 Models are kept under --work: a second run reuses every finished one.
 """
 
@@ -31,12 +32,17 @@ import time
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 
+from benchmarks.baselines import (label_students_baseline, load_plain_bert, new_plain_bert, plain_bert_baseline,
+                                  save_plain_bert, time_speeds, train_label_students, train_plain_bert)
 from pipeline.config import TEACHER_HEADS
 from pipeline.datasets import write_bundled
 from pipeline.distributed import TrainJobConfig
 from pipeline.distributed import run as train
-from pipeline.evaluate import DEFAULT_SPEEDS, EvaluateConfig, run_evaluation
+from pipeline.evaluate import DEFAULT_SPEEDS, EvaluateConfig, format_table, read_labelled, tabulate, write_evaluation
+from pipeline.model import FastBert
+from pipeline.tradeoff import all_exits
 
 
 def checks(result: dict) -> dict:
@@ -47,7 +53,7 @@ def checks(result: dict) -> dict:
     by_speedup = sorted(rows, key=lambda r: r["flop_speedup"])
     x = [r["flop_speedup"] for r in by_speedup]
     at_exactly_2x = float(np.interp(2.0, x, [r["accuracy"] for r in by_speedup])) if x[0] <= 2.0 <= x[-1] else None
-    timed = [r for r in rows if r["wall_speedup"] is not None and r["speed"] > 0]
+    timed = [r for r in rows if r.get("wall_speedup") is not None and r["speed"] > 0]
     ratios = {r["speed"]: r["wall_speedup"] / r["flop_speedup"] for r in timed}
     out = {
         "adaptive_beats_truncation": b["truncation"]["never_worse"],
@@ -93,8 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--speeds", default=",".join(f"{s:g}" for s in DEFAULT_SPEEDS))
     parser.add_argument("--repeats", type=int, default=5,
                         help="rounds of timed passes, every speed once per round; wall speed-up is the median of the "
-                             "per-round ratios to speed 0 at the moment of the pass (jobs.evaluate --repeats; one pass "
+                             "per-round ratios to speed 0 at the moment of the pass (one pass "
                              "is noisy on a shared machine: with 3 rounds, two slow ones could still decide a median)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="of the evaluation's passes and the timed passes")
     parser.add_argument("--work", default=None, help="default: /tmp/fastbert-ablation-DATASET")
     parser.add_argument("--json", help="also write the evaluation and the checks here")
     args = parser.parse_args(argv)
@@ -125,18 +133,43 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"== FastBERT: fine-tuning + self-distillation on the {args.distill_on} texts "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
     metrics = train(TrainJobConfig(output=fastbert, distill=distill, teacher_head=args.teacher_head, **common))
-    print(f"== (c) students trained on the labels, from the same stage 1, {label_epochs} epochs of "
-          f"{train_rows} rows ({time.perf_counter() - start:.0f} s)", flush=True)
-    train(TrainJobConfig(output=label_students, **{**common, "finetuned": metrics["finetuned"],
-                                                  "student_targets": "labels", "distill_epochs": label_epochs}))
-    print(f"== (a) plain BERT classifier, the same budget ({time.perf_counter() - start:.0f} s)", flush=True)
-    train(TrainJobConfig(output=f"{work}/plain-bert", **{**common, "plain_bert": True}))
-    ray.shutdown()  # the timed passes get the machine to themselves
+    ray.shutdown()  # the rest runs in this process, and the timed passes get the machine to themselves
+    torch.set_num_threads(args.cpus_per_worker)
+    train_table = pq.read_table(data["train"])
+    texts, labels = train_table.column("text").to_pylist(), [str(v) for v in train_table.column("label").to_pylist()]
+    if not os.path.isfile(f"{label_students}/config.json"):
+        print(f"== (c) students trained on the labels, from the same stage 1, {label_epochs} epochs of "
+              f"{train_rows} rows ({time.perf_counter() - start:.0f} s)", flush=True)
+        students = FastBert.from_pretrained(metrics["finetuned"])
+        train_label_students(students, texts, labels, label_epochs, args.distill_lr)
+        students.save_pretrained(label_students)
+    plain_path = f"{work}/plain-bert"
+    if not os.path.isfile(f"{plain_path}/config.json"):
+        print(f"== (a) plain BERT classifier, the same budget ({time.perf_counter() - start:.0f} s)", flush=True)
+        validation = pq.read_table(data["validation"])
+        plain = new_plain_bert(args.backbone, sorted(set(labels)), args.max_length)
+        train_plain_bert(plain, texts, labels, validation.column("text").to_pylist(),
+                         [str(v) for v in validation.column("label").to_pylist()], args.epochs, args.lr, args.head_lr)
+        save_plain_bert(plain, plain_path)
     print(f"== evaluation ({time.perf_counter() - start:.0f} s)", flush=True)
-    result = run_evaluation(EvaluateConfig(model=fastbert, input=data["test"], output=f"{work}/evaluation{suffix}",
-                                           speeds=[float(s) for s in args.speeds.split(",")],
-                                           plain_bert=f"{work}/plain-bert", label_students=label_students,
-                                           repeats=args.repeats, overwrite=True))
+    config = EvaluateConfig(model=fastbert, input=data["test"], output=f"{work}/evaluation{suffix}",
+                            speeds=[float(s) for s in args.speeds.split(",")], overwrite=True)
+    model = FastBert.from_pretrained(fastbert)
+    test_texts, test_labels = read_labelled(config, model.config.labels)
+    exits = all_exits(model, test_texts, test_labels, precision=args.precision)
+    result = tabulate(model, exits, config.speeds)
+    result.update(model=fastbert, data=data["test"], precision=args.precision)
+    result["baselines"]["label_students"] = label_students_baseline(
+        FastBert.from_pretrained(label_students), label_students, model, result["speeds"], exits, test_texts,
+        test_labels, args.precision)
+    result["baselines"]["plain_bert"] = plain_bert_baseline(load_plain_bert(plain_path), plain_path, model, exits,
+                                                            test_texts)
+    passes = time_speeds(model, test_texts, exits, result["speeds"], args.repeats, precision=args.precision)
+    result["timing"] = {"repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+                        "passes": [{"speed": sp, "start_s": st, "seconds": sec} for sp, st, sec in passes]}
+    write_evaluation(result, config.output)
+    for line in format_table(result):
+        print(line)
     result.update(distill_on=args.distill_on, distill_rows=distill_rows, label_student_epochs=label_epochs)
     result["checks"] = checks(result)
     result["benchmark_seconds"] = time.perf_counter() - start

@@ -26,8 +26,8 @@ import torch
 
 from pipeline import flops as flop_account
 from pipeline.datasets import load_bundled
-from pipeline.demo import DemoConfig, train_model
-from pipeline.distributed import collate
+from benchmarks.models import DemoConfig, train_model
+from pipeline.train import collate
 from pipeline.engine import Scorer
 from pipeline.model import FastBert, uncertainty
 

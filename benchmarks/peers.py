@@ -27,7 +27,7 @@ import torch
 from benchmarks.engine import DEFAULT_CACHE, load_or_train
 from pipeline import flops as flop_account
 from pipeline.datasets import load_bundled
-from pipeline.distributed import collate
+from pipeline.train import collate
 from pipeline.engine import Scorer
 from pipeline.model import FastBert, cpu_has_native_bf16
 from pipeline.tradeoff import choose_speed

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.datasets import load_bundled
-from pipeline.demo import DemoConfig, train_model
+from benchmarks.models import DemoConfig, train_model
 from pipeline.engine import Scorer
 from pipeline.model import FastBert
 

@@ -45,7 +45,7 @@ import torch
 
 from benchmarks.engine import DEFAULT_CACHE, load_or_train
 from pipeline.datasets import load_bundled
-from pipeline.demo import DemoConfig
+from jobs.demo import DemoConfig
 from pipeline.engine import Scorer
 from pipeline.model import FastBert
 from pipeline.tradeoff import choose_speed, describe_choice, tradeoff_table

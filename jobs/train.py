@@ -9,9 +9,8 @@ nothing when the model is finished.
 Local (starts a Ray instance in this process):
     python -m jobs.train --train data/train.parquet --validation data/val.parquet --output runs/model
 
-Baselines for jobs.evaluate (the paper's ablations): --plain-bert trains a plain
-BertForSequenceClassification with the same budget; --finetuned <stage-1 checkpoint, named in
-metrics.json> --student-targets labels trains students on the labels instead of the teacher.
+--finetuned <a FastBERT model> skips stage 1 and distils its students (e.g. the best stage-1
+checkpoint of another run, named in its metrics.json).
 
 On a running cluster (RAY_ADDRESS set, or through the job API; paths must be reachable
 from every node, e.g. s3://...):

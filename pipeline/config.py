@@ -10,13 +10,15 @@ the replicas' own start.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
-from pipeline.outputs import MissingFile, UserError
+from pipeline.outputs import MissingFile, UserError, write_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -138,6 +140,65 @@ def load_config(path: str) -> FastBertConfig:
         return FastBertConfig(**raw)
     except TypeError as e:  # fields this version does not know (a later version's checkpoint)
         raise UserError(f"{path!r}/{CONFIG_FILE} does not describe a FastBert this version can build ({e})") from None
+
+
+# -- the validation trade-off a trained model carries (tradeoff.json) ----------------------------
+# computed by pipeline.tradeoff; kept here so that a model folder's files are read without torch
+
+@dataclass
+class Point:
+    speed: float
+    accuracy: float
+    flop_speedup: float  # full-depth BERT classifier FLOPs / FastBERT FLOPs, at real lengths
+    mean_exit_layer: float
+    exit_counts: list[int]  # rows leaving at layer 1..L
+    agreement: float = float("nan")  # rows whose answer is the teacher's (nan in tables written before it was kept)
+
+
+TRADEOFF_FILE = "tradeoff.json"  # in the model folder, beside config.json
+SPEED_GRID = tuple(round(float(s), 2) for s in np.linspace(0.0, 1.0, 101))  # speeds the table holds
+
+
+@dataclass
+class TradeoffTable:
+    """Accuracy and FLOP speed-up of a trained model at every speed of ``SPEED_GRID``,
+    measured on ``rows`` rows of held-out ``data`` (training writes it into the model folder)."""
+
+    data: str  # where the rows came from, e.g. the validation Parquet's URI
+    rows: int
+    points: list[Point]  # ascending speed; points[0] is speed 0, the teacher
+
+    @property
+    def teacher(self) -> Point:
+        return self.points[0]
+
+    def to_json(self) -> dict:
+        return {"data": self.data, "rows": self.rows, "points": [dataclasses.asdict(p) for p in self.points]}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> TradeoffTable:
+        return cls(data=raw["data"], rows=int(raw["rows"]), points=[Point(**p) for p in raw["points"]])
+
+
+def load_table(model: str) -> TradeoffTable | None:
+    """The table stored in a model folder (local path or fsspec URI), None if it has none."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(model)
+    path = f"{root.rstrip('/')}/{TRADEOFF_FILE}"
+    if not fs.isfile(path):
+        return None
+    with fs.open(path) as f:
+        return TradeoffTable.from_json(json.load(f))
+
+
+def save_table(table: TradeoffTable, model: str) -> None:
+    """Write ``table`` into a model folder (local path or fsspec URI)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(model)
+    path = f"{root.rstrip('/')}/{TRADEOFF_FILE}"
+    write_json(fs, path, table.to_json())  # whole or not at all: a finished job is one whose table is whole
 
 
 # -- what scoring returns -----------------------------------------------------------------------

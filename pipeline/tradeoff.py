@@ -13,15 +13,14 @@ only the pass (``all_exits``) imports it.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline import flops as flop_account
-from pipeline.outputs import UserError, write_json
+from pipeline.config import SPEED_GRID, TRADEOFF_FILE, Point, TradeoffTable
+from pipeline.outputs import UserError
 
 if TYPE_CHECKING:
     from pipeline.model import FastBert
@@ -35,16 +34,6 @@ class AllExits:
     uncertainty: np.ndarray  # (L, R) normalised entropy of each exit
     lengths: np.ndarray  # (R,) tokens per row (unpadded, after truncation)
     labels: np.ndarray  # (R,) true label index
-
-
-@dataclass
-class Point:
-    speed: float
-    accuracy: float
-    flop_speedup: float  # full-depth BERT classifier FLOPs / FastBERT FLOPs, at real lengths
-    mean_exit_layer: float
-    exit_counts: list[int]  # rows leaving at layer 1..L
-    agreement: float = float("nan")  # rows whose answer is the teacher's (nan in tables written before it was kept)
 
 
 def all_exits(model: FastBert, texts: list[str], labels: list[str], batch_size: int = 64,
@@ -106,56 +95,11 @@ def at_speed(exits: AllExits, model: FastBert, speed: float) -> Point:
 
 # -- the validation table a trained model carries, and choosing a speed from it ---------------
 
-TRADEOFF_FILE = "tradeoff.json"  # in the model folder, beside config.json
-SPEED_GRID = tuple(round(float(s), 2) for s in np.linspace(0.0, 1.0, 101))  # speeds the table holds
-
-
-@dataclass
-class TradeoffTable:
-    """Accuracy and FLOP speed-up of a trained model at every speed of ``SPEED_GRID``,
-    measured on ``rows`` rows of held-out ``data`` (training writes it into the model folder)."""
-
-    data: str  # where the rows came from, e.g. the validation Parquet's URI
-    rows: int
-    points: list[Point]  # ascending speed; points[0] is speed 0, the teacher
-
-    @property
-    def teacher(self) -> Point:
-        return self.points[0]
-
-    def to_json(self) -> dict:
-        return {"data": self.data, "rows": self.rows, "points": [dataclasses.asdict(p) for p in self.points]}
-
-    @classmethod
-    def from_json(cls, raw: dict) -> TradeoffTable:
-        return cls(data=raw["data"], rows=int(raw["rows"]), points=[Point(**p) for p in raw["points"]])
-
 
 def tradeoff_table(model: FastBert, texts: list[str], labels: list[str], data: str) -> TradeoffTable:
     """The table of ``model`` on held-out ``texts`` with their ``labels`` (one full-depth pass)."""
     exits = all_exits(model, texts, labels)
     return TradeoffTable(data=data, rows=len(texts), points=[at_speed(exits, model, s) for s in SPEED_GRID])
-
-
-def load_table(model: str) -> TradeoffTable | None:
-    """The table stored in a model folder (local path or fsspec URI), None if it has none."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(model)
-    path = f"{root.rstrip('/')}/{TRADEOFF_FILE}"
-    if not fs.isfile(path):
-        return None
-    with fs.open(path) as f:
-        return TradeoffTable.from_json(json.load(f))
-
-
-def save_table(table: TradeoffTable, model: str) -> None:
-    """Write ``table`` into a model folder (local path or fsspec URI)."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(model)
-    path = f"{root.rstrip('/')}/{TRADEOFF_FILE}"
-    write_json(fs, path, table.to_json())  # whole or not at all: a finished job is one whose table is whole
 
 
 DEFAULT_BUDGET = 0.5  # accuracy points: without a speed or a budget, scoring runs the fastest speed within this

@@ -1,37 +1,37 @@
-"""FastBERT's two training stages as plain PyTorch functions (no Ray).
+"""FastBERT's two training stages as plain PyTorch: the one training loop of both a local
+run (``fit``) and every Ray Train worker (``pipeline.distributed.train_loop``).
 
 1. ``"finetune"``: the backbone and the teacher (last branch) learn the labelled task with
    cross-entropy; the students are frozen.
 2. ``"distill"``: the backbone and the teacher are frozen (and in eval mode, so the teacher's
    distribution is deterministic); every student learns the teacher's distribution (the
-   paper's self-distillation), which needs no labels. ``student_targets="labels"`` trains the
-   students on the labels instead (the paper's ablation).
+   paper's self-distillation), which needs no labels.
 
-A training job (one Ray Train worker, or ``fit`` here) composes the pieces per stage::
+A stage, locally or on a worker::
 
-    params = set_stage(model, stage)
-    optimizer, scheduler = make_optimizer(params, lr, weight_decay, total_steps, warmup)
-    for epoch in range(epochs):
-        train_epoch(model, its_batches, optimizer, scheduler, stage, config)
-        evaluate(model, its_validation_batches)
+    params, optimizer, scheduler = stage_optimizer(model, stage, config, total_steps)
+    train_stage(model, StageProgress(stage), epochs, optimizer, scheduler, config,
+                epoch_batches=..., validate=..., after_epoch=...)
 
-``train_epoch`` takes any iterable of already tokenised batches: dicts with ``input_ids``
-(B, T) int64, ``attention_mask`` (B, T) and, when the loss needs them, ``labels`` (B,) int64.
-``encode`` and ``batches`` build such batches from lists of texts. The model is called through
+``train_stage`` runs the epochs not yet done (``train_epoch``, then ``evaluate`` on the
+validation rows), keeps track of the best epoch (``kept_score``) and of patience, and hands
+each epoch to ``after_epoch``: ``fit`` keeps the best weights in memory, a worker writes a
+checkpoint and reports it to Ray. Batches are dicts with ``input_ids`` (B, T) int64,
+``attention_mask`` (B, T) and, when the loss needs them, ``labels`` (B,) int64: ``batches``
+builds them from lists of texts, ``collate`` from token id lists. The model is called through
 its ``forward``, so a ``DistributedDataParallel`` wrapper works; wrap after ``set_stage``
 (DDP only tracks the parameters that are trainable when it is built).
-
-``fit`` is the local convenience that runs both stages on lists of texts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from pipeline.config import PRECISIONS
-from pipeline.losses import distillation_loss, student_label_loss, teacher_loss
-from pipeline.model import FastBert, FastBertOutput, autocast, resolve_precision
+from pipeline.losses import distillation_loss, teacher_loss
+from pipeline.model import FastBert, autocast, resolve_precision
 from pipeline.outputs import UserError
 
 Stage = Literal["finetune", "distill"]
@@ -69,7 +69,6 @@ class TrainConfig:
     # KL(p_t || p_s) (as the official code and Hinton's distillation), or KL(p_s || p_t) as the paper
     # writes it, which teaches the students much less in a short stage 2 (README: Training on Ray)
     kl: Literal["paper", "reverse"] = "reverse"
-    student_targets: Literal["teacher", "labels"] = "teacher"  # "labels": the ablation
     seed: int = 0  # seeds torch, numpy and the shuffling
     log_every: int = 50  # steps between progress lines
     patience: int | None = None  # stop a stage after this many epochs without a better validation score
@@ -104,8 +103,6 @@ class TrainConfig:
             )
         if self.kl not in ("paper", "reverse"):
             raise UserError(f"kl must be 'paper' (KL(p_s || p_t)) or 'reverse' (KL(p_t || p_s)), got {self.kl!r}")
-        if self.student_targets not in ("teacher", "labels"):
-            raise UserError(f"student_targets must be 'teacher' or 'labels', got {self.student_targets!r}")
 
 
 # -- batches ----------------------------------------------------------------------------------
@@ -225,6 +222,23 @@ def _label_ids(labels: Sequence[Label], names: Sequence[str] | None) -> np.ndarr
     return out
 
 
+def collate(batch: dict[str, np.ndarray], pad_id: int) -> Batch:
+    """Token id lists (``pipeline.text.training_rows``' rows) -> ``input_ids`` (B, T)
+    right-padded to the batch's longest row, ``attention_mask`` (B, T) and, when present,
+    ``labels`` (B,)."""
+    rows = batch["input_ids"]
+    longest = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)  # (B, T)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.as_tensor(np.asarray(row, dtype=np.int64))
+        attention_mask[i, : len(row)] = 1
+    out = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if "labels" in batch:
+        out["labels"] = torch.tensor(np.asarray(batch["labels"]), dtype=torch.long)  # (B,) a copy: Ray's arrays are read-only
+    return out
+
+
 # -- stages and optimiser ---------------------------------------------------------------------
 
 
@@ -235,17 +249,10 @@ def set_stage(model: FastBert | nn.Module, stage: Stage) -> list[nn.Parameter]:
     ``"finetune"``: backbone and teacher trainable, train mode; students frozen, eval mode.
     ``"distill"``: backbone and teacher frozen, eval mode (deterministic teacher); students
     trainable, train mode. Accepts the model or a wrapper with ``.module`` (DDP).
-    A plain classifier (``pipeline.plain_bert``, the baseline) has only a fine-tuning stage,
-    with everything trainable.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     fastbert = _unwrap(model)
-    if not isinstance(fastbert, FastBert):
-        if stage != "finetune":
-            raise ValueError("a plain classifier has no students: only the finetune stage applies")
-        model.train().requires_grad_(True)
-        return list(fastbert.parameters())
     teacher, students = fastbert.branches[-1], fastbert.branches[:-1]
     if stage == "distill" and len(students) == 0:
         raise ValueError("a 1-layer FastBert has no students to distil into")
@@ -294,6 +301,20 @@ def make_optimizer(
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(warmup * total_steps), int(total_steps))
     return optimizer, scheduler
+
+
+def stage_optimizer(model: FastBert, stage: Stage, config: TrainConfig, total_steps: int
+                    ) -> tuple[list[nn.Parameter], torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """``set_stage``, then ``make_optimizer`` with the stage's settings: stage 1 at ``lr``, its
+    new teacher head at ``head_lr``; stage 2 at ``distill_lr``. Returns the trainable
+    parameters too (for gradient clipping)."""
+    params = set_stage(model, stage)
+    finetune = stage == "finetune"
+    optimizer, scheduler = make_optimizer(params, config.lr if finetune else config.distill_lr, config.weight_decay,
+                                          total_steps, config.warmup,
+                                          head_params=model.new_head_parameters() if finetune else (),
+                                          head_lr=config.head_lr if finetune else None)
+    return params, optimizer, scheduler
 
 
 OPTIMIZER_TENSORS = "optimizer.safetensors"  # AdamW's moments and step counts
@@ -378,9 +399,8 @@ def train_epoch(
     The model must already be on ``device`` (batches are moved there). Calls ``set_stage``
     first, so the parts' modes are right even after an ``evaluate``. ``"finetune"``: the
     teacher's cross-entropy (needs labels). ``"distill"``: ``distillation_loss`` of the
-    students against the teacher (``config.kl``), or their cross-entropy with the labels when
-    ``config.student_targets == "labels"``; the frozen backbone and teacher build no autograd
-    graph and get no gradient. ``precision`` (a resolved one: fp32, bf16 or fp16) runs the
+    students against the teacher (``config.kl``); the frozen backbone and teacher build no
+    autograd graph and get no gradient. ``precision`` (a resolved one: fp32, bf16 or fp16) runs the
     forward in autocast, mixed precision: the weights, their updates and the losses stay fp32;
     fp16 scales the loss against underflow (``torch.amp.GradScaler``). ``log(step, loss, samples_per_s)`` is called
     every ``config.log_every`` steps.
@@ -388,7 +408,6 @@ def train_epoch(
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     set_stage(model, stage)
-    needs_labels = stage == "finetune" or config.student_targets == "labels"
     params = [p for group in optimizer.param_groups for p in group["params"]]
     device = torch.device(device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # a no-op unless fp16
@@ -399,21 +418,12 @@ def train_epoch(
         input_ids = batch["input_ids"].to(device, non_blocking=True)  # (B, T)
         attention_mask = batch["attention_mask"].to(device, non_blocking=True)  # (B, T)
         labels = batch.get("labels")
-        if needs_labels and labels is None:
-            raise ValueError(
-                "the finetune stage needs batches with 'labels'"
-                if stage == "finetune"
-                else "student_targets='labels' trains the students on labels, but a batch has no "
-                "'labels': pass labelled batches or use student_targets='teacher'"
-            )
-        if labels is not None:
-            labels = labels.to(device, non_blocking=True)  # (B,)
+        if stage == "finetune" and labels is None:
+            raise ValueError("the finetune stage needs batches with 'labels'")
         with autocast(precision, device):
-            out = model(input_ids, attention_mask)  # FastBert: logits (L, B, N); a plain classifier: (B, N)
+            out = model(input_ids, attention_mask)  # logits (L, B, N)
         if stage == "finetune":
-            loss = teacher_loss(out.teacher_logits if isinstance(out, FastBertOutput) else out.logits, labels)
-        elif config.student_targets == "labels":
-            loss = student_label_loss(out.student_logits, labels)
+            loss = teacher_loss(out.teacher_logits, labels.to(device, non_blocking=True))
         else:
             loss = distillation_loss(out.student_logits, out.teacher_logits, config.kl)
         optimizer.zero_grad(set_to_none=True)
@@ -473,8 +483,6 @@ def evaluate(model: FastBert | nn.Module, batches: Iterable[Batch], device: str 
         with torch.inference_mode():
             for batch in batches:
                 logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).logits  # (L, B, N)
-                if logits.dim() == 2:  # a plain classifier: one exit, the last layer
-                    logits = logits[None]  # (1, B, N)
                 preds = logits.argmax(-1)  # (L, B)
                 same = (preds == preds[-1:]).sum(1)  # (L,)
                 agree = same if agree is None else agree + same
@@ -486,13 +494,125 @@ def evaluate(model: FastBert | nn.Module, batches: Iterable[Batch], device: str 
     finally:
         for module, mode in modes:
             module.training = mode
-    layers = getattr(_unwrap(model).config, "num_layers", 1)
+    layers = _unwrap(model).config.num_layers
     agreement = (agree.cpu().double() / samples).tolist() if samples else [math.nan] * layers
     exit_accuracy = (correct.cpu().double() / labelled).tolist() if labelled else [math.nan] * layers
     return EvalStats(samples, exit_accuracy[-1], exit_accuracy, agreement)
 
 
-# -- the local convenience --------------------------------------------------------------------
+# -- a stage --------------------------------------------------------------------------------
+
+
+@dataclass
+class StageProgress:
+    """Where a stage stands: the epochs done, the best so far, what each epoch measured. A Ray
+    Train checkpoint holds it (``state.json``), so a restarted worker goes on from there."""
+
+    stage: Stage
+    epoch: int = 0  # epochs done
+    best_epoch: int | None = None  # the epoch kept: best ``kept_score``, the later on ties
+    best_score: float | None = None  # its kept_score (KEPT_BY[stage])
+    best_accuracy: float | None = None  # its validation teacher accuracy
+    improved_epoch: int = 0  # the last epoch that strictly improved the score (patience counts from it)
+    stopped_early: bool = False  # patience ran out
+    history: list[dict[str, Any]] = field(default_factory=list)  # a record per epoch (metrics.json)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> StageProgress:
+        names = {f.name for f in dataclasses.fields(cls)}
+        progress = cls(**{k: v for k, v in raw.items() if k in names})
+        if progress.best_score is None and progress.best_epoch is not None:  # state of an earlier version
+            progress.best_score = progress.best_accuracy
+        return progress
+
+    def add(self, record: dict[str, Any], ev: EvalStats, patience: int | None, epochs: int) -> bool:
+        """Record an epoch; returns whether it is the best so far (and so the one to keep)."""
+        self.history.append(record)
+        self.epoch = record["epoch"]
+        score = kept_score(self.stage, ev)
+        if self.best_score is None or score > self.best_score:
+            self.improved_epoch = self.epoch
+        best = self.best_score is None or score >= self.best_score  # on ties the later, more trained epoch
+        if best:
+            self.best_epoch, self.best_score, self.best_accuracy = self.epoch, score, ev.teacher_accuracy
+        if patience and self.epoch - self.improved_epoch >= patience and self.epoch < epochs:
+            self.stopped_early = True
+        return best
+
+    def kept(self) -> dict[str, Any]:
+        """What metrics.json says of the epoch this stage kept."""
+        return {"epoch": self.best_epoch, "by": KEPT_BY[self.stage], "value": self.best_score,
+                "epochs_run": len(self.history), "stopped_early": self.stopped_early}
+
+
+def train_stage(
+    model: FastBert | nn.Module,
+    progress: StageProgress,
+    epochs: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    config: TrainConfig,
+    epoch_batches: Callable[[int], Iterable[Batch]],
+    validate: Callable[[], EvalStats],
+    after_epoch: Callable[[StageProgress, bool], None],
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    steps_per_epoch: int | None = None,
+    workers: int = 1,
+    combine: Callable[[EpochStats], dict[str, Any]] | None = None,
+    say: Callable[[str], Any] | None = print,
+) -> StageProgress:
+    """The epochs of ``progress.stage`` from ``progress.epoch + 1`` to ``epochs``: each trains
+    on ``epoch_batches(epoch)``, is evaluated by ``validate()``, recorded in ``progress`` and
+    handed to ``after_epoch(progress, is_best)``; ``config.patience`` ends the stage early.
+
+    On several workers, ``combine(stats)`` returns the epoch's record fields summed over the
+    workers (loss, samples, ...) and ``validate`` evaluates every worker's share; ``say``
+    (rank 0's, or None) gets the progress lines. ``workers`` and ``steps_per_epoch`` only
+    shape those lines (throughput of all workers, the stage's ETA)."""
+    stage = progress.stage
+    log = say or (lambda line: None)
+    for epoch in range(progress.epoch + 1, 1 if progress.stopped_early else epochs + 1):
+        def step_line(step: int, loss: float, sps: float, epoch: int = epoch) -> None:
+            line = f"{stage} epoch {epoch}/{epochs} step {step}"
+            if steps_per_epoch:  # the ETA of the stage's training steps at this pace (evaluations not included)
+                left = (steps_per_epoch - min(step, steps_per_epoch)) + (epochs - epoch) * steps_per_epoch
+                line += f"/{steps_per_epoch}: loss {loss:.4f}, {sps * workers:.1f} samples/s, stage ETA " \
+                        f"{_duration(left * config.batch_size / workers / sps)}"
+            else:
+                line += f": loss {loss:.4f}, {sps * workers:.1f} samples/s"
+            log(line)
+
+        stats = train_epoch(model, epoch_batches(epoch), optimizer, scheduler, stage, config, device,
+                            precision=precision, log=step_line if say else None)
+        ev = validate()
+        record = {"epoch": epoch, "loss": stats.loss, "teacher_accuracy": ev.teacher_accuracy,
+                  "exit_accuracy": ev.exit_accuracy, "agreement": ev.agreement, "seconds": stats.seconds,
+                  "samples_per_s": stats.samples_per_s, "samples": stats.samples, "validation_samples": ev.samples,
+                  "workers": workers, "precision": precision, "steps": stats.steps,
+                  "lr": scheduler.get_last_lr()[0], "finished_at": time.time()}
+        if combine is not None:
+            record.update(combine(stats))
+        best = progress.add(record, ev, config.patience, epochs)
+        log(f"{stage} epoch {epoch}/{epochs}: loss {record['loss']:.4f}, teacher acc {ev.teacher_accuracy:.4f}, "
+            f"exit acc {format_values(ev.exit_accuracy)}, agreement {format_values(ev.agreement)}, "
+            f"{record['samples_per_s']:.0f} samples/s in {precision}, {stats.seconds:.1f} s")
+        after_epoch(progress, best)
+        if progress.stopped_early:
+            log(f"{stage}: no better {KEPT_BY[stage]} in {config.patience} epochs: stopped after epoch {epoch}")
+            break
+    return progress
+
+
+def _duration(seconds: float) -> str:
+    """1h02m, 3m05s, 42s."""
+    seconds = max(0, round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+# -- a local run ------------------------------------------------------------------------------
 
 
 def fit(
@@ -506,22 +626,21 @@ def fit(
     device: str | torch.device = "cpu",
     log: Callable[[str], Any] | None = print,
 ) -> dict[str, Any]:
-    """Both stages on lists of texts, evaluating on the validation set after every epoch.
+    """Both stages on lists of texts in this process, evaluating on the validation texts after
+    every epoch: what a training job does on each of its workers.
 
-    Stage 1 (``config.epochs``) fine-tunes backbone + teacher on the labelled training set and
-    ends with the weights of its best epoch by validation teacher accuracy (on ties the later,
-    more trained epoch). Stage 2 (``config.distill_epochs``) distils the teacher into the students on
-    ``distill_texts`` (unlabelled; default: the training texts), or, with
-    ``config.student_targets == "labels"``, trains the students on the training labels.
-    Labels may be names (``model.config.labels``) or indices. ``log`` gets progress lines
-    (None: silent). The model is left on ``device``, in eval mode, every parameter trainable.
+    Stage 1 (``config.epochs``) fine-tunes backbone + teacher on the labelled training texts;
+    stage 2 (``config.distill_epochs``) distils the teacher into the students on
+    ``distill_texts`` (unlabelled; default: the training texts). Each stage ends with the
+    weights of its best epoch (``kept_score``; on ties the later); ``config.patience`` stops a
+    stage after that many epochs without a better one. Labels may be names
+    (``model.config.labels``) or indices. ``log`` gets progress lines (None: silent). The model
+    is left on ``device``, in eval mode, every parameter trainable.
 
-    Each stage ends with the weights of its best epoch (``kept_score``; on ties the later);
-    ``config.patience`` stops a stage after that many epochs without a better one.
-    Returns ``{"finetune": [...], "distill": [...], "best_epoch": int | None, "kept": {...}}``:
-    one dict per epoch with epoch, loss, teacher_accuracy, exit_accuracy, agreement, seconds,
-    samples_per_s, steps and lr (the learning rate after the epoch's last step); ``kept`` says
-    per stage which epoch was kept, by what, its value and how many epochs ran.
+    Returns ``{"finetune": [...], "distill": [...], "best_epoch": int | None, "kept": {...},
+    "precision": str}``: a record per epoch (epoch, loss, teacher_accuracy, exit_accuracy,
+    agreement, seconds, samples_per_s, steps, lr, ...); ``kept`` says per stage which epoch
+    was kept, by what, its value and how many epochs ran.
     """
     say = log if log is not None else (lambda line: None)
     torch.manual_seed(config.seed)
@@ -534,82 +653,43 @@ def fit(
             raise ValueError(f"got {len(texts)} {what} texts but {len(ids)} {what} labels")
     if not val_texts:
         raise ValueError("fit needs validation texts: it evaluates (and keeps the best epoch) on them")
-    if config.student_targets == "labels":
-        if distill_texts is not None:
-            raise ValueError(
-                "student_targets='labels' trains the students on the training labels; "
-                "distill_texts (unlabelled) cannot be used with it"
-            )
-        distill_texts, distill_ids = train_texts, train_ids
-    else:
-        distill_texts, distill_ids = (train_texts if distill_texts is None else list(distill_texts)), None
+    distill_texts = train_texts if distill_texts is None else list(distill_texts)
     model.to(device)
     precision = resolve_precision(config.precision, device)  # auto: bf16 where the chip has it natively
     say(f"precision: {precision}")
     history: dict[str, Any] = {"finetune": [], "distill": [], "best_epoch": None, "kept": {}, "precision": precision}
-
-    def stage_run(stage: Stage, epochs: int, lr: float, texts: list[str], ids: np.ndarray | None) -> None:
+    stages = (("finetune", config.epochs, train_texts, train_ids), ("distill", config.distill_epochs, distill_texts, None))
+    for stage, epochs, texts, ids in stages:
         if epochs == 0:
-            return
+            continue
         if not texts:
             raise ValueError(f"the {stage} stage got no texts")
-        params = set_stage(model, stage)
-        steps = epochs * math.ceil(len(texts) / config.batch_size)  # this stage's steps alone
-        head = _unwrap(model).new_head_parameters() if stage == "finetune" else ()
-        optimizer, scheduler = make_optimizer(params, lr, config.weight_decay, steps, config.warmup,
-                                              head_params=head, head_lr=config.head_lr if stage == "finetune" else None)
-        best_score, best_state, best_epoch, improved = -1.0, None, None, 0
-        for epoch in range(1, epochs + 1):
-            progress = lambda step, loss, sps: say(  # noqa: E731
-                f"{stage} epoch {epoch} step {step}: loss {loss:.4f}, {sps:.0f} samples/s"
-            )
-            train = batches(model, texts, ids, config.batch_size, shuffle=True, seed=config.seed + epoch)
-            stats = train_epoch(model, train, optimizer, scheduler, stage, config, device, precision=precision,
-                                log=progress)
-            ev = evaluate(model, batches(model, val_texts, val_ids, config.batch_size), device)
-            history[stage].append(
-                {
-                    "epoch": epoch,
-                    "loss": stats.loss,
-                    "teacher_accuracy": ev.teacher_accuracy,
-                    "exit_accuracy": ev.exit_accuracy,
-                    "agreement": ev.agreement,
-                    "seconds": stats.seconds,
-                    "samples_per_s": stats.samples_per_s,
-                    "steps": stats.steps,
-                    "lr": scheduler.get_last_lr()[0],
-                }
-            )
-            say(
-                f"{stage} epoch {epoch}/{epochs}: loss {stats.loss:.4f}, teacher acc "
-                f"{ev.teacher_accuracy:.4f}, exit acc {format_values(ev.exit_accuracy)}, agreement "
-                f"{format_values(ev.agreement)}, {stats.samples_per_s:.0f} samples/s, {stats.seconds:.1f} s"
-            )
-            score = kept_score(stage, ev)
-            if score > best_score:
-                improved = epoch  # patience counts from the last strict improvement
-            if score >= best_score:  # on ties the later, more trained epoch
-                best_score, best_epoch = score, epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if config.patience and epoch - improved >= config.patience and epoch < epochs:
-                say(f"{stage}: no better {KEPT_BY[stage]} in {config.patience} epochs: stopped after epoch {epoch}")
-                break
-        history["kept"][stage] = {"epoch": best_epoch, "by": KEPT_BY[stage], "value": best_score,
-                                  "epochs_run": len(history[stage]), "stopped_early": len(history[stage]) < epochs}
-        if stage == "finetune":
-            history["best_epoch"] = best_epoch
-        if best_epoch != len(history[stage]):
-            model.load_state_dict(best_state)
-            say(f"{stage}: kept epoch {best_epoch} ({KEPT_BY[stage]} {best_score:.4f})")
+        steps = math.ceil(len(texts) / config.batch_size)
+        _, optimizer, scheduler = stage_optimizer(model, stage, config, epochs * steps)
+        kept: dict[str, Any] = {}
 
-    stage_run("finetune", config.epochs, config.lr, train_texts, train_ids)
-    stage_run("distill", config.distill_epochs, config.distill_lr, distill_texts, distill_ids)
+        def keep(progress: StageProgress, best: bool) -> None:
+            if best:
+                kept["weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+        progress = train_stage(
+            model, StageProgress(stage), epochs, optimizer, scheduler, config,
+            epoch_batches=lambda epoch, texts=texts, ids=ids: batches(model, texts, ids, config.batch_size,
+                                                                      shuffle=True, seed=config.seed + epoch),
+            validate=lambda: evaluate(model, batches(model, val_texts, val_ids, config.batch_size), device),
+            after_epoch=keep, device=device, precision=precision, say=say if log is not None else None)
+        history[stage], history["kept"][stage] = progress.history, progress.kept()
+        if stage == "finetune":
+            history["best_epoch"] = progress.best_epoch
+        if progress.best_epoch != progress.epoch:
+            model.load_state_dict(kept["weights"])
+            say(f"{stage}: kept epoch {progress.best_epoch} ({KEPT_BY[stage]} {progress.best_score:.4f})")
     model.requires_grad_(True).eval()
     return history
 
 
 def _unwrap(model: nn.Module) -> FastBert | nn.Module:
-    """The FastBert (or plain classifier) inside a wrapper such as DistributedDataParallel (``.module``)."""
+    """The FastBert inside a wrapper such as DistributedDataParallel (``.module``)."""
     return getattr(model, "module", model)
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from jobs.demo import parse_args
 from pipeline import FastBert
-from pipeline.demo import run_demo
+from jobs.demo import run_demo
 from tiny import tiny_model
 
 ray = pytest.importorskip("ray")

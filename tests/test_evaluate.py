@@ -1,6 +1,7 @@
 """pipeline.evaluate and jobs.evaluate on tiny trained models: the numbers per speed equal the
-engine's, the baselines are computed on the same rows, the files are complete, bad input is a
-clear error."""
+engine's, truncation is compared on the same rows, the files are complete, bad input is a
+clear error; and the lab's half (benchmarks.baselines): the plain classifier and the
+label-trained students on the same rows, the engine's wall time."""
 
 from __future__ import annotations
 
@@ -16,8 +17,13 @@ import pytest
 from jobs.evaluate import main, parse_args
 from pipeline.outputs import UserError
 from pipeline import Scorer
-from pipeline.evaluate import EvaluateConfig, _verdict, at_equal_flops, macro_f1, run_evaluation, wall_speedups
-from pipeline.plain_bert import load_plain_bert, new_plain_bert, plain_bert_predict, save_plain_bert
+from benchmarks.baselines import (label_students_baseline, load_plain_bert, new_plain_bert, plain_bert_baseline,
+                                  plain_bert_labels, plain_bert_predict, save_plain_bert, time_speeds,
+                                  train_label_students, train_plain_bert, wall_speedups)
+from pipeline.evaluate import (EvaluateConfig, _verdict, at_equal_flops, format_table, macro_f1, run_evaluation,
+                               tabulate)
+from pipeline.model import FastBert
+from pipeline.tradeoff import all_exits
 from pipeline.train import TrainConfig, fit
 from test_train import FAST, LABELS, accuracy, toy_task
 from tiny import tiny_model
@@ -32,10 +38,12 @@ def models(tmp_path_factory):
     train_texts, train_labels = toy_task(rng, 192)
     val_texts, val_labels = toy_task(rng, 64)
     paths = {}
-    for name, targets in (("distilled", "teacher"), ("labels", "labels")):
+    for name in ("distilled", "labels"):
         model = tiny_model(labels=LABELS, seed=0)
         fit(model, train_texts, train_labels, val_texts, val_labels,
-            TrainConfig(epochs=3, distill_epochs=2, seed=0, student_targets=targets, **FAST), log=lambda *_: None)
+            TrainConfig(epochs=3, distill_epochs=2 if name == "distilled" else 0, seed=0, **FAST), log=lambda *_: None)
+        if name == "labels":  # baseline (c): the same stage 1, the students trained on the labels
+            train_label_students(model, train_texts, train_labels, epochs=2, lr=FAST["distill_lr"], batch_size=16)
         paths[name] = str(root / name)
         model.save_pretrained(paths[name])
     backbone = root / "backbone"
@@ -152,15 +160,11 @@ def test_evaluation_matches_the_engine_and_writes_every_file(models, tmp_path):
     speeds = [0.0, 0.05, 0.3, 1.0]
     result = run_evaluation(EvaluateConfig(model=models["distilled"], input=models["data"], output=str(output),
                                            speeds=speeds, text_column="review", label_column="sentiment",
-                                           max_rows=100, plain_bert=models["plain"],
-                                           label_students=models["labels"], micro_batch=8, repeats=2,
-                                           precision="fp32"),
+                                           max_rows=100, precision="fp32"),
                             log=lines.append)
     assert result["rows"] == 100 and [r["speed"] for r in result["speeds"]] == speeds and result["precision"] == "fp32"
     table = pq.read_table(models["data"]).slice(0, 100)
     texts, labels = table.column("review").to_pylist(), table.column("sentiment").to_pylist()
-
-    from pipeline.model import FastBert
 
     model = FastBert.from_pretrained(models["distilled"])
     for row in result["speeds"]:  # the full pass says what the engine does at each speed
@@ -169,13 +173,9 @@ def test_evaluation_matches_the_engine_and_writes_every_file(models, tmp_path):
         assert row["accuracy"] == pytest.approx(accuracy(predicted, labels))
         assert row["exit_counts"] == scorer.stats.exit_counts
         assert row["flop_speedup"] == pytest.approx(scorer.stats.flop_speedup)
-        assert row["engine_agreement"] == 1.0 and row["rows_per_s"] > 0 and row["wall_speedup"] > 0
         assert row["flops_per_row"] == pytest.approx(scorer.stats.flops / 100)
         assert 0.0 <= row["macro_f1"] <= 1.0
-    assert result["speeds"][0]["wall_speedup"] == 1.0 and result["speeds"][0]["flop_speedup"] == pytest.approx(1.0)
-    passes = [(p["speed"], p["start_s"], p["seconds"]) for p in result["timing"]["passes"]]  # every pass, in order
-    assert [p[0] for p in passes] == [*speeds * 2, 0.0]
-    assert wall_speedups(passes) == {r["speed"]: r["wall_speedup"] for r in result["speeds"]}
+    assert result["speeds"][0]["flop_speedup"] == pytest.approx(1.0)
     assert result["teacher_accuracy"] == result["speeds"][0]["accuracy"] > 0.8
     assert result["speeds"][-1]["exit_counts"] == [100, 0, 0]  # speed 1: every row leaves at layer 1
 
@@ -188,22 +188,7 @@ def test_evaluation_matches_the_engine_and_writes_every_file(models, tmp_path):
     assert at_one["gain_points"] == pytest.approx(0.0) and at_one["one_exit_layer"]
     assert truncation["speeds_compared"] == sum(not c["one_exit_layer"] and c["baseline_accuracy"] is not None
                                                 for c in truncation["at_speeds"]) <= 2  # ties left out
-
-    students = result["baselines"]["label_students"]
-    assert students["model"] == models["labels"] and len(students["at_speeds"]) == 4
-    curve = sorted(students["curve"], key=lambda p: p["flop_speedup"])
-    for c in students["at_speeds"]:  # the label-trained model's accuracy at the same FLOP speed-up
-        if c["baseline_accuracy"] is not None:
-            assert c["baseline_accuracy"] == pytest.approx(np.interp(
-                c["flop_speedup"], [p["flop_speedup"] for p in curve], [p["accuracy"] for p in curve]))
-    plain = result["baselines"]["plain_bert"]
-    classifier = load_plain_bert(models["plain"])
-    expected = accuracy([LABELS[i] for i in plain_bert_predict(classifier, texts)], labels)
-    assert plain["accuracy"] == pytest.approx(expected)
-    assert plain["teacher_minus_plain_points"] == pytest.approx(100 * (result["teacher_accuracy"] - expected))
-    low, high = plain["teacher_minus_plain_ci95_points"]
-    assert (low + high) / 2 == pytest.approx(plain["teacher_minus_plain_points"]) and low <= high
-    for c in truncation["at_speeds"] + students["at_speeds"]:  # every compared speed has its interval
+    for c in truncation["at_speeds"]:  # every compared speed has its interval
         if c["baseline_accuracy"] is not None:
             low, high = c["gain_ci95_points"]
             assert (low + high) / 2 == pytest.approx(c["gain_points"]) and low <= high
@@ -213,23 +198,92 @@ def test_evaluation_matches_the_engine_and_writes_every_file(models, tmp_path):
     with open(output / "evaluation.csv") as f:
         rows = list(csv.DictReader(f))
     assert [float(r["speed"]) for r in rows] == speeds
-    assert {"accuracy", "macro_f1", "flop_speedup", "wall_speedup", "exits_layer_3",
-            "truncation_accuracy_equal_flops", "label_students_accuracy_equal_flops"} <= set(rows[0])
+    assert {"accuracy", "macro_f1", "flop_speedup", "exits_layer_3", "truncation_accuracy_equal_flops"} <= set(rows[0])
     for name in ("tradeoff.png", "exits.png"):
         assert (output / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sum("(round 2/2)" in line for line in lines) == len(speeds)  # every speed timed once per round
-    assert any("speed  accuracy" in line for line in lines) and any("(a) plain BERT" in line for line in lines)
+    assert any("speed  accuracy" in line for line in lines) and any("(b) fixed-depth truncation" in line for line in lines)
 
     with pytest.raises(UserError, match="holds an earlier evaluation with other arguments"):  # never overwritten silently
         run_evaluation(EvaluateConfig(model=models["distilled"], input=models["data"], output=str(output),
                                       text_column="review", label_column="sentiment"))
 
 
+def test_the_labs_baselines_and_wall_time_on_the_same_rows(models):
+    """benchmarks.ablation's additions to the evaluation: (c) the label-trained students at equal
+    FLOPs, (a) the plain classifier against the teacher, and the engine timed at every speed."""
+    table = pq.read_table(models["data"]).slice(0, 100)
+    texts, labels = table.column("review").to_pylist(), table.column("sentiment").to_pylist()
+    model = FastBert.from_pretrained(models["distilled"])
+    exits = all_exits(model, texts, labels, precision="fp32")
+    speeds = [0.0, 0.05, 0.3, 1.0]
+    result = tabulate(model, exits, speeds)
+
+    students = label_students_baseline(FastBert.from_pretrained(models["labels"]), models["labels"], model,
+                                       result["speeds"], exits, texts, labels, "fp32")
+    assert students["model"] == models["labels"] and len(students["at_speeds"]) == 4
+    curve = sorted(students["curve"], key=lambda p: p["flop_speedup"])
+    for c in students["at_speeds"]:  # the label-trained model's accuracy at the same FLOP speed-up
+        if c["baseline_accuracy"] is not None:
+            assert c["baseline_accuracy"] == pytest.approx(np.interp(
+                c["flop_speedup"], [p["flop_speedup"] for p in curve], [p["accuracy"] for p in curve]))
+            low, high = c["gain_ci95_points"]
+            assert (low + high) / 2 == pytest.approx(c["gain_points"]) and low <= high
+    plain = plain_bert_baseline(load_plain_bert(models["plain"]), models["plain"], model, exits, texts)
+    classifier = load_plain_bert(models["plain"])
+    expected = accuracy([LABELS[i] for i in plain_bert_predict(classifier, texts)], labels)
+    assert plain["accuracy"] == pytest.approx(expected)
+    assert plain["teacher_minus_plain_points"] == pytest.approx(100 * (result["teacher_accuracy"] - expected))
+    low, high = plain["teacher_minus_plain_ci95_points"]
+    assert (low + high) / 2 == pytest.approx(plain["teacher_minus_plain_points"]) and low <= high
+    with pytest.raises(ValueError, match="a FastBERT model, not a plain classifier"):
+        load_plain_bert(models["distilled"])
+
+    lines: list[str] = []
+    passes = time_speeds(model, texts, exits, result["speeds"], repeats=2, micro_batch=8, precision="fp32",
+                         log=lines.append)
+    assert [p[0] for p in passes] == [*speeds * 2, 0.0]  # every speed once per round, speed 0 first and last
+    assert wall_speedups(passes) == {r["speed"]: r["wall_speedup"] for r in result["speeds"]}
+    for row in result["speeds"]:
+        assert row["engine_agreement"] == 1.0 and row["rows_per_s"] > 0 and row["wall_speedup"] > 0
+    assert result["speeds"][0]["wall_speedup"] == 1.0
+    result["baselines"].update(label_students=students, plain_bert=plain)
+    shown = format_table(result)
+    assert any("(a) plain BERT" in line for line in shown) and any("(c) label-trained" in line for line in shown)
+
+
+def test_the_plain_classifier_learns_the_task_and_is_a_standard_folder(models, tmp_path):
+    """Baseline (a): a Hugging Face classifier on the same backbone, fine-tuned like stage 1
+    (benchmarks.baselines.train_plain_bert), saved as a folder transformers opens."""
+    from transformers import AutoModelForSequenceClassification
+
+    rng = np.random.default_rng(3)
+    texts, labels = toy_task(rng, 256)
+    val_texts, val_labels = toy_task(rng, 64)
+    backbone = str(tmp_path / "backbone")
+    tiny = tiny_model(labels=LABELS, seed=0)
+    tiny.backbone.save_pretrained(backbone)
+    tiny.tokenizer.save_pretrained(backbone)
+    plain = new_plain_bert(backbone, list(LABELS), max_length=32)
+    # batch 8: [CLS] pooling from a random tiny backbone needs more steps than FastBERT's teacher
+    accuracies = train_plain_bert(plain, texts, labels, val_texts, val_labels, epochs=2, lr=3e-3, head_lr=1e-2,
+                                  batch_size=8, log=lambda line: None)
+    assert len(accuracies) == 2 and max(accuracies) > 0.9
+    save_plain_bert(plain, str(tmp_path / "plain"))
+    assert type(AutoModelForSequenceClassification.from_pretrained(tmp_path / "plain")).__name__ == \
+        "BertForSequenceClassification"
+    loaded = load_plain_bert(str(tmp_path / "plain"))
+    assert plain_bert_labels(loaded) == list(LABELS)
+    test_texts, test_labels = toy_task(np.random.default_rng(1), 64)
+    assert accuracy([LABELS[i] for i in plain_bert_predict(loaded, test_texts)], test_labels) > 0.9
+    with pytest.raises(ValueError, match="no config.json"):
+        load_plain_bert(str(tmp_path))
+
+
 def test_the_command_line_runs_and_refuses_bad_input_in_one_line(models, tmp_path, capsys):
     data = ["--model", models["distilled"], "--input", models["data"], "--text-column", "review"]
     result = main(data + ["--label-column", "sentiment", "--output", str(tmp_path / "ok"), "--speeds", "0,0.5",
-                          "--max-rows", "20", "--no-timing"])
-    assert [r["speed"] for r in result["speeds"]] == [0.0, 0.5] and result["speeds"][1]["wall_speedup"] is None
+                          "--max-rows", "20"])
+    assert [r["speed"] for r in result["speeds"]] == [0.0, 0.5] and "wall_speedup" not in result["speeds"][1]
     assert parse_args(["--model", "m", "--input", "d", "--output", "o"]).speeds == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6,
                                                                                   0.7, 0.8, 0.9, 1.0]
     unknown = tmp_path / "unknown.parquet"
@@ -242,8 +296,8 @@ def test_the_command_line_runs_and_refuses_bad_input_in_one_line(models, tmp_pat
          r"labels the model does not know: \['meh', 'neutral'\] \(2 rows, first: row 1\); the model's labels"),
         (data + ["--label-column", "sentiment", "--output", str(tmp_path / "c"), "--speeds", "0,1.5"],
          r"speeds must be numbers in \[0, 1\].*\[1.5\]"),
-        (data + ["--label-column", "sentiment", "--output", str(tmp_path / "d"), "--plain-bert",
-                 models["distilled"]], "a FastBERT model, not a plain classifier"),
+        (data + ["--label-column", "sentiment", "--output", str(tmp_path / "d"), "--max-rows", "0"],
+         "max_rows must be a positive integer"),
         (["--model", models["data"], "--input", models["data"], "--output", str(tmp_path / "e")],
          "no such folder"),
     ]

@@ -26,6 +26,7 @@ from pipeline.text import tokenize
 from pipeline.tradeoff import choose_speed, tradeoff_table
 from test_train import LABELS, toy_task
 from driver import start_driver
+from faults import KillWhen, process_gone
 from tiny import tiny_model
 
 ray = pytest.importorskip("ray")
@@ -163,13 +164,26 @@ def test_resume_after_a_crash_finishes_without_duplicates(scored, inputs, tmp_pa
 
 
 def test_a_replica_killed_mid_job_is_replaced_and_every_row_comes_out_once(ray_session, inputs, tmp_path):
-    faults = tmp_path / "faults"
-    faults.mkdir()
-    summary = run(job(inputs, tmp_path / "out", rows_per_call=8), kill_once=str(faults))
-    assert (faults / "killed").exists(), "no replica was killed"
-    out = read_output(tmp_path / "out")
-    assert out.column("id").to_pylist() == all_inputs(inputs).column("id").to_pylist()
-    assert summary["rows_out"] == 97
+    """A replica's process is killed (SIGKILL, from outside) once the job has written its first
+    pieces: Ray Data replaces the replica and retries its calls; every row comes out once."""
+    data = tmp_path / "many"
+    data.mkdir()
+    texts, _ = toy_task(np.random.default_rng(6), 400)
+    for i in range(4):
+        pq.write_table(pa.table({"id": list(range(100 * i, 100 * i + 100)), "text": texts[100 * i: 100 * i + 100]}),
+                       data / f"{i}.parquet", row_group_size=25)
+    output = tmp_path / "out"
+    killer = KillWhen(lambda: any((output / "_pieces").glob("part-*.json")), actor="Replica")
+    killer.start()
+    try:
+        summary = run(job(inputs, output, input=[str(data)], rows_per_call=4, micro_batch=4))
+    finally:
+        killer.finish()
+    assert killer.killed is not None, "the job finished before a replica could be killed"
+    assert process_gone(killer.killed)
+    out = read_output(output)
+    assert out.column("id").to_pylist() == list(range(400))  # every row once, in order
+    assert summary["rows_out"] == 400 and summary["error_rows"] == 0
 
 
 def _a_row_group_done(output) -> bool:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from pipeline import Scorer
-from pipeline.tradeoff import Point, TradeoffTable, all_exits, at_speed, choose_speed
+from pipeline.config import Point, TradeoffTable
+from pipeline.tradeoff import all_exits, at_speed, choose_speed
 from test_train import LABELS, toy_task
 from tiny import tiny_model
 

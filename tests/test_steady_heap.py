@@ -1,17 +1,18 @@
+"""benchmarks.baselines.steady_heap: the heap kept between the ablation's timed passes."""
+
+import ctypes.util
 import json
 import subprocess
 import sys
 
 import pytest
 
-from pipeline.heap import _LIBC
-
 # Two "passes" of differently shaped blocks (as two speeds give), in a fresh process: the
 # page faults of the second pass, and the resident memory before and after the stretch.
 _PASSES = """
 import json, resource, sys
 import numpy as np
-from pipeline.heap import steady_heap
+from benchmarks.baselines import steady_heap
 
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -41,7 +42,7 @@ def passes(mode: str) -> dict:
     return json.loads(out.stdout)
 
 
-@pytest.mark.skipif(_LIBC is None, reason="glibc only")
+@pytest.mark.skipif(ctypes.util.find_library("c") is None or sys.platform != "linux", reason="glibc only")
 def test_steady_heap_reuses_pages_across_shapes_and_gives_them_back_after():
     default, steady = passes("default"), passes("steady")
     # glibc's defaults: the first pass's big blocks were mapped and unmapped, so the second
