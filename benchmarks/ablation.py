@@ -40,14 +40,14 @@ from pipeline.config import TEACHER_HEADS
 from pipeline.datasets import write_bundled
 from pipeline.distributed import TrainJobConfig
 from pipeline.distributed import run as train
-from pipeline.evaluate import DEFAULT_SPEEDS, EvaluateConfig, format_table, read_labelled, tabulate, write_evaluation
+from pipeline.evaluate import DEFAULT_SPEEDS, EvaluateConfig, Evaluation, format_table, read_labelled, tabulate, write_evaluation
 from pipeline.model import FastBert
 from pipeline.tradeoff import all_exits
 
 
-def checks(result: dict) -> dict:
+def checks(result: Evaluation) -> dict:
     """The issue's acceptance criteria, each with the numbers behind it."""
-    rows, b = result["speeds"], result["baselines"]
+    rows, b = result.speeds, result.baselines
     at_2x = [r for r in rows if r["flop_speedup"] >= 2.0]
     fastest_2x = min(at_2x, key=lambda r: r["flop_speedup"]) if at_2x else None
     by_speedup = sorted(rows, key=lambda r: r["flop_speedup"])
@@ -64,9 +64,9 @@ def checks(result: dict) -> dict:
         "label_students_worse_beyond_chance_at": (b["label_students"]["worse_beyond_chance_at"]
                                                   if b["label_students"] else None),
         "speed_at_2x": fastest_2x and fastest_2x["speed"],
-        "drop_at_2x_points": fastest_2x and 100 * (result["teacher_accuracy"] - fastest_2x["accuracy"]),
-        "within_1_point_at_2x": bool(fastest_2x) and result["teacher_accuracy"] - fastest_2x["accuracy"] <= 0.01,
-        "drop_at_exactly_2x_points": None if at_exactly_2x is None else 100 * (result["teacher_accuracy"]
+        "drop_at_2x_points": fastest_2x and 100 * (result.teacher_accuracy - fastest_2x["accuracy"]),
+        "within_1_point_at_2x": bool(fastest_2x) and result.teacher_accuracy - fastest_2x["accuracy"] <= 0.01,
+        "drop_at_exactly_2x_points": None if at_exactly_2x is None else 100 * (result.teacher_accuracy
                                                                                 - at_exactly_2x),
         "wall_over_flop_speedup": ratios,
         "wall_at_least_0_9_of_flops": bool(ratios) and min(ratios.values()) >= 0.9,
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not os.path.isfile(f"{label_students}/config.json"):
         print(f"== (c) students trained on the labels, from the same stage 1, {label_epochs} epochs of "
               f"{train_rows} rows ({time.perf_counter() - start:.0f} s)", flush=True)
-        students = FastBert.from_pretrained(metrics["finetuned"])
+        students = FastBert.from_pretrained(metrics.finetuned)
         train_label_students(students, texts, labels, label_epochs, args.distill_lr)
         students.save_pretrained(label_students)
     plain_path = f"{work}/plain-bert"
@@ -157,27 +157,26 @@ def main(argv: list[str] | None = None) -> dict:
     model = FastBert.from_pretrained(fastbert)
     test_texts, test_labels = read_labelled(config, model.config.labels)
     exits = all_exits(model, test_texts, test_labels, precision=args.precision)
-    result = tabulate(model, exits, config.speeds)
-    result.update(model=fastbert, data=data["test"], precision=args.precision)
-    result["baselines"]["label_students"] = label_students_baseline(
-        FastBert.from_pretrained(label_students), label_students, model, result["speeds"], exits, test_texts,
+    result = tabulate(model, exits, config.speeds, data=data["test"], model_uri=fastbert, precision=args.precision)
+    result.baselines["label_students"] = label_students_baseline(
+        FastBert.from_pretrained(label_students), label_students, model, result.speeds, exits, test_texts,
         test_labels, args.precision)
-    result["baselines"]["plain_bert"] = plain_bert_baseline(load_plain_bert(plain_path), plain_path, model, exits,
-                                                            test_texts)
-    passes = time_speeds(model, test_texts, exits, result["speeds"], args.repeats, precision=args.precision)
-    result["timing"] = {"repeats": args.repeats, "torch_threads": torch.get_num_threads(),
-                        "passes": [{"speed": sp, "start_s": st, "seconds": sec} for sp, st, sec in passes]}
+    result.baselines["plain_bert"] = plain_bert_baseline(load_plain_bert(plain_path), plain_path, model, exits,
+                                                         test_texts)
+    passes = time_speeds(model, test_texts, exits, result.speeds, args.repeats, precision=args.precision)
+    result.timing = {"repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+                     "passes": [{"speed": sp, "start_s": st, "seconds": sec} for sp, st, sec in passes]}
     write_evaluation(result, config.output)
     for line in format_table(result):
         print(line)
-    result.update(distill_on=args.distill_on, distill_rows=distill_rows, label_student_epochs=label_epochs)
-    result["checks"] = checks(result)
-    result["benchmark_seconds"] = time.perf_counter() - start
-    print(json.dumps(result["checks"], indent=2))
+    out = {**result.to_json(), "distill_on": args.distill_on, "distill_rows": distill_rows,
+           "label_student_epochs": label_epochs, "checks": checks(result),
+           "benchmark_seconds": time.perf_counter() - start}
+    print(json.dumps(out["checks"], indent=2))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+            json.dump(out, f, indent=2)
+    return out
 
 
 if __name__ == "__main__":

@@ -114,12 +114,12 @@ def main(argv: list[str] | None = None) -> dict:
                                     epochs=epochs, lr=lr, head_lr=head_lr, warmup=warmup, distill_epochs=0,
                                     batch_size=args.batch_size), log=None)
                                 model.save_pretrained(os.path.join(args.work, key, "model"))
-                                kept = history["kept"]["finetune"]
+                                kept = history.kept["finetune"]
                                 return {"set": dataset, "size": size, "lr": lr, "head_lr": head_lr, "epochs": epochs,
                                         "warmup": warmup, "kept_epoch": kept["epoch"],
                                         "validation_accuracy": kept["value"],
                                         "test_accuracy": accuracy(model, te_t, te_l),
-                                        "validation_by_epoch": [e["teacher_accuracy"] for e in history["finetune"]],
+                                        "validation_by_epoch": [e["teacher_accuracy"] for e in history.finetune],
                                         "seconds": time.perf_counter() - start}
 
                             r = run_cached(os.path.join(args.work, key, "result.json"), make)

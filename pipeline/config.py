@@ -142,6 +142,14 @@ def load_config(path: str) -> FastBertConfig:
         raise UserError(f"{path!r}/{CONFIG_FILE} does not describe a FastBert this version can build ({e})") from None
 
 
+def check_speed(speed: Any, what: str = "speed") -> float:
+    """A speed as a float in [0, 1] (0 = full depth, 1 = every row leaves at layer 1), or a
+    one-line UserError: the one check of a speed, wherever one is given."""
+    if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0.0 <= speed <= 1.0:
+        raise UserError(f"{what} must be a number in [0, 1] (0 = full depth, 1 = leave at layer 1), got {speed!r}")
+    return float(speed)
+
+
 # -- the validation trade-off a trained model carries (tradeoff.json) ----------------------------
 # computed by pipeline.tradeoff; kept here so that a model folder's files are read without torch
 

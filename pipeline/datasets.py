@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 
@@ -169,6 +171,25 @@ def bundled_backbone_path() -> str:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json; reinstall the backbone: {_BACKBONE_HINT}")
     return str(path)
+
+
+@dataclass
+class BundledDataConfig:
+    """``jobs.bundled_data``: a bundled data set written as the Parquet files the jobs read."""
+
+    output: str  # folder (local path or fsspec URI) for train, validation and test.parquet
+    name: Literal["r8", "r52", "20news", "tweets"] = "r8"  # the data set
+    validation_rows: int = 500  # training rows held out for validation
+    seed: int = 0  # the seed of the samples
+    train_rows: int | None = None  # a labelled sample of this many training rows, and unlabelled.parquet; none: all
+
+    def __post_init__(self) -> None:
+        if self.name not in BUNDLED_DATASETS:
+            raise UserError(f"name must be one of {sorted(BUNDLED_DATASETS)}, got {self.name!r}")
+
+    def write(self) -> dict[str, str]:
+        return write_bundled(self.name, self.output, self.validation_rows, self.seed, train_rows=self.train_rows,
+                             unlabelled=self.train_rows is not None)
 
 
 def write_bundled(name: str, folder: str, validation_rows: int = 500, seed: int = 0, train_rows: int | None = None,

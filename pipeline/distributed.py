@@ -44,7 +44,7 @@ from pipeline.ray_init import check_ray_address, init_ray
 from pipeline.text import training_rows
 from pipeline.tradeoff import choose_speed, describe_choice, format_table, tradeoff_table
 from pipeline.train import (OPTIMIZER_STATE, OPTIMIZER_TENSORS, STAGES, EpochStats, EvalStats, Stage, StageProgress,
-                            TrainConfig, collate, evaluate, load_optimizer, save_optimizer, stage_optimizer, train_stage)
+                            TrainConfig, TrainResult, collate, evaluate, load_optimizer, save_optimizer, stage_optimizer, train_stage)
 
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.json"
@@ -200,8 +200,8 @@ class Inputs:
     distill_rows: int | None
 
 
-def run(job: TrainJobConfig, log=print) -> dict[str, Any]:
-    """Run both stages on Ray; returns the contents of ``metrics.json``. Every mistake that
+def run(job: TrainJobConfig, log=print) -> TrainResult:
+    """Run both stages on Ray; returns what ``metrics.json`` holds. Every mistake that
     the arguments and the inputs show raises a one-line ``UserError`` before Ray starts (a
     local instance, unless one is running or ``RAY_ADDRESS`` names a cluster)."""
     check_ray_address()
@@ -287,22 +287,18 @@ def run(job: TrainJobConfig, log=print) -> dict[str, Any]:
         final = _checkpoint_of_epoch(result, last_state.best_epoch or last_state.epoch)  # (older runs kept none)
     else:
         last_state = _read_state(final)
-    metrics = {
-        "arguments": job.arguments(),
-        "labels": inputs.labels,
-        "best_epoch": state.best_epoch,
-        "finetuned": _uri(best) if best is not None else job.finetuned,  # the model stage 2 started from
-        "finetune": state.history,
-        "distill": last_state.history if distills else [],
+    metrics = TrainResult(
+        finetune=state.history, distill=last_state.history if distills else [],
         # the epoch each stage kept: stage 1 by validation teacher accuracy, stage 2 by the
         # students' mean validation agreement with the teacher
-        "kept": {p.stage: p.kept() for p in (state, last_state if distills else None)
-                 if p is not None and p.best_epoch is not None},
+        kept={p.stage: p.kept() for p in (state, last_state if distills else None)
+              if p is not None and p.best_epoch is not None},
+        best_epoch=state.best_epoch,
         # what the forward passes ran in ("auto" resolved on the workers)
-        "precision": ", ".join(sorted({e["precision"] for e in state.history + last_state.history
-                                       if "precision" in e})) or None,
-    }
-    _publish(final, job.output, metrics)
+        precision=", ".join(sorted({e["precision"] for e in state.history + last_state.history
+                                    if "precision" in e})) or None,
+        labels=inputs.labels, finetuned=_uri(best) if best is not None else job.finetuned, arguments=job.arguments())
+    _publish(final, job.output, metrics.to_json())
     table = _validation_tradeoff(job)
     half, one = choose_speed(table, max_accuracy_drop=0.5), choose_speed(table, max_accuracy_drop=1.0)
     log(f"model, {METRICS_FILE} and {TRADEOFF_FILE} written to {job.output}; the trade-off on the validation rows:")
@@ -331,7 +327,7 @@ def _validation_tradeoff(job: TrainJobConfig) -> TradeoffTable:
     return table
 
 
-def _finished(job: TrainJobConfig) -> dict[str, Any] | None:
+def _finished(job: TrainJobConfig) -> TrainResult | None:
     """The metrics of a finished run of this job in ``output``, or None: metrics.json is
     published after the model files and the trade-off table after it, so with both there the
     run had finished. ``check_inputs`` has compared the arguments."""
@@ -343,7 +339,7 @@ def _finished(job: TrainJobConfig) -> dict[str, Any] | None:
     if not all(fs.isfile(f"{out}/{name}") for name in needed):
         return None
     with fs.open(f"{out}/{METRICS_FILE}") as f:
-        return json.load(f)
+        return TrainResult.from_json(json.load(f))
 
 
 def check_inputs(job: TrainJobConfig, labels: list[str] | None = None, labels_from: str | None = None) -> Inputs:

@@ -34,7 +34,7 @@ import pyarrow as pa
 import torch
 
 from pipeline import flops as flop_account
-from pipeline.config import SCHEMA
+from pipeline.config import SCHEMA, check_speed
 from pipeline.model import FastBert, autocast, resolve_precision, uncertainty
 from pipeline.text import tokenize
 from pipeline.tradeoff import FALLBACK_SPEED, choose_speed, default_choice
@@ -134,8 +134,7 @@ class Scorer:
         elif speed is None:  # the model's own suggestion (a 0.5-point budget), or 0.5 without a table
             self.speed_choice = default_choice(model.tradeoff)
             speed = FALLBACK_SPEED if self.speed_choice is None else self.speed_choice.speed
-        if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0.0 <= speed <= 1.0:
-            raise ValueError(f"speed must be a number in [0, 1] (0 = full depth), got {speed!r}")
+        check_speed(speed)
         if not isinstance(micro_batch, int) or micro_batch < 1:
             raise ValueError(f"micro_batch must be a positive integer, got {micro_batch!r}")
         if model.tokenizer is None:

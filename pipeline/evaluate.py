@@ -21,13 +21,14 @@ import json
 import os
 import tempfile
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from pipeline import flops as flop_account
-from pipeline.config import PRECISIONS
+from pipeline.config import PRECISIONS, check_speed
 from pipeline.model import FastBert, resolve_precision
 from pipeline.outputs import Manifest, UserError, claim_output, inspect_output, put_file, refuse_unsafe_output
 from pipeline.config import SPEED_GRID
@@ -62,17 +63,46 @@ class EvaluateConfig:
                 raise UserError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
         if self.text_column == self.label_column:
             raise UserError(f"text_column and label_column are both {self.text_column!r}")
-        speeds = list(self.speeds)
-        bad = [s for s in speeds if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0]
-        if not speeds or bad:
-            raise UserError(f"speeds must be numbers in [0, 1] (0 = full depth, 1 = leave at layer 1); "
-                             f"got {bad or 'none'}")
-        self.speeds = sorted({float(s) for s in speeds})
+        if not list(self.speeds):
+            raise UserError("speeds: give at least one speed in [0, 1]")
+        self.speeds = sorted({check_speed(s, "each of speeds") for s in self.speeds})
         if self.precision not in PRECISIONS:
             raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.max_rows is not None and (isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int)
                                           or self.max_rows < 1):
             raise UserError(f"max_rows must be a positive integer or None, got {self.max_rows!r}")
+
+
+@dataclass
+class Evaluation:
+    """What ``run_evaluation`` returns and ``evaluation.json`` holds."""
+
+    model: str  # the evaluated FastBERT folder
+    data: str  # the labelled Parquet
+    rows: int  # rows evaluated
+    labels: list[str]  # the model's labels
+    layers: int
+    precision: str  # of the full pass ("auto" resolved)
+    teacher_accuracy: float
+    teacher_macro_f1: float
+    # a row per speed: speed, accuracy, macro_f1, mean_exit_layer, exit_counts, flops_per_row,
+    # flop_speedup (benchmarks.ablation adds wall_speedup, rows_per_s and engine_agreement)
+    speeds: list[dict[str, Any]]
+    # "truncation": baseline (b) at equal FLOPs; "label_students" (c) and "plain_bert" (a): the lab's, or None
+    baselines: dict[str, Any]
+    files: list[str] = field(default_factory=lambda: [EVALUATION_FILE, CSV_FILE, TRADEOFF_PLOT, EXITS_PLOT])
+    full_pass_seconds: float | None = None
+    seconds: float | None = None  # the whole job's wall time
+    config: dict[str, Any] | None = None  # the job's EvaluateConfig
+    timing: dict[str, Any] | None = None  # benchmarks.ablation's timed passes
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Evaluation:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
 
 
 # -- metrics ----------------------------------------------------------------------------------
@@ -242,7 +272,7 @@ def read_labelled(config: EvaluateConfig, known: list[str]) -> tuple[list[str], 
 # -- the evaluation ---------------------------------------------------------------------------
 
 
-def run_evaluation(config: EvaluateConfig, log=print) -> dict:
+def run_evaluation(config: EvaluateConfig, log=print) -> Evaluation:
     """Evaluate ``config.model`` on ``config.input``, write the output folder and print the
     table; returns the contents of evaluation.json."""
     import fsspec
@@ -256,7 +286,7 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
     if previous is not None and not config.overwrite:
         if previous.arguments == arguments and fs.isfile(f"{out}/{EVALUATION_FILE}"):
             with fs.open(f"{out}/{EVALUATION_FILE}") as f:
-                result = json.load(f)
+                result = Evaluation.from_json(json.load(f))
             log(f"{config.output} already holds this evaluation ({EVALUATION_FILE}): nothing to do")
             return result
         changed = sorted(k for k in arguments if previous.arguments.get(k) != arguments[k])
@@ -273,19 +303,19 @@ def run_evaluation(config: EvaluateConfig, log=print) -> dict:
     exits = all_exits(model, texts, labels, precision=precision)
     full_pass_s = time.perf_counter() - tick
     log(f"full pass: {full_pass_s:.1f} s ({len(texts) / full_pass_s:.0f} rows/s)")
-    result = tabulate(model, exits, config.speeds)
-    result.update(model=config.model, data=config.input, precision=precision, full_pass_seconds=full_pass_s,
-                  config=asdict(config))
+    result = tabulate(model, exits, config.speeds, data=config.input, model_uri=config.model, precision=precision)
+    result.full_pass_seconds, result.config = full_pass_s, asdict(config)
     claim_output(config.output, Manifest("jobs.evaluate", OWNS, arguments), overwrite=True)  # checked above
     write_evaluation(result, config.output)
-    result["seconds"] = time.perf_counter() - start
+    result.seconds = time.perf_counter() - start
     for line in format_table(result):
         log(line)
-    log(f"written to {config.output}: {', '.join(result['files'])} ({result['seconds']:.0f} s)")
+    log(f"written to {config.output}: {', '.join(result.files)} ({result.seconds:.0f} s)")
     return result
 
 
-def tabulate(model: FastBert, exits: AllExits, speeds: list[float]) -> dict:
+def tabulate(model: FastBert, exits: AllExits, speeds: list[float], data: str, model_uri: str,
+             precision: str) -> Evaluation:
     """What the full pass says: the teacher, a row per speed, baseline (b) at equal FLOPs.
     ``baselines`` also has room for the lab's (a) ``plain_bert`` and (c) ``label_students``
     (``benchmarks.baselines``), which the table, the CSV and the plot show when present."""
@@ -293,35 +323,35 @@ def tabulate(model: FastBert, exits: AllExits, speeds: list[float]) -> dict:
     rows = [speed_row(exits, model, s) for s in speeds]
     curve = truncation_curve(exits, model)
     comparison = at_equal_flops(rows, curve, correct_at(exits, speeds), exits.predictions == exits.labels[None])
-    return {"rows": len(exits.labels), "labels": model.config.labels, "teacher_accuracy": teacher.accuracy,
-            "teacher_macro_f1": macro_f1(exits.labels, exits.predictions[-1], model.config.num_labels),
-            "layers": model.config.num_layers, "speeds": rows,
-            "baselines": {"truncation": {"curve": curve, "at_speeds": comparison, **_verdict(comparison)},
-                          "label_students": None, "plain_bert": None},
-            "files": [EVALUATION_FILE, CSV_FILE, TRADEOFF_PLOT, EXITS_PLOT]}
+    return Evaluation(
+        model=model_uri, data=data, rows=len(exits.labels), labels=model.config.labels, layers=model.config.num_layers,
+        precision=precision, teacher_accuracy=teacher.accuracy,
+        teacher_macro_f1=macro_f1(exits.labels, exits.predictions[-1], model.config.num_labels), speeds=rows,
+        baselines={"truncation": {"curve": curve, "at_speeds": comparison, **_verdict(comparison)},
+                   "label_students": None, "plain_bert": None})
 
 
 # -- output -----------------------------------------------------------------------------------
 
 
-def format_table(result: dict) -> list[str]:
+def format_table(result: Evaluation) -> list[str]:
     """The terminal table: a row per speed, then the baselines."""
-    lines = [f"teacher accuracy {100 * result['teacher_accuracy']:.2f}%, macro-F1 "
-             f"{100 * result['teacher_macro_f1']:.2f}% on {result['rows']} rows",
+    lines = [f"teacher accuracy {100 * result.teacher_accuracy:.2f}%, macro-F1 "
+             f"{100 * result.teacher_macro_f1:.2f}% on {result.rows} rows",
              " speed  accuracy  macro-F1  mean exit  FLOP x  wall x  trunc. acc.  label-stud. acc."]
-    truncation = {c["speed"]: c for c in result["baselines"]["truncation"]["at_speeds"]}
-    students = {c["speed"]: c for c in (result["baselines"]["label_students"] or {}).get("at_speeds", [])}
+    truncation = {c["speed"]: c for c in result.baselines["truncation"]["at_speeds"]}
+    students = {c["speed"]: c for c in (result.baselines["label_students"] or {}).get("at_speeds", [])}
 
     def pct(value) -> str:
         return "       -" if value is None else f"{100 * value:7.2f}%"
 
-    for row in result["speeds"]:
+    for row in result.speeds:
         wall = "     -" if row.get("wall_speedup") is None else f"{row['wall_speedup']:5.2f}x"
         lines.append(f" {row['speed']:5.2f}  {pct(row['accuracy'])}  {pct(row['macro_f1'])}  "
                      f"{row['mean_exit_layer']:9.2f}  {row['flop_speedup']:5.2f}x  {wall}  "
                      f"{pct(truncation[row['speed']]['baseline_accuracy'])}     "
                      f"{pct(students.get(row['speed'], {}).get('baseline_accuracy'))}")
-    b = result["baselines"]
+    b = result.baselines
     for tag, key, what, ours in (("(b)", "truncation", "fixed-depth truncation", "adaptive exit"),
                                  ("(c)", "label_students", "label-trained students", "self-distillation")):
         if b[key] and not b[key]["speeds_compared"]:  # every speed ran one exit layer: nothing to compare
@@ -346,25 +376,25 @@ def _points(value) -> str:
     return "n/a" if value is None else f"{value:+.2f} points"
 
 
-def to_csv(result: dict) -> str:
+def to_csv(result: Evaluation) -> str:
     """A row per speed: the metrics, the exit histogram and the baselines at equal FLOPs."""
-    layers = result["layers"]
-    truncation = {c["speed"]: c["baseline_accuracy"] for c in result["baselines"]["truncation"]["at_speeds"]}
+    layers = result.layers
+    truncation = {c["speed"]: c["baseline_accuracy"] for c in result.baselines["truncation"]["at_speeds"]}
     students = {c["speed"]: c["baseline_accuracy"]
-                for c in (result["baselines"]["label_students"] or {}).get("at_speeds", [])}
+                for c in (result.baselines["label_students"] or {}).get("at_speeds", [])}
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     names = ["speed", "accuracy", "macro_f1", "mean_exit_layer", "flops_per_row", "flop_speedup", "wall_speedup",
              "rows_per_s", "engine_agreement"]
     writer.writerow(names + [f"exits_layer_{k}" for k in range(1, layers + 1)]
                     + ["truncation_accuracy_equal_flops", "label_students_accuracy_equal_flops"])
-    for row in result["speeds"]:
+    for row in result.speeds:
         writer.writerow([row.get(n) for n in names] + row["exit_counts"]
                         + [truncation.get(row["speed"]), students.get(row["speed"])])
     return buffer.getvalue()
 
 
-def plot_tradeoff(result: dict, path: str) -> None:
+def plot_tradeoff(result: Evaluation, path: str) -> None:
     """Accuracy against FLOP speed-up: the teacher as a line, each speed a labelled point with
     its measured wall speed-up, and the baselines."""
     import matplotlib
@@ -373,9 +403,9 @@ def plot_tradeoff(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    ax.axhline(100 * result["teacher_accuracy"], color="grey", linestyle="--", linewidth=1,
-               label=f"teacher (full depth) {100 * result['teacher_accuracy']:.2f}%")
-    b = result["baselines"]
+    ax.axhline(100 * result.teacher_accuracy, color="grey", linestyle="--", linewidth=1,
+               label=f"teacher (full depth) {100 * result.teacher_accuracy:.2f}%")
+    b = result.baselines
     if b["plain_bert"]:
         ax.axhline(100 * b["plain_bert"]["accuracy"], color="tab:purple", linestyle=":", linewidth=1,
                    label=f"plain BERT classifier {100 * b['plain_bert']['accuracy']:.2f}%")
@@ -389,11 +419,11 @@ def plot_tradeoff(result: dict, path: str) -> None:
         curve = sorted(b["label_students"]["curve"], key=lambda p: p["flop_speedup"])
         ax.plot([p["flop_speedup"] for p in curve], [100 * p["accuracy"] for p in curve], "-", color="tab:green",
                 linewidth=1, label="students trained on labels")
-    rows = sorted(result["speeds"], key=lambda r: r["flop_speedup"])
+    rows = sorted(result.speeds, key=lambda r: r["flop_speedup"])
     ax.plot([r["flop_speedup"] for r in rows], [100 * r["accuracy"] for r in rows], "o-", color="tab:blue",
             label="FastBERT, adaptive exit (speed; measured wall speed-up)")
     shown = ([100 * r["accuracy"] for r in rows] + [100 * p["accuracy"] for p in trunc]
-             + [100 * result["teacher_accuracy"]] + ([100 * b["plain_bert"]["accuracy"]] if b["plain_bert"] else [])
+             + [100 * result.teacher_accuracy] + ([100 * b["plain_bert"]["accuracy"]] if b["plain_bert"] else [])
              + ([100 * p["accuracy"] for p in b["label_students"]["curve"]] if b["label_students"] else []))
     ax.set_ylim(max(0.0, min(shown) - 2), min(100.0, max(shown) + 2))
     _label_points(ax, [(r["flop_speedup"], 100 * r["accuracy"],
@@ -401,7 +431,7 @@ def plot_tradeoff(result: dict, path: str) -> None:
                        for r in rows])
     ax.set_xlabel("FLOP speed-up over a full-depth BERT classifier")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"{_short(result['model'])} on {result['rows']} rows of {_short(result['data'])}", fontsize=10)
+    ax.set_title(f"{_short(result.model)} on {result.rows} rows of {_short(result.data)}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
@@ -433,18 +463,18 @@ def _label_points(ax, points: list[tuple[float, float, str]]) -> None:
                 break
 
 
-def plot_exits(result: dict, path: str) -> None:
+def plot_exits(result: Evaluation, path: str) -> None:
     """The share of rows leaving at each layer, one panel per speed (the paper's Figure 5)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["speeds"]
+    rows = result.speeds
     columns = min(4, len(rows))
     lines = -(-len(rows) // columns)
     fig, axes = plt.subplots(lines, columns, figsize=(2.6 * columns, 2.1 * lines), sharey=True, squeeze=False)
-    layers = np.arange(1, result["layers"] + 1)
+    layers = np.arange(1, result.layers + 1)
     for ax, row in zip(axes.flat, rows):
         share = 100 * np.array(row["exit_counts"]) / max(1, sum(row["exit_counts"]))
         ax.bar(layers, share, color="tab:blue")
@@ -463,7 +493,7 @@ def plot_exits(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_evaluation(result: dict, output: str) -> None:
+def write_evaluation(result: Evaluation, output: str) -> None:
     """The four files, built in a local temporary folder and copied to ``output`` with
     evaluation.json last, so its presence means the others are complete."""
     import fsspec
@@ -475,6 +505,6 @@ def write_evaluation(result: dict, output: str) -> None:
         plot_tradeoff(result, os.path.join(tmp, TRADEOFF_PLOT))
         plot_exits(result, os.path.join(tmp, EXITS_PLOT))
         with open(os.path.join(tmp, EVALUATION_FILE), "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(result.to_json(), f, indent=2)
         for name in (CSV_FILE, TRADEOFF_PLOT, EXITS_PLOT, EVALUATION_FILE):
             put_file(fs, os.path.join(tmp, name), f"{out.rstrip('/')}/{name}")

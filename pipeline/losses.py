@@ -35,7 +35,7 @@ def teacher_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def distillation_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, direction: Direction = "paper"
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, direction: Direction
 ) -> torch.Tensor:
     """Self-distillation: KL divergence between every student and the teacher, no temperature.
 

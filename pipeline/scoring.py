@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 from pipeline import flops as flop_account
 from pipeline.config import SCHEMA as ENGINE_SCHEMA
-from pipeline.config import PRECISIONS, load_config
+from pipeline.config import PRECISIONS, check_speed, load_config
 from pipeline.outputs import Manifest, UserError, absolute, claim_output, refuse_unsafe_output, write_file, write_json
 from pipeline.ray_init import check_ray_address, init_ray
 from pipeline.text import describe_columns, expand_inputs, load_tokenizer, tokenize
@@ -104,9 +104,8 @@ class ScoreJobConfig:
         if len(budgets) > 1 or (budgets and self.speed is not None):
             raise UserError("give one of speed, max_accuracy_drop and target_speedup")
         # without a speed, it stays None until run() picks it from the model's trade-off table
-        if self.speed is not None and (isinstance(self.speed, bool) or not isinstance(self.speed, (int, float))
-                                       or not 0.0 <= self.speed <= 1.0):
-            raise UserError(f"speed must be a number in [0, 1] (0 = full depth), got {self.speed!r}")
+        if self.speed is not None:
+            check_speed(self.speed)
         for name in ("rows_per_call", "micro_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

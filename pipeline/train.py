@@ -612,6 +612,28 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+@dataclass
+class TrainResult:
+    """What a training returns (``fit``, ``pipeline.distributed.run``) and what a training
+    job's ``metrics.json`` holds."""
+
+    finetune: list[dict[str, Any]]  # stage 1: a record per epoch (loss, accuracies, agreement, throughput, lr, ...)
+    distill: list[dict[str, Any]]  # stage 2: the same
+    kept: dict[str, dict[str, Any]]  # per stage run: the epoch kept, by what, its value, epochs run, stopped early
+    best_epoch: int | None  # stage 1's kept epoch (None: no stage 1)
+    precision: str | None  # of the forward passes ("auto" resolved)
+    labels: list[str] | None = None  # the model's labels, in its output order
+    finetuned: str | None = None  # the model stage 2 started from (a job's best stage-1 checkpoint, or --finetuned)
+    arguments: dict[str, Any] | None = None  # the job's arguments (what a re-run is compared by)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> TrainResult:
+        return cls(**{f.name: raw.get(f.name) for f in dataclasses.fields(cls)})
+
+
 # -- a local run ------------------------------------------------------------------------------
 
 
@@ -625,7 +647,7 @@ def fit(
     distill_texts: Sequence[str] | None = None,
     device: str | torch.device = "cpu",
     log: Callable[[str], Any] | None = print,
-) -> dict[str, Any]:
+) -> TrainResult:
     """Both stages on lists of texts in this process, evaluating on the validation texts after
     every epoch: what a training job does on each of its workers.
 
@@ -636,11 +658,6 @@ def fit(
     stage after that many epochs without a better one. Labels may be names
     (``model.config.labels``) or indices. ``log`` gets progress lines (None: silent). The model
     is left on ``device``, in eval mode, every parameter trainable.
-
-    Returns ``{"finetune": [...], "distill": [...], "best_epoch": int | None, "kept": {...},
-    "precision": str}``: a record per epoch (epoch, loss, teacher_accuracy, exit_accuracy,
-    agreement, seconds, samples_per_s, steps, lr, ...); ``kept`` says per stage which epoch
-    was kept, by what, its value and how many epochs ran.
     """
     say = log if log is not None else (lambda line: None)
     torch.manual_seed(config.seed)
@@ -657,7 +674,7 @@ def fit(
     model.to(device)
     precision = resolve_precision(config.precision, device)  # auto: bf16 where the chip has it natively
     say(f"precision: {precision}")
-    history: dict[str, Any] = {"finetune": [], "distill": [], "best_epoch": None, "kept": {}, "precision": precision}
+    result = TrainResult(finetune=[], distill=[], kept={}, best_epoch=None, precision=precision, labels=list(names))
     stages = (("finetune", config.epochs, train_texts, train_ids), ("distill", config.distill_epochs, distill_texts, None))
     for stage, epochs, texts, ids in stages:
         if epochs == 0:
@@ -678,14 +695,15 @@ def fit(
                                                                       shuffle=True, seed=config.seed + epoch),
             validate=lambda: evaluate(model, batches(model, val_texts, val_ids, config.batch_size), device),
             after_epoch=keep, device=device, precision=precision, say=say if log is not None else None)
-        history[stage], history["kept"][stage] = progress.history, progress.kept()
+        setattr(result, stage, progress.history)
+        result.kept[stage] = progress.kept()
         if stage == "finetune":
-            history["best_epoch"] = progress.best_epoch
+            result.best_epoch = progress.best_epoch
         if progress.best_epoch != progress.epoch:
             model.load_state_dict(kept["weights"])
             say(f"{stage}: kept epoch {progress.best_epoch} ({KEPT_BY[stage]} {progress.best_score:.4f})")
     model.requires_grad_(True).eval()
-    return history
+    return result
 
 
 def _unwrap(model: nn.Module) -> FastBert | nn.Module:

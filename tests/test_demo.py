@@ -42,10 +42,10 @@ def test_demo_end_to_end(ray_session, tmp_path):
     assert summary["rows_out"] == 40 and (out / "scored" / "_SUCCESS").exists()
     assert summary["speed_choice"]["max_accuracy_drop"] == 1.0  # the speed came from the validation table
     assert pq.read_table(out / "scored").num_rows == 40
-    assert [r["speed"] for r in result["speeds"]] == [0.0, 0.5, 1.0] and result["rows"] == 40
-    assert result["speeds"][0]["mean_exit_layer"] == 3 and result["speeds"][2]["mean_exit_layer"] == 1
+    assert [r["speed"] for r in result.speeds] == [0.0, 0.5, 1.0] and result.rows == 40
+    assert result.speeds[0]["mean_exit_layer"] == 3 and result.speeds[2]["mean_exit_layer"] == 1
     saved = json.loads((out / "evaluation" / "evaluation.json").read_text())
-    assert saved["teacher_accuracy"] == result["teacher_accuracy"]
+    assert saved["teacher_accuracy"] == result.teacher_accuracy
     assert all((out / "evaluation" / name).stat().st_size > 0 for name in saved["files"])
     # a person at the terminal sees each phase with the demo's ETA, the table and where things are
     phases = [line for line in lines if line.startswith("[")]

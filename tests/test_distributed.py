@@ -81,20 +81,20 @@ def trained(ray_session, data, tmp_path_factory):
 def test_two_workers_learn_and_distil(trained, data):
     """Both stages, each epoch once, every row of every input once per epoch."""
     output, metrics = trained
-    assert [e["epoch"] for e in metrics["finetune"]] == [1, 2]
-    assert [e["epoch"] for e in metrics["distill"]] == [1, 2]
-    assert max(e["teacher_accuracy"] for e in metrics["finetune"]) > 0.9  # chance is 0.5
-    last = metrics["distill"][-1]
+    assert [e["epoch"] for e in metrics.finetune] == [1, 2]
+    assert [e["epoch"] for e in metrics.distill] == [1, 2]
+    assert max(e["teacher_accuracy"] for e in metrics.finetune) > 0.9  # chance is 0.5
+    last = metrics.distill[-1]
     assert last["agreement"][0] > 0.85 and last["agreement"][-1] == 1.0
     assert len(last["exit_accuracy"]) == 3 and last["samples_per_s"] > 0 and last["seconds"] > 0
     for stage in ("finetune", "distill"):  # the workers' shards cover each input once per epoch
-        assert [(e["samples"], e["validation_samples"], e["workers"]) for e in metrics[stage]] == [(256, 128, 2)] * 2
-    assert metrics["labels"] == list(LABELS) and metrics["precision"] == "fp32"
-    scores = [float(np.mean(e["agreement"][:-1])) for e in metrics["distill"]]  # stage 2 keeps its best epoch
-    assert metrics["kept"]["distill"]["epoch"] == max((1, 2), key=lambda e: (scores[e - 1], e))
-    assert metrics["kept"]["finetune"]["epoch"] == metrics["best_epoch"] and metrics["kept"]["finetune"]["by"] == "teacher_accuracy"
+        assert [(e["samples"], e["validation_samples"], e["workers"]) for e in getattr(metrics, stage)] == [(256, 128, 2)] * 2
+    assert metrics.labels == list(LABELS) and metrics.precision == "fp32"
+    scores = [float(np.mean(e["agreement"][:-1])) for e in metrics.distill]  # stage 2 keeps its best epoch
+    assert metrics.kept["distill"]["epoch"] == max((1, 2), key=lambda e: (scores[e - 1], e))
+    assert metrics.kept["finetune"]["epoch"] == metrics.best_epoch and metrics.kept["finetune"]["by"] == "teacher_accuracy"
     on_disk = json.loads((output / "metrics.json").read_text())
-    assert on_disk == json.loads(json.dumps(metrics))
+    assert on_disk == json.loads(json.dumps(metrics.to_json()))
     assert on_disk["arguments"]["epochs"] == 2 and on_disk["arguments"]["train"].endswith("train.parquet")
 
     model = FastBert.from_pretrained(str(output))
@@ -111,7 +111,7 @@ def test_the_model_carries_its_validation_tradeoff_and_keeps_its_promises(traine
     table = model.tradeoff
     assert table.rows == 128 and table.data.endswith("validation.parquet")
     assert [p.speed for p in table.points] == list(SPEED_GRID)
-    assert table.teacher.accuracy == pytest.approx(metrics["distill"][-1]["teacher_accuracy"], abs=1.5 / 128)
+    assert table.teacher.accuracy == pytest.approx(metrics.distill[-1]["teacher_accuracy"], abs=1.5 / 128)
     validation = pq.read_table(data / "validation.parquet")
     texts, labels = validation.column("text").to_pylist(), validation.column("label").to_pylist()
     for budget in ({"max_accuracy_drop": 1.0}, {"target_speedup": 1.2}):
@@ -134,8 +134,8 @@ def test_running_a_finished_job_again_resumes(trained, data):
     again = run(job(data, output, distill=str(data / "distill.parquet"), workers=1, cache="off"),
                 log=lines.append)  # workers and cache may change
     assert any("nothing to train" in line for line in lines)  # no trainer started
-    assert again["finetune"] == metrics["finetune"]  # the same epochs (their timings too): nothing retrained
-    assert again["distill"] == metrics["distill"]
+    assert again.finetune == metrics.finetune  # the same epochs (their timings too): nothing retrained
+    assert again.distill == metrics.distill
 
 
 def test_one_worker_takes_the_steps_two_workers_take(trained, data, tmp_path):
@@ -155,13 +155,13 @@ def test_one_worker_takes_the_steps_two_workers_take(trained, data, tmp_path):
         killer.finish()
     assert killer.killed is not None, "the fine-tuning finished before its worker could be killed"
     assert process_gone(killer.killed)
-    assert one["finetune"][0]["finished_at"] < killer.at < one["finetune"][1]["finished_at"]
+    assert one.finetune[0]["finished_at"] < killer.at < one.finetune[1]["finished_at"]
     assert any("suggested for 0.5" in line for line in lines)  # the validation table, printed at the end
     assert any(line.startswith("scoring without --speed runs speed") for line in lines)
-    two = metrics["finetune"]
-    assert [e["workers"] for e in one["finetune"]] == [1, 1] and [e["workers"] for e in two] == [2, 2]
-    assert [e["steps"] for e in one["finetune"]] == [e["steps"] for e in two] == [256 // 16] * 2
-    assert [e["samples"] for e in one["finetune"]] == [e["samples"] for e in two] == [256] * 2
+    two = metrics.finetune
+    assert [e["workers"] for e in one.finetune] == [1, 1] and [e["workers"] for e in two] == [2, 2]
+    assert [e["steps"] for e in one.finetune] == [e["steps"] for e in two] == [256 // 16] * 2
+    assert [e["samples"] for e in one.finetune] == [e["samples"] for e in two] == [256] * 2
     with pytest.raises(UserError, match="batch_size 16 is the global batch.*multiple of 3 .e.g. 15 or 18"):
         job(data, tmp_path / "three", workers=3)
 
@@ -170,13 +170,13 @@ def test_stage_two_alone_from_a_finetuned_model(trained, data, tmp_path):
     """--finetuned skips stage 1 and distils the students of the fine-tuned model; its
     backbone and teacher stay as they were."""
     _, metrics = trained
-    start = metrics["finetuned"]  # the best fine-tuning checkpoint of the trained job
+    start = metrics.finetuned  # the best fine-tuning checkpoint of the trained job
     assert os.path.isfile(os.path.join(start, "model.safetensors"))
     output = tmp_path / "stage2"
     stage2 = run(job(data, output, finetuned=start, distill_epochs=1))
-    assert stage2["finetune"] == [] and stage2["best_epoch"] is None and stage2["finetuned"] == start
-    assert [e["epoch"] for e in stage2["distill"]] == [1]
-    assert stage2["distill"][0]["agreement"][0] > 0.8  # the first student learnt the teacher's answers
+    assert stage2.finetune == [] and stage2.best_epoch is None and stage2.finetuned == start
+    assert [e["epoch"] for e in stage2.distill] == [1]
+    assert stage2.distill[0]["agreement"][0] > 0.8  # the first student learnt the teacher's answers
     before, after = FastBert.from_pretrained(start).state_dict(), FastBert.from_pretrained(str(output)).state_dict()
     teacher = "branches.2."  # the tiny model has 3 layers
     frozen = [k for k in after if not k.startswith("branches.") or k.startswith(teacher)]
@@ -189,10 +189,10 @@ def test_finetuned_model_must_know_every_label(trained, data, tmp_path):
     _, metrics = trained
     train = write(tmp_path / "train.parquet", text=["good w1", "bad w2", "fine w3"], label=["pos", "neg", "meh"])
     with pytest.raises(ValueError, match=r"labels never seen in .* \['meh'\]; the model's labels are \['neg', 'pos'\]"):
-        run(job(data, tmp_path / "out", train=train, finetuned=metrics["finetuned"]))
+        run(job(data, tmp_path / "out", train=train, finetuned=metrics.finetuned))
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="distill_epochs must be >= 1"):
-        job(data, tmp_path / "out", finetuned=metrics["finetuned"], distill_epochs=0)
+        job(data, tmp_path / "out", finetuned=metrics.finetuned, distill_epochs=0)
 
 
 def test_killed_driver_rerun_continues_from_the_last_checkpoint(trained, data, tmp_path):
@@ -227,8 +227,8 @@ def test_killed_driver_rerun_continues_from_the_last_checkpoint(trained, data, t
     assert done and not (output / "metrics.json").exists()
 
     metrics = run(parse_args(argv))
-    history = metrics["finetune"]
-    assert [e["epoch"] for e in history] == [1, 2] and [e["epoch"] for e in metrics["distill"]] == [1]
+    history = metrics.finetune
+    assert [e["epoch"] for e in history] == [1, 2] and [e["epoch"] for e in metrics.distill] == [1]
     assert done[-1] < 2, f"the driver was killed too late (committed epochs {done})"
     assert all(e["finished_at"] < killed_at for e in history if e["epoch"] <= done[-1])  # carried over
     assert all(e["finished_at"] > killed_at for e in history if e["epoch"] > done[-1])  # trained after the kill
@@ -430,9 +430,9 @@ def test_the_same_job_run_again_trains_the_same_model(trained, data, tmp_path):
     sees the same batches and ends bit for bit equal to the first run's stage-1 model."""
     _, metrics = trained
     again = run(job(data, tmp_path / "again", distill_epochs=0), log=lambda line: None)
-    assert [e["loss"] for e in again["finetune"]] == [e["loss"] for e in metrics["finetune"]]
-    assert again["best_epoch"] == metrics["best_epoch"]
-    a = FastBert.from_pretrained(metrics["finetuned"]).state_dict()  # the first run's best stage-1 checkpoint
+    assert [e["loss"] for e in again.finetune] == [e["loss"] for e in metrics.finetune]
+    assert again.best_epoch == metrics.best_epoch
+    a = FastBert.from_pretrained(metrics.finetuned).state_dict()  # the first run's best stage-1 checkpoint
     b = FastBert.from_pretrained(str(tmp_path / "again")).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

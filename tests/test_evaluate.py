@@ -162,12 +162,12 @@ def test_evaluation_matches_the_engine_and_writes_every_file(models, tmp_path):
                                            speeds=speeds, text_column="review", label_column="sentiment",
                                            max_rows=100, precision="fp32"),
                             log=lines.append)
-    assert result["rows"] == 100 and [r["speed"] for r in result["speeds"]] == speeds and result["precision"] == "fp32"
+    assert result.rows == 100 and [r["speed"] for r in result.speeds] == speeds and result.precision == "fp32"
     table = pq.read_table(models["data"]).slice(0, 100)
     texts, labels = table.column("review").to_pylist(), table.column("sentiment").to_pylist()
 
     model = FastBert.from_pretrained(models["distilled"])
-    for row in result["speeds"]:  # the full pass says what the engine does at each speed
+    for row in result.speeds:  # the full pass says what the engine does at each speed
         scorer = Scorer(model, precision="fp32", speed=row["speed"])
         predicted = scorer(texts).column("prediction").to_pylist()
         assert row["accuracy"] == pytest.approx(accuracy(predicted, labels))
@@ -175,13 +175,13 @@ def test_evaluation_matches_the_engine_and_writes_every_file(models, tmp_path):
         assert row["flop_speedup"] == pytest.approx(scorer.stats.flop_speedup)
         assert row["flops_per_row"] == pytest.approx(scorer.stats.flops / 100)
         assert 0.0 <= row["macro_f1"] <= 1.0
-    assert result["speeds"][0]["flop_speedup"] == pytest.approx(1.0)
-    assert result["teacher_accuracy"] == result["speeds"][0]["accuracy"] > 0.8
-    assert result["speeds"][-1]["exit_counts"] == [100, 0, 0]  # speed 1: every row leaves at layer 1
+    assert result.speeds[0]["flop_speedup"] == pytest.approx(1.0)
+    assert result.teacher_accuracy == result.speeds[0]["accuracy"] > 0.8
+    assert result.speeds[-1]["exit_counts"] == [100, 0, 0]  # speed 1: every row leaves at layer 1
 
-    truncation = result["baselines"]["truncation"]
+    truncation = result.baselines["truncation"]
     assert [p["layer"] for p in truncation["curve"]] == [1, 2, 3]
-    assert truncation["curve"][-1]["accuracy"] == result["teacher_accuracy"]  # layer L is the teacher
+    assert truncation["curve"][-1]["accuracy"] == result.teacher_accuracy  # layer L is the teacher
     assert truncation["curve"][-1]["flop_speedup"] == pytest.approx(1.0)
     at_one = truncation["at_speeds"][-1]  # speed 1 runs exactly what truncation at layer 1 runs
     assert at_one["flop_speedup"] == pytest.approx(truncation["curve"][0]["flop_speedup"])
@@ -194,7 +194,7 @@ def test_evaluation_matches_the_engine_and_writes_every_file(models, tmp_path):
             assert (low + high) / 2 == pytest.approx(c["gain_points"]) and low <= high
 
     on_disk = json.loads((output / "evaluation.json").read_text())
-    assert on_disk["speeds"] == json.loads(json.dumps(result["speeds"]))
+    assert on_disk["speeds"] == json.loads(json.dumps(result.speeds))
     with open(output / "evaluation.csv") as f:
         rows = list(csv.DictReader(f))
     assert [float(r["speed"]) for r in rows] == speeds
@@ -216,10 +216,10 @@ def test_the_labs_baselines_and_wall_time_on_the_same_rows(models):
     model = FastBert.from_pretrained(models["distilled"])
     exits = all_exits(model, texts, labels, precision="fp32")
     speeds = [0.0, 0.05, 0.3, 1.0]
-    result = tabulate(model, exits, speeds)
+    result = tabulate(model, exits, speeds, data=models["data"], model_uri=models["distilled"], precision="fp32")
 
     students = label_students_baseline(FastBert.from_pretrained(models["labels"]), models["labels"], model,
-                                       result["speeds"], exits, texts, labels, "fp32")
+                                       result.speeds, exits, texts, labels, "fp32")
     assert students["model"] == models["labels"] and len(students["at_speeds"]) == 4
     curve = sorted(students["curve"], key=lambda p: p["flop_speedup"])
     for c in students["at_speeds"]:  # the label-trained model's accuracy at the same FLOP speed-up
@@ -232,21 +232,21 @@ def test_the_labs_baselines_and_wall_time_on_the_same_rows(models):
     classifier = load_plain_bert(models["plain"])
     expected = accuracy([LABELS[i] for i in plain_bert_predict(classifier, texts)], labels)
     assert plain["accuracy"] == pytest.approx(expected)
-    assert plain["teacher_minus_plain_points"] == pytest.approx(100 * (result["teacher_accuracy"] - expected))
+    assert plain["teacher_minus_plain_points"] == pytest.approx(100 * (result.teacher_accuracy - expected))
     low, high = plain["teacher_minus_plain_ci95_points"]
     assert (low + high) / 2 == pytest.approx(plain["teacher_minus_plain_points"]) and low <= high
     with pytest.raises(ValueError, match="a FastBERT model, not a plain classifier"):
         load_plain_bert(models["distilled"])
 
     lines: list[str] = []
-    passes = time_speeds(model, texts, exits, result["speeds"], repeats=2, micro_batch=8, precision="fp32",
+    passes = time_speeds(model, texts, exits, result.speeds, repeats=2, micro_batch=8, precision="fp32",
                          log=lines.append)
     assert [p[0] for p in passes] == [*speeds * 2, 0.0]  # every speed once per round, speed 0 first and last
-    assert wall_speedups(passes) == {r["speed"]: r["wall_speedup"] for r in result["speeds"]}
-    for row in result["speeds"]:
+    assert wall_speedups(passes) == {r["speed"]: r["wall_speedup"] for r in result.speeds}
+    for row in result.speeds:
         assert row["engine_agreement"] == 1.0 and row["rows_per_s"] > 0 and row["wall_speedup"] > 0
-    assert result["speeds"][0]["wall_speedup"] == 1.0
-    result["baselines"].update(label_students=students, plain_bert=plain)
+    assert result.speeds[0]["wall_speedup"] == 1.0
+    result.baselines.update(label_students=students, plain_bert=plain)
     shown = format_table(result)
     assert any("(a) plain BERT" in line for line in shown) and any("(c) label-trained" in line for line in shown)
 
@@ -283,7 +283,7 @@ def test_the_command_line_runs_and_refuses_bad_input_in_one_line(models, tmp_pat
     data = ["--model", models["distilled"], "--input", models["data"], "--text-column", "review"]
     result = main(data + ["--label-column", "sentiment", "--output", str(tmp_path / "ok"), "--speeds", "0,0.5",
                           "--max-rows", "20"])
-    assert [r["speed"] for r in result["speeds"]] == [0.0, 0.5] and "wall_speedup" not in result["speeds"][1]
+    assert [r["speed"] for r in result.speeds] == [0.0, 0.5] and "wall_speedup" not in result.speeds[1]
     assert parse_args(["--model", "m", "--input", "d", "--output", "o"]).speeds == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6,
                                                                                   0.7, 0.8, 0.9, 1.0]
     unknown = tmp_path / "unknown.parquet"
@@ -295,7 +295,7 @@ def test_the_command_line_runs_and_refuses_bad_input_in_one_line(models, tmp_pat
           "sentiment", "--output", str(tmp_path / "b")],
          r"labels the model does not know: \['meh', 'neutral'\] \(2 rows, first: row 1\); the model's labels"),
         (data + ["--label-column", "sentiment", "--output", str(tmp_path / "c"), "--speeds", "0,1.5"],
-         r"speeds must be numbers in \[0, 1\].*\[1.5\]"),
+         r"each of speeds must be a number in \[0, 1\].*got 1.5"),
         (data + ["--label-column", "sentiment", "--output", str(tmp_path / "d"), "--max-rows", "0"],
          "max_rows must be a positive integer"),
         (["--model", models["data"], "--input", models["data"], "--output", str(tmp_path / "e")],

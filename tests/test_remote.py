@@ -92,7 +92,7 @@ def test_train_from_s3_to_s3(s3, backbone):
     metrics = run(TrainJobConfig(train=uris["train"], validation=uris["validation"], output=output, backbone=backbone,
                                  epochs=1, distill_epochs=0, lr=3e-3, batch_size=16, max_length=32,
                                  cache="off"))  # streamed from the bucket every epoch
-    assert [e["epoch"] for e in metrics["finetune"]] == [1] and metrics["distill"] == []
+    assert [e["epoch"] for e in metrics.finetune] == [1] and metrics.distill == []
     fs = s3fs.S3FileSystem()
     assert fs.exists(f"{output}/metrics.json") and not fs.exists(f"{output}/state.json")
     # every epoch's checkpoint (model, optimizer state, state.json) went to the bucket

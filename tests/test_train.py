@@ -89,13 +89,13 @@ def trained() -> SimpleNamespace:
 
 
 def test_finetune_learns_the_task(trained):
-    finetune = trained.history["finetune"]
+    finetune = trained.history.finetune
     assert [r["epoch"] for r in finetune] == [1, 2, 3, 4, 5]
     assert finetune[-1]["loss"] < 0.5 * finetune[0]["loss"]
-    best = trained.history["best_epoch"]
+    best = trained.history.best_epoch
     assert finetune[best - 1]["teacher_accuracy"] == max(r["teacher_accuracy"] for r in finetune) >= 0.9
     # the restored best epoch is the teacher the distillation stage saw (frozen there)
-    for record in trained.history["distill"]:
+    for record in trained.history.distill:
         assert record["teacher_accuracy"] == finetune[best - 1]["teacher_accuracy"]
     stats = evaluate(trained.model, batches(trained.model, trained.val_texts, trained.val_labels))
     assert isinstance(stats, EvalStats) and stats.samples == len(trained.val_texts)
@@ -104,7 +104,7 @@ def test_finetune_learns_the_task(trained):
 
 
 def test_distillation_makes_the_first_exit_agree_with_the_teacher(trained):
-    distill = trained.history["distill"]
+    distill = trained.history.distill
     assert len(distill) == 4
     steps = math.ceil(len(trained.distill_texts) / trained.config.batch_size)  # the unlabelled texts
     assert all(r["steps"] == steps for r in distill)
@@ -112,16 +112,16 @@ def test_distillation_makes_the_first_exit_agree_with_the_teacher(trained):
     assert distill[-1]["agreement"][0] >= 0.8
     assert distill[-1]["exit_accuracy"][0] >= 0.8
     for key in ("loss", "teacher_accuracy", "exit_accuracy", "agreement", "seconds", "samples_per_s", "lr"):
-        assert key in distill[-1] and key in trained.history["finetune"][-1]
+        assert key in distill[-1] and key in trained.history.finetune[-1]
     assert any(line.startswith("distill epoch 4/4") for line in trained.lines)
     # stage 2 keeps its epoch of best mean student agreement (the later on ties): the model holds it
     scores = [float(np.mean(r["agreement"][:-1])) for r in distill]
-    kept = trained.history["kept"]["distill"]
+    kept = trained.history.kept["distill"]
     assert kept["epoch"] == max(range(1, 5), key=lambda e: (scores[e - 1], e)) and kept["by"] == "mean_agreement"
     assert kept["value"] == scores[kept["epoch"] - 1] and kept["epochs_run"] == 4 and not kept["stopped_early"]
     stats = evaluate(trained.model, batches(trained.model, trained.val_texts, trained.val_labels))
     assert stats.agreement == distill[kept["epoch"] - 1]["agreement"]
-    assert trained.history["kept"]["finetune"]["epoch"] == trained.history["best_epoch"]
+    assert trained.history.kept["finetune"]["epoch"] == trained.history.best_epoch
 
 
 def test_patience_stops_a_stage_without_strict_improvement():
@@ -135,8 +135,8 @@ def test_patience_stops_a_stage_without_strict_improvement():
                   TrainConfig(epochs=1, distill_epochs=6, distill_lr=1e-12, patience=2, lr=3e-3, batch_size=16,
                               precision="fp32"),
                   log=lines.append)
-    assert [r["epoch"] for r in history["distill"]] == [1, 2, 3]
-    assert history["kept"]["distill"] == {"epoch": 3, "by": "mean_agreement", "value": history["kept"]["distill"]["value"],
+    assert [r["epoch"] for r in history.distill] == [1, 2, 3]
+    assert history.kept["distill"] == {"epoch": 3, "by": "mean_agreement", "value": history.kept["distill"]["value"],
                                           "epochs_run": 3, "stopped_early": True}
     assert any("stopped after epoch 3" in line for line in lines)
     with pytest.raises(ValueError, match="patience must be a positive integer"):
@@ -160,7 +160,7 @@ def test_scorer_exits_early_at_nearly_the_same_accuracy(trained):
 
 def test_each_stage_schedule_reaches_zero_exactly_at_its_end(trained):
     for stage in ("finetune", "distill"):
-        lrs = [r["lr"] for r in trained.history[stage]]
+        lrs = [r["lr"] for r in getattr(trained.history, stage)]
         assert all(lr > 0 for lr in lrs[:-1]), (stage, lrs)
         assert lrs[-1] == 0.0, (stage, lrs)
 

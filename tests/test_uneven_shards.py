@@ -151,12 +151,12 @@ def short_then_long(rng: np.random.Generator, n: int) -> tuple[list[str], list[s
     return [texts[i] for i in order], [labels[i] for i in order]
 
 
-def check_lockstep(metrics: dict, stage: str, epochs: int, rows: int, val_rows: int, workers: int,
+def check_lockstep(metrics, stage: str, epochs: int, rows: int, val_rows: int, workers: int,
                    batch_size: int) -> None:
     """Every epoch of the stage ran, and every worker took all of its batches (of the global
     ``batch_size`` / ``workers`` rows), as many as every other worker and as the LR schedule
     counted (steps_per_epoch)."""
-    history = metrics[stage]
+    history = getattr(metrics, stage)
     assert [e["epoch"] for e in history] == list(range(1, epochs + 1))
     for e in history:
         assert e["workers"] == workers
@@ -189,4 +189,4 @@ def test_three_workers_on_short_and_long_texts_sorted_by_length_finish(ray_sessi
                                  cpus_per_worker=1, epochs=1, distill_epochs=0, batch_size=12, **FAST),
                   log=lambda line: None)
     check_lockstep(metrics, "finetune", 1, 1001, 151, 3, 12)
-    assert metrics["distill"] == [] and os.path.isfile(output / "metrics.json")
+    assert metrics.distill == [] and os.path.isfile(output / "metrics.json")
