@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from pipeline.engine import Scorer
-from pipeline.evaluate import COMPARISON_SPEEDS, EQUAL, _verdict, at_equal_flops, correct_at, macro_f1, paired_interval
+from pipeline.config import SPEED_GRID
+from pipeline.evaluate import EQUAL, _verdict, at_equal_flops, correct_at, macro_f1, paired_interval
 from pipeline.losses import student_label_loss, teacher_loss
 from pipeline.model import FORMAT, FastBert, _build_backbone, _resolve_backbone
 from pipeline.outputs import UserError
@@ -159,6 +160,9 @@ def plain_bert_baseline(plain: nn.Module, path: str, model: FastBert, exits: All
 
 
 # -- (c) students trained on the labels -------------------------------------------------------
+
+# speeds of the label-students curve: the table's grid and the small speeds where accuracy moves most
+COMPARISON_SPEEDS = tuple(sorted(set(SPEED_GRID) | {0.001, 0.002, 0.003, 0.005, 0.007}))
 
 
 def train_label_students(model: FastBert, texts: Sequence[str], labels: Sequence[str], epochs: int, lr: float,

@@ -18,7 +18,7 @@ workers trains, now that --batch-size is the global batch) and are cached one JS
 under ``--work``: a sweep stopped half way goes on where it stopped.
 
     python -m benchmarks.sweep [--sets r8 r52 20news tweets] [--sizes 1000] [--lrs 2e-5 5e-5 1e-4 2e-4]
-        [--head-lrs same 2e-3] [--epochs 4] [--distill-lrs 2e-4 1e-3] [--distill-epochs 3]
+        [--head-lrs same 2e-3] [--epochs 4] [--distill-lrs 2e-4 1e-3] [--distill-epochs 3] [--distill-on unlabelled]
         [--work DIR] [--json out.json]
 """
 
@@ -57,7 +57,9 @@ def sample(dataset: str, size: int, test_rows: int, seed: int = 0):
     test_texts, test_labels = test["text"].to_pylist(), test["label"].to_pylist()
     test_idx = np.sort(np.random.default_rng(seed + 1).permutation(len(test_texts))[:test_rows]) \
         if 0 < test_rows < len(test_texts) else np.arange(len(test_texts))
-    return (pick(chosen, texts, labels), pick(val, texts, labels), pick(test_idx, test_texts, test_labels), names)
+    unlabelled = [texts[i] for i in rest]  # every training text outside validation, the sample's included
+    return (pick(chosen, texts, labels), pick(val, texts, labels), pick(test_idx, test_texts, test_labels), names,
+            unlabelled)
 
 
 def accuracy(model: FastBert, texts, labels) -> float:
@@ -87,6 +89,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmups", nargs="+", type=float, default=[0.1])
     parser.add_argument("--distill-lrs", nargs="+", type=float, default=[2e-4, 1e-3])
     parser.add_argument("--distill-epochs", nargs="+", type=int, default=[3])
+    parser.add_argument("--distill-on", choices=["train", "unlabelled"], default="train",
+                        help="stage 2's texts: the labelled sample's, or every training text outside validation "
+                             "without its label (the paper's unlabelled distillation)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     stage1, stage2 = [], []
     for dataset in args.sets:
         for size in args.sizes:
-            (tr_t, tr_l), (va_t, va_l), (te_t, te_l), names = sample(dataset, size, args.test_rows)
+            (tr_t, tr_l), (va_t, va_l), (te_t, te_l), names, unlabelled = sample(dataset, size, args.test_rows)
             best = None
             for lr in args.lrs:
                 for head in args.head_lrs:
@@ -130,17 +135,20 @@ def main(argv: list[str] | None = None) -> dict:
                                 best = (r, key)
             for distill_lr in args.distill_lrs:
                 for distill_epochs in args.distill_epochs:
-                    key = f"{dataset}-{size}/s2-{best[1].split('/')[1]}-dlr{distill_lr:g}-de{distill_epochs}"
+                    key = (f"{dataset}-{size}/s2-{best[1].split('/')[1]}-dlr{distill_lr:g}-de{distill_epochs}"
+                           + ("-unlabelled" if args.distill_on == "unlabelled" else ""))
 
                     def make2(distill_lr=distill_lr, distill_epochs=distill_epochs, key=key, source=best[1]):
                         model = FastBert.from_pretrained(os.path.join(args.work, source, "model"))
                         start = time.perf_counter()
                         fit(model, tr_t, tr_l, va_t, va_l, TrainConfig(
                             epochs=0, distill_epochs=distill_epochs, distill_lr=distill_lr,
-                            batch_size=args.batch_size), log=None)
+                            batch_size=args.batch_size), log=None,
+                            distill_texts=unlabelled if args.distill_on == "unlabelled" else None)
                         table = tradeoff_table(model, va_t, va_l, data="validation")
                         test_exits = all_exits(model, te_t, te_l)
                         out = {"set": dataset, "size": size, "from": source, "distill_lr": distill_lr,
+                               "distill_on": args.distill_on,
                                "distill_epochs": distill_epochs, "seconds": time.perf_counter() - start,
                                "test_teacher": at_speed(test_exits, model, 0.0).accuracy}
                         for budget in (0.5, 1.0):

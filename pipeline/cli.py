@@ -36,12 +36,14 @@ class JobParser(argparse.ArgumentParser):
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """The trailing comment of each field line of a dataclass (``name: type = ...  # comment``)."""
+    """The trailing comment of each field line of a dataclass (``name: type = ...  # comment``),
+    its base dataclasses' too (a subclass's own comment wins)."""
     comments = {}
-    for line in inspect.getsource(cls).splitlines():
-        match = re.match(r"\s+(\w+): [^#]+?#\s*(.+)$", line)
-        if match:
-            comments[match.group(1)] = match.group(2).strip()
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        for line in inspect.getsource(klass).splitlines():
+            match = re.match(r"\s+(\w+): [^#]+?#\s*(.+)$", line)
+            if match:
+                comments[match.group(1)] = match.group(2).strip()
     return comments
 
 
@@ -83,7 +85,8 @@ def config_parser(module: str, doc: str | None, config: type, flags: dict[str, d
     parser = JobParser(module, doc)
     hints = typing.get_type_hints(config)
     comments = field_comments(config)
-    for f in dataclasses.fields(config):
+    fields = dataclasses.fields(config)
+    for f in sorted(fields, key=lambda f: _default(f) is not dataclasses.MISSING):  # the required flags first
         if f.name in skip:
             continue
         hint, default = hints[f.name], _default(f)

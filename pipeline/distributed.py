@@ -35,7 +35,7 @@ from typing import Any, Iterable, Iterator, Literal
 import numpy as np
 import torch
 
-from pipeline.config import (CONFIG_FILE, PRECISIONS, TEACHER_HEADS, TRADEOFF_FILE, WEIGHTS_FILE, TradeoffTable,
+from pipeline.config import (CONFIG_FILE, TEACHER_HEADS, TRADEOFF_FILE, WEIGHTS_FILE, TradeoffTable,
                              save_table)
 from pipeline.model import FastBert, resolve_precision
 from pipeline.outputs import (Manifest, UserError, absolute, claim_output, inspect_output, put_file, read_manifest,
@@ -62,9 +62,10 @@ CACHE_SHARE = 0.25  # cache="auto" keeps an input in the object store when its t
 COLLECTIVE_TIMEOUT_S = 300
 
 
-@dataclass
-class TrainJobConfig:
-    """A training job: its input, output and the settings of both stages."""
+@dataclass(kw_only=True)
+class TrainJobConfig(TrainConfig):
+    """A training job: its inputs, output and resources, and the settings of both stages (those
+    of ``pipeline.train.TrainConfig``, which it extends)."""
 
     train: str  # Parquet file or folder (local path or fsspec URI) with text and label columns
     validation: str  # Parquet with the same columns; evaluated after every epoch
@@ -77,19 +78,11 @@ class TrainJobConfig:
     workers: int = 2  # Ray Train workers (data-parallel)
     cpus_per_worker: int = 1  # Ray CPUs of each worker; also its torch threads when it trains on CPU
     use_gpu: bool | None = None  # train on GPUs; none given: when the cluster has them
-    epochs: int = 3  # stage 1 (fine-tuning) epochs
-    distill_epochs: int = 5  # stage 2 (self-distillation) epochs; 0 skips the stage
-    lr: float = 2e-4  # stage 1 learning rate of the backbone (AdamW, linear warm-up and decay; benchmarks.sweep)
-    head_lr: float | None = 2e-3  # stage 1 learning rate of the new teacher head; none given: --lr
-    distill_lr: float = 1e-3  # stage 2 learning rate of the students (benchmarks.sweep)
-    batch_size: int = 32  # rows per optimizer step over all workers (each takes batch_size / workers): any worker count, one model
     max_length: int = 128  # tokens per text; longer texts are truncated
     branch_width: int = 128  # width of the students (the paper's 128); a new model only
     teacher_head: Literal["pooler", "branch"] = "pooler"  # plain BERT's head, or the paper's branch; a new model only
     teacher_width: int | None = None  # width of a branch teacher; none given: the backbone's hidden size; a new model only
-    seed: int = 0  # the seed of the new classifiers and of the shuffles
     max_rows: int | None = None  # read at most this many rows of each input (for trials)
-    kl: Literal["paper", "reverse"] = "reverse"  # stage 2 loss: KL(p_t || p_s), or KL(p_s || p_t) ("paper")
     max_failures: int = 2  # worker failures each stage survives (restarts from its last checkpoint)
     overwrite: bool = False  # remove an earlier run's files from the output first (only those)
     storage: str | None = None  # Ray run storage (checkpoints); none given: <output>/_ray
@@ -97,14 +90,10 @@ class TrainJobConfig:
     # reshuffles it ("auto": when its token ids fit in a quarter of the object store; "off": stream
     # it from the files every epoch, for inputs too large to keep)
     cache: Literal["auto", "on", "off"] = "auto"  # keep the tokenised inputs in Ray's object store (auto: if they fit)
-    log_every: int = 50  # steps between progress lines (rank 0)
-    patience: int | None = None  # stop a stage after this many epochs without a better validation score (kept: the best)
-    # mixed precision of the forward passes: auto is bf16 where the chip has it natively (fp16 with
-    # loss scaling on older GPUs), else fp32; weights, updates and losses stay fp32
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # forward passes in bf16/fp16 autocast, or fp32
     verbose: bool = False  # show Ray's own logs and progress lines
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # the settings of both stages
         for name in ("train", "validation", "output", "text_column", "label_column", "backbone"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise UserError(f"TrainJobConfig.{name} must be a non-empty string, got {getattr(self, name)!r}")
@@ -113,8 +102,7 @@ class TrainJobConfig:
                 setattr(self, name, absolute(getattr(self, name)))
         if self.backbone != "bundled" and os.path.exists(self.backbone):  # a folder, not a Hugging Face name
             self.backbone = os.path.abspath(self.backbone)
-        for name in ("workers", "cpus_per_worker", "epochs", "distill_epochs", "batch_size", "max_length", "branch_width",
-                     "seed", "max_failures", "log_every"):
+        for name in ("workers", "cpus_per_worker", "max_length", "branch_width", "max_failures"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise UserError(f"TrainJobConfig.{name} must be an integer, got {value!r}")
@@ -141,14 +129,11 @@ class TrainJobConfig:
                              "a finetuned model keeps its own")
         if self.teacher_head == "pooler" and self.teacher_width is not None:
             raise UserError("teacher_width sizes a branch teacher: pass teacher_head='branch' with it")
-        if self.distill_epochs < 0 or self.max_failures < 0:
-            raise UserError(f"distill_epochs and max_failures must be >= 0, got {self.distill_epochs} "
-                             f"and {self.max_failures}")
+        if self.max_failures < 0:
+            raise UserError(f"max_failures must be >= 0, got {self.max_failures}")
         if self.max_rows is not None and (isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int)
                                           or self.max_rows < 1):
             raise UserError(f"max_rows must be a positive integer or None, got {self.max_rows!r}")
-        if self.precision not in PRECISIONS:
-            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.cache not in ("auto", "on", "off"):
             raise UserError(f"cache must be 'auto', 'on' or 'off', got {self.cache!r}")
         if self.use_gpu not in (None, True, False):
@@ -158,18 +143,11 @@ class TrainJobConfig:
             raise UserError(f"text_column and label_column are both {self.text_column!r}")
         if self.finetuned is not None and self.distill_epochs == 0:
             raise UserError("finetuned skips stage 1, so distill_epochs must be >= 1 (stage 2 is all there is)")
-        self.train_config()  # checks the learning rates
 
     def model_fields(self) -> dict[str, Any]:
         """The FastBertConfig fields of a new model (stage 1 builds one on the backbone)."""
         return {"max_length": self.max_length, "branch_width": self.branch_width, "teacher_head": self.teacher_head,
                 "teacher_width": self.teacher_width}
-
-    def train_config(self) -> TrainConfig:
-        """The TrainConfig of ``pipeline.train`` for these settings."""
-        return TrainConfig(epochs=self.epochs, lr=self.lr, head_lr=self.head_lr, distill_epochs=self.distill_epochs,
-                           distill_lr=self.distill_lr, batch_size=self.batch_size, kl=self.kl, seed=self.seed,
-                           log_every=self.log_every, patience=self.patience, precision=self.precision)
 
     @property
     def worker_batch(self) -> int:
@@ -670,7 +648,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     job = TrainJobConfig(**loop_config["job"])
     stage: Stage = loop_config["stage"]
-    config = job.train_config()
+    config: TrainConfig = job
     torch.manual_seed(job.seed)
     if not job.verbose:  # Ray Train's notices in this worker (its reports) go to the log files only
         logging.getLogger().setLevel(logging.WARNING)

@@ -34,10 +34,10 @@ import pyarrow as pa
 import torch
 
 from pipeline import flops as flop_account
-from pipeline.config import SCHEMA, check_speed
+from pipeline.config import SCHEMA
 from pipeline.model import FastBert, autocast, resolve_precision, uncertainty
 from pipeline.text import tokenize
-from pipeline.tradeoff import FALLBACK_SPEED, choose_speed, default_choice
+from pipeline.tradeoff import pick_speed
 
 
 @dataclass
@@ -125,16 +125,8 @@ class Scorer:
         precision: str = "auto",
         compile: bool = False,
     ):
-        self.speed_choice = None  # the table's point for a budget, when the speed came from one
-        if max_accuracy_drop is not None or target_speedup is not None:
-            if speed is not None:
-                raise ValueError("give a speed or a budget (max_accuracy_drop, target_speedup), not both")
-            self.speed_choice = choose_speed(model.tradeoff, max_accuracy_drop, target_speedup)
-            speed = self.speed_choice.speed
-        elif speed is None:  # the model's own suggestion (a 0.5-point budget), or 0.5 without a table
-            self.speed_choice = default_choice(model.tradeoff)
-            speed = FALLBACK_SPEED if self.speed_choice is None else self.speed_choice.speed
-        check_speed(speed)
+        # the table's point when the speed came from it (a budget, or the model's own suggestion)
+        speed, self.speed_choice = pick_speed(model.tradeoff, speed, max_accuracy_drop, target_speedup)
         if not isinstance(micro_batch, int) or micro_batch < 1:
             raise ValueError(f"micro_batch must be a positive integer, got {micro_batch!r}")
         if model.tokenizer is None:

@@ -31,7 +31,6 @@ from pipeline import flops as flop_account
 from pipeline.config import PRECISIONS, check_speed
 from pipeline.model import FastBert, resolve_precision
 from pipeline.outputs import Manifest, UserError, claim_output, inspect_output, put_file, refuse_unsafe_output
-from pipeline.config import SPEED_GRID
 from pipeline.tradeoff import AllExits, all_exits, at_speed, exits_at, predictions_at
 
 EVALUATION_FILE = "evaluation.json"
@@ -40,8 +39,6 @@ TRADEOFF_PLOT = "tradeoff.png"
 EXITS_PLOT = "exits.png"
 OWNS = [EVALUATION_FILE, CSV_FILE, TRADEOFF_PLOT, EXITS_PLOT]  # what an evaluation writes into its output folder
 DEFAULT_SPEEDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-# speeds of the label-students curve: the table's grid and the small speeds where accuracy moves most
-COMPARISON_SPEEDS = tuple(sorted(set(SPEED_GRID) | {0.001, 0.002, 0.003, 0.005, 0.007}))
 EQUAL = 1e-9  # accuracy differences below this count as ties
 
 

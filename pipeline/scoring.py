@@ -47,7 +47,7 @@ from pipeline.outputs import Manifest, UserError, absolute, claim_output, refuse
 from pipeline.ray_init import check_ray_address, init_ray
 from pipeline.text import describe_columns, expand_inputs, load_tokenizer, tokenize
 from pipeline.config import load_table
-from pipeline.tradeoff import DEFAULT_BUDGET, FALLBACK_SPEED, choose_speed, describe_choice
+from pipeline.tradeoff import DEFAULT_BUDGET, describe_choice, pick_speed
 
 # torch, transformers and the modules that import them (engine, model) are imported in the
 # replicas alone: the driver and the read, tokenise and write tasks (which import this module
@@ -463,17 +463,15 @@ def run(job: ScoreJobConfig, log=print) -> dict[str, Any]:
     start = time.perf_counter()
     config = load_config(job.model)  # a clear error when it is no FastBERT folder; the weights stay where they are
     choice = None
-    if job.speed is None and job.max_accuracy_drop is None and job.target_speedup is None:
-        table = load_table(job.model)  # no speed, no budget: the model's suggestion, else the fallback
-        job = dataclasses.replace(job, speed=FALLBACK_SPEED) if table is None else \
-            dataclasses.replace(job, max_accuracy_drop=DEFAULT_BUDGET)
-    if job.speed is None:  # a budget: the speed comes from the model's trade-off table
-        table = load_table(job.model)
-        point = choose_speed(table, job.max_accuracy_drop, job.target_speedup)
-        choice = {"max_accuracy_drop": job.max_accuracy_drop, "target_speedup": job.target_speedup,
+    table = load_table(job.model) if job.speed is None else None
+    speed, point = pick_speed(table, job.speed, job.max_accuracy_drop, job.target_speedup)
+    if point is not None:  # a budget, or none given: the speed comes from the model's trade-off table
+        budget = job.max_accuracy_drop if job.max_accuracy_drop is not None or job.target_speedup is not None \
+            else DEFAULT_BUDGET
+        choice = {"max_accuracy_drop": budget, "target_speedup": job.target_speedup,
                   "table": {"data": table.data, "rows": table.rows}, "promised": dataclasses.asdict(point)}
         log(f"chose {describe_choice(point, table)}")
-        job = dataclasses.replace(job, speed=point.speed, max_accuracy_drop=None, target_speedup=None)
+    job = dataclasses.replace(job, speed=speed, max_accuracy_drop=None, target_speedup=None)
     max_length = job.max_length or config.max_length
     layers = config.num_layers
     if not 2 <= max_length <= config.max_positions:

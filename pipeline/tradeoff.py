@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline import flops as flop_account
-from pipeline.config import SPEED_GRID, TRADEOFF_FILE, Point, TradeoffTable
+from pipeline.config import SPEED_GRID, TRADEOFF_FILE, Point, TradeoffTable, check_speed
 from pipeline.outputs import UserError
 
 if TYPE_CHECKING:
@@ -106,12 +106,24 @@ DEFAULT_BUDGET = 0.5  # accuracy points: without a speed or a budget, scoring ru
 FALLBACK_SPEED = 0.5  # the speed without a speed, a budget or a table (a model trained before tables existed)
 
 
-def default_choice(table: TradeoffTable | None) -> Point | None:
-    """The speed scoring runs when nobody names one: the model's own suggestion, the fastest
-    speed within ``DEFAULT_BUDGET`` points of the teacher on its validation rows (None for a
-    model without a table: then ``FALLBACK_SPEED``). A weak model's table suggests a low
-    speed; a fixed speed would have it spend more FLOPs than full depth."""
-    return None if table is None else choose_speed(table, max_accuracy_drop=DEFAULT_BUDGET)
+def pick_speed(table: TradeoffTable | None, speed: float | None = None, max_accuracy_drop: float | None = None,
+               target_speedup: float | None = None) -> tuple[float, Point | None]:
+    """The speed to run, and its point of ``table`` when the table chose it: a speed given is
+    run as it is; a budget is met from the table (``choose_speed``); with neither, the model's
+    own suggestion, the fastest speed within ``DEFAULT_BUDGET`` points of the teacher on its
+    validation rows (a weak model's table suggests a low speed, where a fixed one would spend
+    more FLOPs than full depth), or ``FALLBACK_SPEED`` for a model without a table."""
+    budget = max_accuracy_drop is not None or target_speedup is not None
+    if speed is not None:
+        if budget:
+            raise UserError("give a speed or a budget (max_accuracy_drop, target_speedup), not both")
+        return check_speed(speed), None
+    if not budget:
+        if table is None:
+            return FALLBACK_SPEED, None
+        max_accuracy_drop = DEFAULT_BUDGET
+    point = choose_speed(table, max_accuracy_drop, target_speedup)
+    return point.speed, point
 
 
 def format_table(table: TradeoffTable, speeds: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),

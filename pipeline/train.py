@@ -54,25 +54,28 @@ Label = int | str
 
 @dataclass
 class TrainConfig:
-    """Settings of both stages; the learning rates are benchmarks.sweep's best on the bundled sets
-    (not the paper's, set for BERT-base on large data), the KL's direction the official code's."""
+    """Settings of both stages (``fit``'s; ``pipeline.distributed.TrainJobConfig`` extends them
+    with a job's inputs and resources). The learning rates are benchmarks.sweep's best on the
+    bundled sets, not the paper's (set for BERT-base on large data)."""
 
-    epochs: int = 3  # stage 1 (fine-tuning) epochs; 0 skips the stage
-    lr: float = 2e-4  # stage 1 peak learning rate (benchmarks.sweep; the paper's 2e-5 undertrains a small model on small data)
-    head_lr: float | None = 2e-3  # stage 1 peak rate of the (randomly initialised) teacher; None: lr
+    epochs: int = 3  # stage 1 (fine-tuning) epochs
+    lr: float = 2e-4  # stage 1 peak learning rate of the backbone (AdamW, linear warm-up and decay)
+    head_lr: float | None = 2e-3  # stage 1 peak learning rate of the new teacher head; none given: lr
     distill_epochs: int = 5  # stage 2 (self-distillation) epochs; 0 skips the stage
-    distill_lr: float = 1e-3  # stage 2 peak learning rate (benchmarks.sweep)
+    distill_lr: float = 1e-3  # stage 2 peak learning rate of the students
     warmup: float = 0.1  # fraction of each stage's steps with a linear warm-up
     weight_decay: float = 0.01  # AdamW decay of matrices (not of biases and LayerNorm weights)
-    batch_size: int = 32  # rows per step (``fit`` only; a job brings its own batches)
+    batch_size: int = 32  # rows per optimizer step; a job splits them evenly over its workers
     max_grad_norm: float = 1.0  # gradient clipping norm; 0 turns clipping off
-    # KL(p_t || p_s) (as the official code and Hinton's distillation), or KL(p_s || p_t) as the paper
-    # writes it, which teaches the students much less in a short stage 2 (README: Training on Ray)
-    kl: Literal["paper", "reverse"] = "reverse"
-    seed: int = 0  # seeds torch, numpy and the shuffling
+    # KL(p_t || p_s), as the official code and Hinton's distillation; "paper": KL(p_s || p_t) as the
+    # paper writes it, which teaches the students much less in a short stage 2 (benchmarks/RESULTS.md)
+    kl: Literal["paper", "reverse"] = "reverse"  # stage 2 loss: KL(p_t || p_s), or KL(p_s || p_t) ("paper")
+    seed: int = 0  # the seed of the new classifiers and of the shuffles
     log_every: int = 50  # steps between progress lines
-    patience: int | None = None  # stop a stage after this many epochs without a better validation score
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # of the forward passes (``fit``; a job resolves its own)
+    patience: int | None = None  # stop a stage after this many epochs without a better validation score (kept: the best)
+    # auto: bf16 where the chip has it natively (fp16 with loss scaling on older GPUs), else fp32;
+    # weights, updates and losses stay fp32
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # forward passes in bf16/fp16 autocast, or fp32
 
     def __post_init__(self) -> None:
         if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(self.patience, int)
@@ -81,7 +84,7 @@ class TrainConfig:
         for name in ("epochs", "distill_epochs", "batch_size", "seed", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
-                raise UserError(f"TrainConfig.{name} must be an integer, got {value!r}")
+                raise UserError(f"{type(self).__name__}.{name} must be an integer, got {value!r}")
         if self.epochs < 0 or self.distill_epochs < 0:
             raise UserError(
                 f"epochs and distill_epochs must be >= 0 (0 skips the stage), got "
