@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
             accuracy = float(np.mean(np.array(table.column("prediction").to_pylist()) ==
                                      np.array(test["label"].to_pylist())))
             row = {"seconds": seconds, "test_accuracy": accuracy,
-                   "finetune_samples_per_s": statistics.median(e["samples_per_s"] for e in metrics.finetune),
-                   "distill_samples_per_s": statistics.median(e["samples_per_s"] for e in metrics.distill)}
+                   "finetune_samples_per_s": statistics.median(e["samples_per_s"] for e in metrics["finetune"]),
+                   "distill_samples_per_s": statistics.median(e["samples_per_s"] for e in metrics["distill"])}
             result["train"][precision] = row
             print(f"  {precision}: fine-tune {row['finetune_samples_per_s']:.1f} samples/s, distil "
                   f"{row['distill_samples_per_s']:.1f} samples/s, teacher test accuracy {100 * accuracy:.2f}%, "

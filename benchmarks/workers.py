@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32, help="the global batch (default: 32)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the training seed (classifiers, shuffles)")
+    parser.add_argument("--data-seed", type=int, default=0, help="the seed of the data sample")
     parser.add_argument("--work", default=DEFAULT_WORK)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -47,15 +48,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     from pipeline.ray_init import init_ray
 
-    sample = f"{args.work}/{args.dataset}-{args.train_rows}-{args.validation_rows}-{args.test_rows}-seed{args.seed}"
-    data = write_bundled(args.dataset, f"{sample}/data", validation_rows=args.validation_rows, seed=args.seed,
+    sample = f"{args.work}/{args.dataset}-{args.train_rows}-{args.validation_rows}-{args.test_rows}-seed{args.data_seed}"
+    data = write_bundled(args.dataset, f"{sample}/data", validation_rows=args.validation_rows, seed=args.data_seed,
                          train_rows=args.train_rows, test_rows=args.test_rows or None)
     test = pq.read_table(data["test"])
     texts, labels = test.column("text").to_pylist(), [str(v) for v in test.column("label").to_pylist()]
     init_ray()
     runs = []
     for workers in args.workers:
-        output = f"{sample}/e{args.epochs}-b{args.batch_size}-w{workers}"
+        output = f"{sample}/e{args.epochs}-b{args.batch_size}-w{workers}" + (f"-seed{args.seed}" if args.seed else "")
         start = time.perf_counter()
         metrics = train(TrainJobConfig(train=data["train"], validation=data["validation"], output=output,
                                        workers=workers, cpus_per_worker=max(1, 2 // workers), epochs=args.epochs,
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         r["validation_points_vs_first"] = 100 * (r["validation_accuracy"] - base["validation_accuracy"])
         print(f"{r['workers']} against {base['workers']} worker(s): validation {r['validation_points_vs_first']:+.2f}, "
               f"test {r['test_points_vs_first']:+.2f} points")
-    result = {"dataset": args.dataset, "train_rows": args.train_rows, "epochs": args.epochs,
+    result = {"dataset": args.dataset, "train_rows": args.train_rows, "epochs": args.epochs, "seed": args.seed,
               "batch_size": args.batch_size, "runs": runs}
     if args.json:
         with open(args.json, "w") as f:

@@ -680,7 +680,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # steps of the same number of rows: one schedule, one model, whatever the scale
     batch = job.worker_batch  # rows per step on this worker
     steps_per_epoch = batches_per_worker(loop_config["train_rows"], workers, batch) or 1
-    _, optimizer, scheduler = stage_optimizer(model, stage, config, epochs * steps_per_epoch)
+    optimizer, scheduler = stage_optimizer(model, stage, config, epochs * steps_per_epoch)
     fastbert, model = model, ray.train.torch.prepare_model(model)  # Ray: to the device, DDP across the workers
     if checkpoint is not None:  # resuming this stage: AdamW's moments and the schedule continue
         with checkpoint.as_directory() as d:
