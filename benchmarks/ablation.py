@@ -143,7 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
         students = FastBert.from_pretrained(metrics.finetuned)
         train_label_students(students, texts, labels, label_epochs, args.distill_lr)
         students.save_pretrained(label_students)
-    plain_path = f"{work}/plain-bert"
+    # a folder per recipe: another run's plain classifier is never taken for this one's
+    plain_path = (f"{work}/plain-bert-{args.train_rows}rows-{args.epochs}e-lr{args.lr:g}-head{args.head_lr:g}"
+                  f"-len{args.max_length}-{os.path.basename(args.backbone.rstrip('/'))}")
     if not os.path.isfile(f"{plain_path}/config.json"):
         print(f"== (a) plain BERT classifier, the same budget ({time.perf_counter() - start:.0f} s)", flush=True)
         validation = pq.read_table(data["validation"])

@@ -56,6 +56,9 @@ NOT_COMPARED = ("overwrite", "max_failures", "workers", "cpus_per_worker", "use_
 # what a training job writes into its output folder (besides _manifest.json and hidden temporary
 # files): the Ray runs, the model (tokenizer files as named when published) and its tables
 OWNS = [f"{RAY_FOLDER}/**", METRICS_FILE, TRADEOFF_FILE, CONFIG_FILE, WEIGHTS_FILE]
+# training modes of earlier versions (the ablation's baselines, now benchmarks.baselines) and their
+# value in a FastBERT run: an output trained otherwise is another job's, never resumed as this one
+REMOVED_MODES = {"plain_bert": False, "student_targets": "teacher"}
 CACHE_SHARE = 0.25  # cache="auto" keeps an input in the object store when its token ids fit in this share of it
 # a collective that waits this long is stuck (a worker lost or out of step): it raises, and Ray
 # Train's FailureConfig restarts the workers, instead of hanging for torch's default 30 minutes
@@ -415,6 +418,8 @@ def _check_output(job: TrainJobConfig) -> None:
     if arguments.get("finetuned") is None:  # a finetuned model has no teacher_head of its own
         defaults["teacher_head"] = "branch"
     changed = sorted(k for k, v in _comparable(job.arguments()).items() if arguments.get(k, defaults[k]) != v)
+    # modes earlier versions had and this one has not: such a folder holds no model this job makes
+    changed += sorted(k for k, mine in REMOVED_MODES.items() if arguments.get(k, mine) != mine)
     if changed:
         hint = (" (runs before the teacher_head option had a branch teacher: pass teacher_head='branch', "
                 "--teacher-head branch, to resume it)" if "teacher_head" in changed and "teacher_head" not in arguments

@@ -286,7 +286,8 @@ def run_evaluation(config: EvaluateConfig, log=print) -> Evaluation:
                 result = Evaluation.from_json(json.load(f))
             log(f"{config.output} already holds this evaluation ({EVALUATION_FILE}): nothing to do")
             return result
-        changed = sorted(k for k in arguments if previous.arguments.get(k) != arguments[k])
+        changed = sorted(k for k in set(arguments) | set(previous.arguments)  # (an earlier version's too)
+                         if previous.arguments.get(k) != arguments.get(k))
         raise UserError(f"--output {config.output} holds an earlier evaluation"
                         + (f" with other arguments (differing: {', '.join(changed)})" if changed else " that did not finish")
                         + "; pass --overwrite to replace it or choose another --output")
@@ -303,8 +304,8 @@ def run_evaluation(config: EvaluateConfig, log=print) -> Evaluation:
     result = tabulate(model, exits, config.speeds, data=config.input, model_uri=config.model, precision=precision)
     result.full_pass_seconds, result.config = full_pass_s, asdict(config)
     claim_output(config.output, Manifest("jobs.evaluate", OWNS, arguments), overwrite=True)  # checked above
+    result.seconds = time.perf_counter() - start  # all but writing the files
     write_evaluation(result, config.output)
-    result.seconds = time.perf_counter() - start
     for line in format_table(result):
         log(line)
     log(f"written to {config.output}: {', '.join(result.files)} ({result.seconds:.0f} s)")
@@ -393,7 +394,7 @@ def to_csv(result: Evaluation) -> str:
 
 def plot_tradeoff(result: Evaluation, path: str) -> None:
     """Accuracy against FLOP speed-up: the teacher as a line, each speed a labelled point with
-    its measured wall speed-up, and the baselines."""
+    its measured wall speed-up when benchmarks.ablation timed it, and the baselines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -418,7 +419,8 @@ def plot_tradeoff(result: Evaluation, path: str) -> None:
                 linewidth=1, label="students trained on labels")
     rows = sorted(result.speeds, key=lambda r: r["flop_speedup"])
     ax.plot([r["flop_speedup"] for r in rows], [100 * r["accuracy"] for r in rows], "o-", color="tab:blue",
-            label="FastBERT, adaptive exit (speed; measured wall speed-up)")
+            label="FastBERT, adaptive exit (speed" + ("; measured wall speed-up)" if any(
+                r.get("wall_speedup") is not None for r in rows) else ")"))
     shown = ([100 * r["accuracy"] for r in rows] + [100 * p["accuracy"] for p in trunc]
              + [100 * result.teacher_accuracy] + ([100 * b["plain_bert"]["accuracy"]] if b["plain_bert"] else [])
              + ([100 * p["accuracy"] for p in b["label_students"]["curve"]] if b["label_students"] else []))

@@ -364,6 +364,11 @@ def test_unfinished_run_of_another_job_is_refused(data, tmp_path):
     with pytest.raises(ValueError, match=r"differing: \['lr'\]"):
         check_inputs(job(data, output))
     assert check_inputs(job(data, output, lr=1.0)).train_rows == 256  # the same job: resumes
+    # a run of an earlier version's baseline modes is no FastBERT run of this job
+    for mode in ({"plain_bert": True}, {"student_targets": "labels"}):
+        state.write_text(json.dumps({"arguments": {**job(data, output).arguments(), **mode}}))
+        with pytest.raises(ValueError, match=rf"differing: \['{next(iter(mode))}'\]"):
+            check_inputs(job(data, output))
     # a run of a version before teacher_head had a branch teacher: not the new default's pooler
     earlier = {k: v for k, v in job(data, output).arguments().items() if k != "teacher_head"}
     state.write_text(json.dumps({"arguments": earlier}))
