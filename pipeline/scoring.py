@@ -370,17 +370,19 @@ def release_freed_memory() -> None:
     """Hand the heap's free pages back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
     Every call's tensors have other shapes, and without this a replica's memory grew with the
     rows it had scored (478 -> 1,139 MB over 8 calls of 1,024 rows; flat at 574 MB with it)."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        except OSError:
-            _LIBC = False
-    if _LIBC and hasattr(_LIBC, "malloc_trim"):
+    if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
 
-_LIBC: Any = None  # the C library, loaded on the first call (False: none to load)
+def _load_libc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None  # glibc only
+
+
+_LIBC = _load_libc()
 
 
 # glibc malloc settings of a CPU replica's process, read when it starts (so they travel as an

@@ -163,15 +163,21 @@ def test_resume_after_a_crash_finishes_without_duplicates(scored, inputs, tmp_pa
     assert (output / "_SUCCESS").exists() and not list(output.glob(".*"))
 
 
+def many_files(folder, rows: int, files: int, row_group_size: int, seed: int):
+    """``files`` Parquet files of ``rows`` toy texts in all, ids 0..rows-1 in file order."""
+    folder.mkdir()
+    texts, _ = toy_task(np.random.default_rng(seed), rows)
+    per = rows // files
+    for i in range(files):
+        pq.write_table(pa.table({"id": list(range(per * i, per * (i + 1))), "text": texts[per * i: per * (i + 1)]}),
+                       folder / f"{i}.parquet", row_group_size=row_group_size)
+    return folder
+
+
 def test_a_replica_killed_mid_job_is_replaced_and_every_row_comes_out_once(ray_session, inputs, tmp_path):
     """A replica's process is killed (SIGKILL, from outside) once the job has written its first
     pieces: Ray Data replaces the replica and retries its calls; every row comes out once."""
-    data = tmp_path / "many"
-    data.mkdir()
-    texts, _ = toy_task(np.random.default_rng(6), 400)
-    for i in range(4):
-        pq.write_table(pa.table({"id": list(range(100 * i, 100 * i + 100)), "text": texts[100 * i: 100 * i + 100]}),
-                       data / f"{i}.parquet", row_group_size=25)
+    data = many_files(tmp_path / "many", rows=400, files=4, row_group_size=25, seed=6)
     output = tmp_path / "out"
     killer = KillWhen(lambda: any((output / "_pieces").glob("part-*.json")), actor="Replica")
     killer.start()
@@ -202,12 +208,7 @@ def _a_row_group_done(output) -> bool:
 def test_killed_driver_then_resume_loses_and_duplicates_nothing(ray_session, inputs, tmp_path):
     """`python -m jobs.score` is killed (SIGKILL) after its first whole row group; the same command with
     --resume finishes the job, scoring only what was not done."""
-    data = tmp_path / "many"
-    data.mkdir()
-    texts, _ = toy_task(np.random.default_rng(5), 200)
-    for i in range(4):
-        pq.write_table(pa.table({"id": list(range(50 * i, 50 * i + 50)), "text": texts[50 * i: 50 * i + 50]}),
-                       data / f"{i}.parquet", row_group_size=10)
+    data = many_files(tmp_path / "many", rows=200, files=4, row_group_size=10, seed=5)
     output = tmp_path / "out"
     argv = ["--model", str(inputs / "model"), "--input", str(data), "--output", str(output), "--speed", str(SPEED),
             "--rows-per-call", "5", "--micro-batch", "4", "--replicas", "1", "--cpus-per-replica", "0.5"]
