@@ -269,7 +269,14 @@ def main(argv: list[str] | None = None) -> dict:
         job, memory_5x, wall = score("job", files, 2, 1, r)
         measured = {"engine_rows_per_s": rate, "job_rows_per_s": job["rows_per_s"], "job_wall_seconds":
                     job["wall_seconds"], "job_process_rows_per_s": args.rows / wall, "peak_rss_5x": memory_5x.rss,
-                    "peak_pss_5x": memory_5x.pss}
+                    "peak_pss_5x": memory_5x.pss,
+                    # the job's own split (issue 30): start-up, then steady rows/s; compute per million rows
+                    "job_startup_seconds": job["startup_seconds"], "job_steady_rows_per_s": job["steady_rows_per_s"],
+                    "job_cpu_seconds_per_million_rows": job["cpu_seconds_per_million_rows"],
+                    "job_replica_seconds_per_million_rows": job["replica_seconds_per_million_rows"]}
+        print(f"          start-up {job['startup_seconds']:.1f} s, steady {job['steady_rows_per_s']:.1f} rows/s "
+              f"({job['steady_rows_per_s'] / rate:.2f}x the engine), {job['cpu_seconds_per_million_rows']:.0f} CPU-s and "
+              f"{job['replica_seconds_per_million_rows']:.0f} replica-s per million rows")
         if "job_1x1" not in args.skip:
             measured["rows_per_s_1_replica"] = score("job_1x1", files, 1, 1, r)[0]["rows_per_s"]
         rounds.append(measured)

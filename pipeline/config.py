@@ -175,17 +175,31 @@ class TradeoffTable:
     data: str  # where the rows came from, e.g. the validation Parquet's URI
     rows: int
     points: list[Point]  # ascending speed; points[0] is speed 0, the teacher
+    # per layer but the last, each row's lowest uncertainty up to that layer, ascending: the rows
+    # that have left by layer l at speed s are those below s, so the exits at any speed follow
+    # (the scoring job's drift check); None in tables written before it was kept
+    exit_uncertainty: list[list[float]] | None = None
 
     @property
     def teacher(self) -> Point:
         return self.points[0]
 
     def to_json(self) -> dict:
-        return {"data": self.data, "rows": self.rows, "points": [dataclasses.asdict(p) for p in self.points]}
+        return {"data": self.data, "rows": self.rows, "points": [dataclasses.asdict(p) for p in self.points],
+                "exit_uncertainty": self.exit_uncertainty}
 
     @classmethod
     def from_json(cls, raw: dict) -> TradeoffTable:
-        return cls(data=raw["data"], rows=int(raw["rows"]), points=[Point(**p) for p in raw["points"]])
+        return cls(data=raw["data"], rows=int(raw["rows"]), points=[Point(**p) for p in raw["points"]],
+                   exit_uncertainty=raw.get("exit_uncertainty"))
+
+    def exit_counts(self, speed: float) -> list[int] | None:
+        """Rows leaving at layer 1..L at ``speed``: at any speed from ``exit_uncertainty``, else
+        at the speeds of the grid; None elsewhere."""
+        if self.exit_uncertainty is not None:
+            left = [int(np.searchsorted(u, speed, side="left")) for u in self.exit_uncertainty]  # rows below speed
+            return np.diff([0, *left, self.rows]).tolist()
+        return next((p.exit_counts for p in self.points if abs(p.speed - speed) < 1e-9), None)
 
 
 def load_table(model: str) -> TradeoffTable | None:

@@ -29,9 +29,12 @@ import ctypes
 import ctypes.util
 import dataclasses
 import json
+import math
 import os
 import platform
+import sys
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -47,7 +50,7 @@ from pipeline.outputs import Manifest, UserError, absolute, claim_output, refuse
 from pipeline.ray_init import check_ray_address, init_ray
 from pipeline.text import describe_columns, expand_inputs, load_tokenizer, tokenize
 from pipeline.config import load_table
-from pipeline.tradeoff import DEFAULT_BUDGET, describe_choice, pick_speed
+from pipeline.tradeoff import DEFAULT_BUDGET, describe_choice, exit_drift, pick_speed
 
 # torch, transformers and the modules that import them (engine, model) are imported in the
 # replicas alone: the driver and the read, tokenise and write tasks (which import this module
@@ -55,9 +58,12 @@ from pipeline.tradeoff import DEFAULT_BUDGET, describe_choice, pick_speed
 # CPU-seconds per process) delayed the replicas' start
 
 RESULT_COLUMNS = ("prediction", "probabilities", "exit_layer", "uncertainty", "error")
+# with --audit: whether a row was also scored at full depth, and the teacher's answer for it
+AUDIT_FIELDS = (pa.field("audited", pa.bool_()), pa.field("teacher_prediction", pa.string()))
 SUMMARY_FILE = "_summary.json"
 SUCCESS_FILE = "_SUCCESS"
 PIECES = "_pieces"
+ATTEMPT = "call"  # _pieces/call-FFFFF-GGGGG-RRRRR-<random>: a replica call began (the retry count)
 # fields of the job that decide what the output holds: a resumed job must match them
 IDENTITY = ("model", "speed", "text_column", "id_column", "columns", "max_length", "precision")
 
@@ -87,6 +93,8 @@ class ScoreJobConfig:
     resume: bool = False  # finish an interrupted run of the same job
     overwrite: bool = False  # remove an earlier run's files from the output first (only those)
     skip_bad_files: bool = False  # record unreadable input files in the summary instead of failing
+    audit: float = 0.0  # also score this share of rows at full depth (the teacher), e.g. 0.01: the summary gives the speed's agreement with the teacher and its estimated accuracy cost
+    price_per_hour: float | None = None  # what one replica costs per hour (its share of a node, or its GPU): the summary gives the cost per million rows
     verbose: bool = False  # show Ray's own logs and progress lines
 
     def __post_init__(self) -> None:
@@ -122,6 +130,10 @@ class ScoreJobConfig:
             raise UserError(f"threads_per_replica must be a positive integer, got {self.threads_per_replica!r}")
         if self.cpus_per_replica <= 0:
             raise UserError(f"cpus_per_replica must be > 0, got {self.cpus_per_replica}")
+        if isinstance(self.audit, bool) or not isinstance(self.audit, (int, float)) or not 0.0 <= self.audit <= 1.0:
+            raise UserError(f"audit must be a share of rows in [0, 1] (0.01 audits 1%), got {self.audit!r}")
+        if self.price_per_hour is not None and not self.price_per_hour >= 0:
+            raise UserError(f"price_per_hour must be >= 0, got {self.price_per_hour!r}")
 
     def replica_range(self) -> tuple[int, int]:
         """(min, max) replicas from "N" or "MIN-MAX"."""
@@ -136,7 +148,10 @@ class ScoreJobConfig:
         return bounds
 
     def identity(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in IDENTITY}
+        identity = {name: getattr(self, name) for name in IDENTITY}
+        if self.audit:  # it adds columns; without it, outputs of versions that had no audit still match
+            identity["audit"] = self.audit
+        return identity
 
 
 # -- the driver: inputs and plan --------------------------------------------------------------
@@ -168,12 +183,14 @@ class Plan:
     carried: pa.Schema  # the input columns the output carries, in plain types (text.plain_type)
     bad_files: dict[str, str] = field(default_factory=dict)  # uri -> why it was skipped
     labels: list[str] | None = None  # the model's label names, in the order of the probabilities
+    audit: bool = False  # the output has the audit's columns
 
     @property
     def output_schema(self) -> pa.Schema:
-        """The carried columns and the results; with ``labels``, the output names the label of
-        each entry of ``probabilities`` (``LABELS_METADATA``, on the schema and on that field)."""
-        result = [ENGINE_SCHEMA.field(name) for name in RESULT_COLUMNS]
+        """The carried columns and the results (and ``AUDIT_FIELDS`` with ``audit``); with
+        ``labels``, the output names the label of each entry of ``probabilities``
+        (``LABELS_METADATA``, on the schema and on that field)."""
+        result = [ENGINE_SCHEMA.field(name) for name in RESULT_COLUMNS] + (list(AUDIT_FIELDS) if self.audit else [])
         if self.labels is None:
             return pa.schema(list(self.carried) + result)
         labels = json.dumps(list(self.labels))
@@ -207,7 +224,7 @@ def plan(job: ScoreJobConfig, labels: list[str] | None = None) -> Plan:
         names = list(schema.names if job.columns is None else job.columns)
         if job.id_column is not None and job.id_column not in names:
             names.insert(0, job.id_column)
-        clash = sorted(set(names) & set(RESULT_COLUMNS))
+        clash = sorted(set(names) & {*RESULT_COLUMNS, *(f.name for f in AUDIT_FIELDS if job.audit)})
         if clash:
             raise UserError(f"{uri}: input columns {clash} would clash with the output's; leave them out "
                             "with --columns")
@@ -265,7 +282,7 @@ def plan(job: ScoreJobConfig, labels: list[str] | None = None) -> Plan:
         carried = columns_of(*empty)  # only files without rows: nothing to score, the columns of the first
     if labels is None:
         labels = load_config(job.model).labels
-    return Plan(chunks, pa.schema(carried), bad, list(labels))
+    return Plan(chunks, pa.schema(carried), bad, list(labels), audit=job.audit > 0)
 
 
 # -- the pipeline's stages ----------------------------------------------------------------------
@@ -293,9 +310,11 @@ def read_chunk(batch: dict[str, np.ndarray], columns: list[str], text_column: st
     for i in range(len(batch["uri"])):
         fs, path = fsspec.core.url_to_fs(str(batch["uri"][i]))
         first = int(batch["first_row"][i])
+        rows = int(batch["rows"][i]) if "rows" in batch else rows_per_block
+        size = -(-rows // -(-rows // rows_per_block))  # blocks of equal size: 5,000 rows in 5 of 1,000, not 4 of 1,024 and 904
         with fs.open(path, "rb") as f:
             for record_batch in pq.ParquetFile(f).iter_batches(
-                    batch_size=rows_per_block, row_groups=[int(batch["row_group"][i])],
+                    batch_size=size, row_groups=[int(batch["row_group"][i])],
                     columns=sorted(set(columns) | {text_column})):
                 table = pa.Table.from_batches([record_batch])
                 n = table.num_rows
@@ -311,15 +330,19 @@ def read_chunk(batch: dict[str, np.ndarray], columns: list[str], text_column: st
 
 
 def tokenize_rows(batch: pa.Table, model: str, max_length: int) -> pa.Table:
-    """Ray Data: ``__text`` -> ``__ids`` (token ids, or null), ``__error``, ``__truncated``.
+    """Ray Data: ``__text`` -> ``__ids`` (token ids, or null), ``__error``, ``__truncated``, and
+    each row's share of the CPU time spent on it (``__cpu_s``; the replica adds its own).
     The tokenizer is loaded once per worker process."""
+    cpu = time.process_time()
     if model not in _TOKENIZERS:
         _TOKENIZERS[model] = load_tokenizer(model)
     ids, errors, truncated = tokenize(_TOKENIZERS[model], batch.column("__text").to_pylist(), max_length)
     batch = batch.drop_columns(["__text"])
     batch = batch.append_column("__ids", pa.array(ids, type=pa.list_(pa.int32())))
     batch = batch.append_column("__error", pa.array(errors, type=pa.string()))
-    return batch.append_column("__truncated", pa.array(truncated, type=pa.bool_()))
+    batch = batch.append_column("__truncated", pa.array(truncated, type=pa.bool_()))
+    share = (time.process_time() - cpu) / max(1, batch.num_rows)
+    return batch.append_column("__cpu_s", pa.array(np.full(batch.num_rows, share)))
 
 
 _TOKENIZERS: dict[str, Any] = {}  # model URI -> its tokenizer, per worker process
@@ -327,11 +350,13 @@ _TOKENIZERS: dict[str, Any] = {}  # model URI -> its tokenizer, per worker proce
 
 class Replica:
     """One scoring replica: the model loaded once, on its GPU when it has one. A plain class
-    (Ray Data's callable-class pattern): ``Replica(...)(batch)`` works without Ray too."""
+    (Ray Data's callable-class pattern): ``Replica(...)(batch)`` works without Ray too.
+    ``audit``: the share of rows also scored at full depth (``audited_rows``)."""
 
     def __init__(self, model: str, speed: float, micro_batch: int = 32, max_length: int | None = None,
                  device: str | None = None, threads: int | None = None,
-                 precision: str = "auto", compile: bool = False):
+                 precision: str = "auto", compile: bool = False, audit: float = 0.0, output: str | None = None):
+        import fsspec
         import torch
 
         from pipeline.engine import Scorer
@@ -340,15 +365,30 @@ class Replica:
         if threads:
             torch.set_num_threads(threads)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.scorer = Scorer(FastBert.from_pretrained(model, map_location=device), speed=speed,
-                             micro_batch=micro_batch, max_length=max_length, device=device, precision=precision,
-                             compile=compile)
+        fastbert = FastBert.from_pretrained(model, map_location=device)
+        self.scorer = Scorer(fastbert, speed=speed, micro_batch=micro_batch, max_length=max_length, device=device,
+                             precision=precision, compile=compile)
+        self.audit = audit
+        # the audit's full-depth pass: the same weights, no students (speed 0)
+        self.teacher = Scorer(fastbert, speed=0.0, micro_batch=micro_batch, max_length=max_length, device=device,
+                              precision=precision) if audit and speed > 0 else None
+        # the job's output folder: each call starts by leaving a mark there, so that the summary
+        # counts the calls that were tried again after a replica or its node was lost
+        self.output = fsspec.core.url_to_fs(output) if output is not None else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Rows with ``__ids``, ``__error``, ``__truncated`` -> the same rows with the engine's
-        columns (``prediction`` ... ``error``, ``flops``) and, for the summary, what a
-        full-depth BERT would have spent (``__full_flops``), ``__truncated_out`` and the
-        precision the replica runs in (``__precision``)."""
+        """Rows with ``__ids``, ``__error``, ``__truncated``, ``__cpu_s`` -> the same rows with
+        the engine's columns (``prediction`` ... ``error``, ``flops``), the audit's
+        (``audited``, ``teacher_prediction``, ``__audit_cost``) with ``audit``, and, for the
+        summary, what a full-depth BERT would have spent (``__full_flops``),
+        ``__truncated_out``, the precision the replica runs in (``__precision``) and each
+        row's share of the call's time (``__busy_s``) and CPU time (added to ``__cpu_s``)."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        if self.output is not None and batch.num_rows:
+            fs, root = self.output
+            first = "-".join(f"{int(batch.column(c)[0].as_py()):05d}" for c in ("__file", "__group", "__row"))
+            with fs.open(f"{root.rstrip('/')}/{PIECES}/{ATTEMPT}-{first}-{uuid.uuid4().hex[:12]}", "wb"):
+                pass  # an empty file: one request
         ids = batch.column("__ids").to_pylist()
         truncated = batch.column("__truncated").to_numpy(zero_copy_only=False)
         scored = self.scorer.score_tokens(ids, batch.column("__error").to_pylist(), truncated)
@@ -360,10 +400,60 @@ class Replica:
         batch = batch.drop_columns(["__ids", "__error", "__truncated"])
         for name in scored.column_names:
             batch = batch.append_column(name, scored.column(name))
+        if self.audit:
+            where = [batch.column(c).to_numpy() if c in batch.column_names else np.arange(batch.num_rows) * (c == "__row")
+                     for c in ("__file", "__row")]  # (file, row); without them (no Ray), the rows' positions
+            audited = ok & audited_rows(*where, self.audit)
+            teacher, cost = self._audit(scored, [ids[i] for i in np.flatnonzero(audited)], audited)
+            batch = batch.append_column("audited", pa.array(audited))
+            batch = batch.append_column("teacher_prediction", pa.array(teacher, pa.string()))
+            batch = batch.append_column("__audit_cost", pa.array(cost))
         batch = batch.append_column("__full_flops", pa.array(full))
         release_freed_memory()
         batch = batch.append_column("__precision", pa.array([self.scorer.precision] * batch.num_rows, pa.string()))
-        return batch.append_column("__truncated_out", pa.array(truncated & ok))
+        batch = batch.append_column("__truncated_out", pa.array(truncated & ok))
+        n = max(1, batch.num_rows)
+        batch = batch.append_column("__busy_s", pa.array(np.full(batch.num_rows, (time.perf_counter() - wall) / n)))
+        cpu_s = (time.process_time() - cpu) / n
+        if "__cpu_s" not in batch.column_names:
+            return batch.append_column("__cpu_s", pa.array(np.full(batch.num_rows, cpu_s)))
+        cpu_s = batch.column("__cpu_s").to_numpy() + cpu_s  # the tokeniser's share and the replica's
+        return batch.set_column(batch.schema.get_field_index("__cpu_s"), "__cpu_s", pa.array(cpu_s))
+
+    def _audit(self, scored: pa.Table, ids: list[list[int]], audited: np.ndarray) -> tuple[list, np.ndarray]:
+        """The teacher's answer for the ``audited`` rows (None elsewhere) and, per row, the
+        accuracy the chosen speed is expected to lose against the teacher: the teacher's
+        probability of its own answer minus its probability of the chosen one (0 where they
+        agree; its mean estimates the accuracy difference when the teacher is calibrated)."""
+        rows = np.flatnonzero(audited)  # (A,)
+        teacher = [None] * scored.num_rows
+        cost = np.zeros(scored.num_rows)
+        if not len(rows):
+            return teacher, cost
+        chosen = [scored.column("prediction")[int(i)].as_py() for i in rows]
+        if self.teacher is None:  # speed 0: every answer is the teacher's
+            for i, label in zip(rows, chosen):
+                teacher[i] = label
+            return teacher, cost
+        full = self.teacher.score_tokens(ids)
+        probs = np.asarray(full.column("probabilities").to_pylist(), dtype=np.float64)  # (A, C)
+        index = {label: k for k, label in enumerate(self.scorer.labels)}
+        for j, (i, label) in enumerate(zip(rows, chosen)):
+            teacher[i] = full.column("prediction")[j].as_py()
+            cost[i] = probs[j].max() - probs[j, index[label]]
+        return teacher, cost
+
+
+def audited_rows(files: np.ndarray, rows: np.ndarray, share: float) -> np.ndarray:
+    """Which rows the audit scores at full depth: a pseudo-random ``share`` of them, fixed by
+    each row's (input file, row) so that a retried call or a resumed job audits the same rows
+    (a splitmix64 hash of the two, as a uniform number in [0, 1))."""
+    x = (files.astype(np.uint64) << np.uint64(40)) ^ rows.astype(np.uint64)  # (N,)
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0 ** -53 < share  # (N,) bool
 
 
 def release_freed_memory() -> None:
@@ -427,6 +517,7 @@ def write_pieces(batch: pa.Table, output: str, schema: pa.Schema, layers: int) -
     cuts = (np.flatnonzero((np.diff(files) != 0) | (np.diff(groups) != 0)) + 1).tolist()
     markers = []
     for start, stop in zip([0, *cuts], [*cuts, batch.num_rows]):
+        cpu = time.process_time()
         part = batch.slice(start, stop - start)
         first = int(part.column("__row")[0].as_py())
         name = f"part-{int(files[start]):05d}-{int(groups[start]):05d}-{first:010d}.parquet"
@@ -439,11 +530,22 @@ def write_pieces(batch: pa.Table, output: str, schema: pa.Schema, layers: int) -
             "flops": int(np.sum(part.column("flops").fill_null(0).to_numpy())),
             "full_depth_flops": int(np.sum(part.column("__full_flops").to_numpy())),
             "precision": part.column("__precision")[0].as_py(),
+            "busy_seconds": float(np.sum(part.column("__busy_s").to_numpy())),  # the replica's time on these rows
         }
+        if "audited" in part.column_names:
+            audited = part.column("audited").to_numpy(zero_copy_only=False)
+            agree = np.array([p == t for p, t in zip(part.column("prediction").to_pylist(),
+                                                      part.column("teacher_prediction").to_pylist())])
+            cost = part.column("__audit_cost").to_numpy()
+            marker["audit"] = {"rows": int(audited.sum()), "agree": int((agree & audited).sum()),
+                               "cost": float(cost.sum()), "cost_squared": float((cost ** 2).sum())}
         table = pa.table([part.column(f.name).cast(f.type) for f in schema], schema=schema)
         buffer = pa.BufferOutputStream()
         pq.write_table(table, buffer)
         write_file(fs, f"{root}/{name}", buffer.getvalue().to_pybytes())  # whole, under a hidden name first
+        # CPU time: the tokeniser's, the replica's and this piece's writing; written_at: for the start-up
+        marker["cpu_seconds"] = float(np.sum(part.column("__cpu_s").to_numpy())) + time.process_time() - cpu
+        marker["written_at"] = time.time()
         write_file(fs, f"{root}/{PIECES}/{name}.json", json.dumps(marker))
         markers.append(json.dumps(marker))
     return pa.table({"marker": pa.array(markers, type=pa.string())})
@@ -452,7 +554,11 @@ def write_pieces(batch: pa.Table, output: str, schema: pa.Schema, layers: int) -
 # -- the driver -----------------------------------------------------------------------------------
 
 
-def run(job: ScoreJobConfig, log=print) -> dict[str, Any]:
+def _stderr(line: str) -> None:
+    print(f"jobs.score: {line}", file=sys.stderr, flush=True)
+
+
+def run(job: ScoreJobConfig, log=print, warn=_stderr) -> dict[str, Any]:
     """Score the inputs into ``job.output`` on Ray; returns the summary also written to
     ``_summary.json``. Every mistake that the arguments, the model's config and the inputs'
     Parquet footers show raises a one-line ``UserError`` before Ray starts or anything is
@@ -462,10 +568,10 @@ def run(job: ScoreJobConfig, log=print) -> dict[str, Any]:
     import fsspec
 
     check_ray_address()
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     config = load_config(job.model)  # a clear error when it is no FastBERT folder; the weights stay where they are
     choice = None
-    table = load_table(job.model) if job.speed is None else None
+    table = load_table(job.model)  # the speed's source without one, and the validation exits the drift check compares
     speed, point = pick_speed(table, job.speed, job.max_accuracy_drop, job.target_speedup)
     if point is not None:  # a budget, or none given: the speed comes from the model's trade-off table
         budget = job.max_accuracy_drop if job.max_accuracy_drop is not None or job.target_speedup is not None \
@@ -492,6 +598,7 @@ def run(job: ScoreJobConfig, log=print) -> dict[str, Any]:
     rows_todo = sum(c.rows for c in todo)
     log(f"scoring {rows_todo} rows in {len(todo)} row groups of {len({c.file for c in todo})} files"
         + (f" ({len(done)} row groups already done)" if done else "") + f" at speed {job.speed}")
+    gpus = 0.0  # of each replica
     if todo:
         import ray
 
@@ -500,12 +607,23 @@ def run(job: ScoreJobConfig, log=print) -> dict[str, Any]:
         preserve = context.execution_options.preserve_order
         context.execution_options.preserve_order = True  # each file's rows stay in order
         try:
-            _stream(job, work, todo, max_length, layers)
+            gpus = _stream(job, work, todo, max_length, layers)
         finally:
             context.execution_options.preserve_order = preserve
     seconds = time.perf_counter() - start
     summary = _summarise(job, work, fs, root, layers, seconds, rows_todo)
+    summary.update(_costs(job, _markers(fs, root), started_at, gpus))
     summary["speed_choice"] = choice
+    summary["audit"] = _audit_summary(job, _markers(fs, root)) if job.audit else None
+    drift = exit_drift(table, job.speed, list(summary["exit_counts"].values())) if table is not None else None
+    summary["drift"] = dataclasses.asdict(drift) if drift is not None else None
+    if drift is not None and drift.drifted:
+        summary["drift"]["warning"] = (
+            f"these rows leave the model at other layers than its {drift.validation_rows} validation rows did at "
+            f"speed {drift.speed} (total variation {drift.total_variation:.2f} > {drift.threshold:.2f}): the "
+            "accuracy its trade-off table promised may not hold on them; audit a sample (--audit 0.01) or score at "
+            "full depth (--speed 0) to see")
+        warn(f"warning: {summary['drift']['warning']}")
     if summary["flop_speedup"] < 1:
         summary["note"] = (f"at speed {job.speed} few rows leave before the last layer, and every layer a row "
                            "passes also runs its student classifier, so this costs more than full depth"
@@ -517,11 +635,26 @@ def run(job: ScoreJobConfig, log=print) -> dict[str, Any]:
         f"mean exit layer {summary['mean_exit_layer']:.2f}, FLOP speed-up {summary['flop_speedup']:.2f}x, "
         f"{summary['precision']}, {summary['error_rows']} rows with an error, {summary['truncated_rows']} texts truncated to "
         f"{max_length} tokens" + (f"; {summary['note']}" if "note" in summary else ""))
+    if summary["steady_rows_per_s"] is not None:
+        log(f"start-up {summary['startup_seconds']:.1f} s (Ray, replicas, model load, the first call), then "
+            f"{summary['steady_rows_per_s']:.1f} rows/s; {summary['cpu_seconds_per_million_rows']:.0f} CPU-s"
+            + (f" and {summary['gpu_seconds_per_million_rows']:.0f} GPU-s" if summary["gpu_seconds_per_million_rows"] else "")
+            + " per million rows"
+            + (f", {summary['cost_per_million_rows']:.4g} per million rows at {job.price_per_hour:g} per replica-hour"
+               if summary["cost_per_million_rows"] is not None else ""))
+    audit = summary["audit"]
+    if audit is not None and audit["rows"]:
+        log(f"audit of {audit['rows']} rows at full depth: {100 * audit['agreement']:.2f}% agree with the teacher "
+            f"(95% interval {100 * audit['agreement_ci95'][0]:.2f}-{100 * audit['agreement_ci95'][1]:.2f}%); "
+            f"estimated accuracy cost {audit['estimated_cost_points']:.2f} points "
+            f"(95% interval {audit['estimated_cost_ci95'][0]:.2f} to {audit['estimated_cost_ci95'][1]:.2f}), "
+            f"at most {audit['max_cost_points']:.2f}")
     return summary
 
 
-def _stream(job: ScoreJobConfig, work: Plan, todo: list[Chunk], max_length: int, layers: int) -> None:
-    """The Ray Data pipeline over the chunks still to do: read, tokenise, score, write."""
+def _stream(job: ScoreJobConfig, work: Plan, todo: list[Chunk], max_length: int, layers: int) -> float:
+    """The Ray Data pipeline over the chunks still to do: read, tokenise, score, write; returns
+    the GPUs of each replica."""
     import ray
 
     gpus = job.gpus_per_replica
@@ -533,17 +666,20 @@ def _stream(job: ScoreJobConfig, work: Plan, todo: list[Chunk], max_length: int,
     ds = ds.map_batches(read_chunk, batch_size=1, batch_format="numpy",
                         fn_kwargs={"columns": work.carried.names, "text_column": job.text_column,
                                    "rows_per_block": job.rows_per_call, "schema": work.carried})
-    ds = ds.map_batches(tokenize_rows, batch_format="pyarrow", batch_size=job.rows_per_call,
+    # whole blocks, each of one row group, through the tokeniser and the replicas: a replica's call
+    # then holds the rows of one row group, and no output file is a sliver cut off at a row group's end
+    ds = ds.map_batches(tokenize_rows, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"model": job.model, "max_length": max_length})
     # the read task's output is coalesced into big blocks: cut it back into replica calls, so that
     # every replica gets work and a failed call redoes little
     ds = ds.repartition(target_num_rows_per_block=job.rows_per_call)
     ds = ds.map_batches(
-        Replica, batch_format="pyarrow", batch_size=job.rows_per_call,
+        Replica, batch_format="pyarrow", batch_size=None,
         fn_constructor_kwargs={"model": job.model, "speed": job.speed, "micro_batch": job.micro_batch,
                                "max_length": max_length, "device": "cuda" if gpus else "cpu",
                                "threads": None if gpus else threads,
-                               "precision": job.precision, "compile": job.compile},
+                               "precision": job.precision, "compile": job.compile, "audit": job.audit,
+                               "output": job.output},
         # each replica holds its next call while it computes: with one call in flight a CPU
         # replica waited 0.1-0.25 s between calls for Ray Data to hand it the next (measured on
         # 2 cores: 1.6 s per replica over 10 calls, against 0.1 s with two in flight)
@@ -555,6 +691,7 @@ def _stream(job: ScoreJobConfig, work: Plan, todo: list[Chunk], max_length: int,
                         fn_kwargs={"output": job.output, "schema": work.output_schema, "layers": layers})
     for _ in ds.iter_batches(batch_size=None):  # drives the stream; the pieces are written as it goes
         pass
+    return float(gpus)
 
 
 def _markers(fs, root: str) -> list[dict[str, Any]]:
@@ -566,7 +703,7 @@ def _markers(fs, root: str) -> list[dict[str, Any]]:
 
 
 # what a scoring job writes into its output folder (besides _manifest.json and hidden temporary files)
-OWNS = ["part-*.parquet", f"{PIECES}/part-*.json", SUMMARY_FILE, SUCCESS_FILE]
+OWNS = ["part-*.parquet", f"{PIECES}/part-*.json", f"{PIECES}/{ATTEMPT}-*", SUMMARY_FILE, SUCCESS_FILE]
 
 
 def _prepare_output(job: ScoreJobConfig, work: Plan, fs, root: str) -> set[str] | None:
@@ -601,12 +738,15 @@ def _prepare_output(job: ScoreJobConfig, work: Plan, fs, root: str) -> set[str] 
             fs.rm(path)
     for path in fs.glob(f"{root}/.part-*.tmp-*") + fs.glob(f"{root}/{PIECES}/.part-*.tmp-*"):  # write_file's
         fs.rm(path)
+    for path in fs.glob(f"{root}/{PIECES}/{ATTEMPT}-*"):  # the calls' marks: this run counts its own
+        fs.rm(path)
     return done
 
 
 def _summarise(job: ScoreJobConfig, work: Plan, fs, root: str, layers: int, seconds: float,
                rows_this_run: int) -> dict[str, Any]:
     markers = _markers(fs, root)
+    calls = [path.rsplit("/", 1)[-1] for path in fs.glob(f"{root}/{PIECES}/{ATTEMPT}-*")]
     rows_in = sum(c.rows for c in work.chunks)
     rows_out = sum(m["rows"] for m in markers)
     if rows_out != rows_in:
@@ -630,5 +770,58 @@ def _summarise(job: ScoreJobConfig, work: Plan, fs, root: str, layers: int, seco
         "exit_counts": {str(k): int(n) for k, n in enumerate(exits, start=1)},
         "flop_speedup": full / flops if flops else float("nan"),
         "rows_this_run": rows_this_run, "wall_seconds": seconds,
+        # replica calls begun more than once: a replica (or its node) was lost and Ray Data tried them again
+        "retried_calls": len(calls) - len({c.rsplit("-", 1)[0] for c in calls}),
         "rows_per_s": rows_this_run / seconds if seconds > 0 else float("nan"),
     }
+
+
+def _costs(job: ScoreJobConfig, markers: list[dict[str, Any]], started_at: float, gpus: float) -> dict[str, Any]:
+    """Start-up apart from the steady state, and the compute per million rows, from the pieces
+    this run wrote (``written_at`` after ``started_at``): start-up is the time to the first
+    piece (Ray, the replicas, the model's load and the first call); the steady rows/s count the
+    rows written after it over the time to the last. CPU-seconds: the tokenisers', replicas'
+    and writers' processes; GPU-seconds and the cost: the replicas' busy time, times their GPUs
+    and ``price_per_hour``."""
+    ours = sorted((m for m in markers if m.get("written_at", 0) >= started_at), key=lambda m: m["written_at"])
+    rows = sum(m["rows"] for m in ours)
+    out: dict[str, Any] = {"startup_seconds": None, "steady_rows_per_s": None, "cpu_seconds_per_million_rows": None,
+                           "gpu_seconds_per_million_rows": None, "replica_seconds_per_million_rows": None,
+                           "cost_per_million_rows": None}
+    if not rows:
+        return out
+    first, last = ours[0]["written_at"], ours[-1]["written_at"]
+    after = sum(m["rows"] for m in ours if m["written_at"] > first)
+    busy = sum(m["busy_seconds"] for m in ours)
+    per_million = 1e6 / rows
+    out.update(startup_seconds=first - started_at, steady_rows_per_s=after / (last - first) if last > first else None,
+               cpu_seconds_per_million_rows=sum(m["cpu_seconds"] for m in ours) * per_million,
+               gpu_seconds_per_million_rows=busy * gpus * per_million,
+               replica_seconds_per_million_rows=busy * per_million)
+    if job.price_per_hour is not None:
+        out["cost_per_million_rows"] = busy * per_million / 3600 * job.price_per_hour
+    return out
+
+
+def _audit_summary(job: ScoreJobConfig, markers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The audit over the whole output: the share of audited rows whose answer is the
+    teacher's, with a 95% Wilson interval; the estimated accuracy cost (points; the mean of
+    ``Replica._audit``'s per-row costs, with a normal 95% interval); and its bound, the share
+    that disagrees (every disagreement a row the teacher had right)."""
+    n = sum(m["audit"]["rows"] for m in markers if "audit" in m)
+    agree = sum(m["audit"]["agree"] for m in markers if "audit" in m)
+    cost = sum(m["audit"]["cost"] for m in markers if "audit" in m)
+    squared = sum(m["audit"]["cost_squared"] for m in markers if "audit" in m)
+    out: dict[str, Any] = {"share": job.audit, "rows": n}
+    if not n:
+        return {**out, "agreement": None, "agreement_ci95": None, "estimated_cost_points": None,
+                "estimated_cost_ci95": None, "max_cost_points": None}
+    z = 1.959964
+    p = agree / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    mean = cost / n
+    spread = z * math.sqrt(max(squared / n - mean * mean, 0.0) / n)
+    return {**out, "agreement": p, "agreement_ci95": [max(0.0, centre - half), min(1.0, centre + half)],
+            "estimated_cost_points": 100 * mean, "estimated_cost_ci95": [100 * (mean - spread), 100 * (mean + spread)],
+            "max_cost_points": 100 * (1 - p)}

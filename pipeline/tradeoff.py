@@ -99,7 +99,9 @@ def at_speed(exits: AllExits, model: FastBert, speed: float) -> Point:
 def tradeoff_table(model: FastBert, texts: list[str], labels: list[str], data: str) -> TradeoffTable:
     """The table of ``model`` on held-out ``texts`` with their ``labels`` (one full-depth pass)."""
     exits = all_exits(model, texts, labels)
-    return TradeoffTable(data=data, rows=len(texts), points=[at_speed(exits, model, s) for s in SPEED_GRID])
+    lowest = np.sort(np.minimum.accumulate(exits.uncertainty, axis=0)[:-1], axis=1)  # (L-1, R)
+    return TradeoffTable(data=data, rows=len(texts), points=[at_speed(exits, model, s) for s in SPEED_GRID],
+                         exit_uncertainty=lowest.astype(np.float32).tolist())
 
 
 DEFAULT_BUDGET = 0.5  # accuracy points: without a speed or a budget, scoring runs the fastest speed within this
@@ -182,3 +184,45 @@ def describe_choice(point: Point, table: TradeoffTable) -> str:
     agrees = "" if point.agreement != point.agreement else f", the teacher's answer on {100 * point.agreement:.2f}% of rows"
     return (f"speed {point.speed}: {100 * point.accuracy:.2f}% accuracy (teacher {100 * table.teacher.accuracy:.2f}%"
             f"{agrees}) at {point.flop_speedup:.2f}x FLOP speed-up on {table.rows} rows of {table.data}")
+
+
+# -- drift: do a job's rows leave the model the way its validation rows did? -------------------
+
+DRIFT_TV = 0.15  # total variation between exit histograms above which scoring warns (benchmarks.drift)
+
+
+@dataclass
+class Drift:
+    """A job's exit-layer histogram against the one the model's validation rows gave at the same
+    speed. Early exit's thresholds were chosen on the validation rows; rows unlike them leave
+    at other layers, and the accuracy the table promised no longer holds."""
+
+    speed: float
+    validation_rows: int
+    rows: int  # the job's scored rows
+    total_variation: float  # half the L1 distance between the two exit-layer distributions, 0 ... 1
+    noise: float  # what two samples of these sizes from one distribution differ by, on average
+    threshold: float  # DRIFT_TV, or 3x the noise when that is larger (few rows)
+    drifted: bool
+
+
+def exit_drift(table: TradeoffTable, speed: float, exit_counts: list[int]) -> Drift | None:
+    """Compare ``exit_counts`` (rows leaving at layer 1..L) with the exits of ``table``'s
+    validation rows at ``speed``; None when the table cannot say (a table of an earlier version,
+    at a speed off its grid) or either has no rows."""
+    validation = table.exit_counts(speed)
+    if validation is None:
+        return None
+    expected = np.asarray(validation, dtype=np.float64)  # (L,)
+    seen = np.asarray(exit_counts, dtype=np.float64)  # (L,)
+    if expected.sum() == 0 or seen.sum() == 0 or expected.shape != seen.shape:
+        return None
+    p, q = seen / seen.sum(), expected / expected.sum()  # (L,)
+    pooled = (seen + expected) / (seen.sum() + expected.sum())  # (L,)
+    # E|X| = sigma * sqrt(2/pi) per layer, for the difference of two shares of one distribution
+    sigma = np.sqrt(pooled * (1 - pooled) * (1 / seen.sum() + 1 / expected.sum()))  # (L,)
+    noise = float(0.5 * np.sum(sigma) * np.sqrt(2 / np.pi))
+    tv = float(0.5 * np.abs(p - q).sum())
+    threshold = max(DRIFT_TV, 3 * noise)
+    return Drift(speed=speed, validation_rows=int(expected.sum()), rows=int(seen.sum()), total_variation=tv,
+                 noise=noise, threshold=threshold, drifted=tv > threshold)

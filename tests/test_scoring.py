@@ -4,6 +4,7 @@ bad input refused before anything is written."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -23,10 +24,10 @@ from pipeline.outputs import UserError
 from pipeline import FastBert, Scorer, uncertainty
 from pipeline.scoring import REPLICA_GLIBC_TUNABLES, Replica, ScoreJobConfig, cpu_replica_env, read_chunk, run
 from pipeline.text import tokenize
-from pipeline.tradeoff import choose_speed, tradeoff_table
+from pipeline.tradeoff import choose_speed, exit_drift, tradeoff_table
 from test_train import LABELS, toy_task
 from driver import start_driver
-from faults import KillWhen, process_gone
+from faults import KillMidCall, KillWhen, process_gone, row_groups_done
 from tiny import tiny_model
 
 ray = pytest.importorskip("ray")
@@ -104,6 +105,7 @@ def scored(ray_session, inputs, tmp_path_factory):
 def test_every_row_once_in_order_and_equal_to_the_engine(scored, inputs):
     output, summary = scored
     assert summary["precision"] == "fp32"  # what the replicas ran in, recorded
+    assert summary["retried_calls"] == 0 and summary["audit"] is None and summary["drift"] is None  # no table
     source = all_inputs(inputs)
     out = read_output(output)
     assert out.column_names == ["id", "text", "score", "prediction", "probabilities", "exit_layer", "uncertainty",
@@ -192,17 +194,20 @@ def test_a_replica_killed_mid_job_is_replaced_and_every_row_comes_out_once(ray_s
     assert summary["rows_out"] == 400 and summary["error_rows"] == 0
 
 
-def _a_row_group_done(output) -> bool:
-    """Whether the markers of some row group (10 rows, written as pieces of up to 5) count all its rows."""
-    rows = {}
-    for path in (output / "_pieces").glob("part-*.json"):
-        try:
-            marker = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        key = (marker["file"], marker["row_group"])
-        rows[key] = rows.get(key, 0) + marker["rows"]
-    return 10 in rows.values()
+def test_a_call_cut_short_is_retried_and_counted(ray_session, inputs, tmp_path):
+    """The only replica is killed inside a call (frozen first, to be sure the call it began has
+    not finished): the call is begun again on its replacement and the summary counts it."""
+    data = many_files(tmp_path / "many", rows=300, files=3, row_group_size=25, seed=7)
+    output = tmp_path / "out"
+    killer = KillMidCall(output)
+    killer.start()
+    try:
+        summary = run(job(inputs, output, input=[str(data)], rows_per_call=10, micro_batch=2, replicas="1"))
+    finally:
+        killer.finish()
+    assert killer.killed is not None, "the job finished before the replica was caught inside a call"
+    assert read_output(output).column("id").to_pylist() == list(range(300))
+    assert summary["retried_calls"] >= 1
 
 
 def test_killed_driver_then_resume_loses_and_duplicates_nothing(ray_session, inputs, tmp_path):
@@ -214,7 +219,7 @@ def test_killed_driver_then_resume_loses_and_duplicates_nothing(ray_session, inp
             "--rows-per-call", "5", "--micro-batch", "4", "--replicas", "1", "--cpus-per-replica", "0.5"]
     driver = start_driver("jobs.score", argv, tmp_path / "driver.log")
     deadline = time.monotonic() + 180
-    while not _a_row_group_done(output):
+    while not row_groups_done(output, rows=10):
         assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "no row group finished within 180 s"
         time.sleep(0.1)
@@ -228,19 +233,16 @@ def test_killed_driver_then_resume_loses_and_duplicates_nothing(ray_session, inp
     assert out.column("id").to_pylist() == list(range(200))  # nothing lost, nothing twice
 
 
-def test_the_driver_runs_without_torch(ray_session, inputs, tmp_path):
+def test_the_driver_runs_without_torch(ray_session, inputs, model_with_table, tmp_path):
     """`python -m jobs.score` with torch unimportable in its process finishes the job, with no
     speed given: the model's own suggestion from its table (the fastest within 0.5 point).
     Only the replicas load the model (the driver
     checks it, reads its table, plans, tokenises through Ray Data tasks and writes the summary),
     so a Ray head node needs no torch, and on 2 cores the driver spends no CPU-seconds importing
     it while the replicas start."""
-    model = FastBert.from_pretrained(str(inputs / "model"))
-    texts, labels = toy_task(np.random.default_rng(9), 64)
-    model.tradeoff = tradeoff_table(model, texts, labels, data="toy validation rows")
-    model.save_pretrained(str(tmp_path / "model"))
+    folder, model = model_with_table
     output = tmp_path / "out"
-    argv = ["--model", str(tmp_path / "model"), "--input", str(inputs / "data"), "--output", str(output),
+    argv = ["--model", str(folder), "--input", str(inputs / "data"), "--output", str(output),
             "--rows-per-call", "16", "--micro-batch", "4", "--replicas", "1",
             "--cpus-per-replica", "0.5"]
     driver = start_driver("jobs.score", argv, tmp_path / "driver.log", without=("torch",))
@@ -256,7 +258,7 @@ def test_the_driver_runs_without_torch(ray_session, inputs, tmp_path):
     # C++ core worker still logs one ERROR-level notice about its actors' restarts)
     lines = [line for line in (tmp_path / "driver.log").read_text().splitlines() if "core_worker.cc" not in line]
     assert lines[0].startswith("chose speed") and lines[1].startswith("scoring 97 rows"), lines
-    assert " rows written to " in lines[-1] and len(lines) == 3, lines
+    assert " rows written to " in lines[2] and lines[3].startswith("start-up ") and len(lines) == 4, lines
 
     # the same command again: already complete, exit 0, nothing rewritten
     before = {p.name: p.read_bytes() for p in sorted(output.iterdir()) if p.is_file()}
@@ -367,14 +369,11 @@ def test_corrupt_file_can_be_skipped_and_recorded(ray_session, inputs, tmp_path)
     assert list(summary["bad_files"]) == [str(folder / "bad.parquet")] and summary["rows_out"] == 2
 
 
-def test_a_budget_picks_the_speed_from_the_models_table(ray_session, inputs, tmp_path):
-    model = FastBert.from_pretrained(str(inputs / "model"))
-    texts, labels = toy_task(np.random.default_rng(9), 64)
-    model.tradeoff = tradeoff_table(model, texts, labels, data="toy validation rows")
-    model.save_pretrained(str(tmp_path / "model"))
+def test_a_budget_picks_the_speed_from_the_models_table(ray_session, inputs, model_with_table, tmp_path):
+    folder, model = model_with_table
     expected = choose_speed(model.tradeoff, target_speedup=1.1)
     assert expected.speed > 0  # the tiny model has a speed that saves FLOPs
-    summary = run(job(inputs, tmp_path / "out", model=str(tmp_path / "model"), speed=None, target_speedup=1.1))
+    summary = run(job(inputs, tmp_path / "out", model=str(folder), speed=None, target_speedup=1.1))
     assert summary["speed"] == expected.speed
     assert summary["speed_choice"]["target_speedup"] == 1.1
     assert summary["speed_choice"]["promised"]["speed"] == expected.speed
@@ -382,6 +381,72 @@ def test_a_budget_picks_the_speed_from_the_models_table(ray_session, inputs, tmp
     with pytest.raises(ValueError, match="no tradeoff.json"):  # a model trained before tables existed
         run(job(inputs, tmp_path / "other", speed=None, max_accuracy_drop=1.0))
     assert not (tmp_path / "other").exists()
+
+
+@pytest.fixture(scope="module")
+def model_with_table(inputs, tmp_path_factory):
+    """The inputs' model with a trade-off table of 64 validation rows."""
+    model = FastBert.from_pretrained(str(inputs / "model"))
+    texts, labels = toy_task(np.random.default_rng(9), 64)
+    model.tradeoff = tradeoff_table(model, texts, labels, data="toy validation rows")
+    folder = tmp_path_factory.mktemp("table") / "model"
+    model.save_pretrained(str(folder))
+    return folder, model
+
+
+def test_audit_startup_costs_and_drift_in_the_summary(ray_session, inputs, model_with_table, tmp_path):
+    folder, model = model_with_table
+    speed = SPEED  # about half the rows leave at layer 1
+    warnings: list[str] = []
+    summary = run(job(inputs, tmp_path / "out", model=str(folder), speed=speed, audit=0.5, price_per_hour=2.0),
+                  warn=warnings.append)
+    out, source = read_output(tmp_path / "out"), all_inputs(inputs)
+    assert out.column_names[-2:] == ["audited", "teacher_prediction"]
+    audited = np.array(out.column("audited").to_pylist())
+    teacher = Scorer(FastBert.from_pretrained(str(folder)), precision="fp32", speed=0.0)(source.column("text"))
+    errors = np.array([e is not None for e in out.column("error").to_pylist()])
+    assert 20 < audited.sum() < 75 and not (audited & errors).any()  # about half, never a row without an answer
+    assert out.column("teacher_prediction").to_pylist() == [
+        t if a else None for t, a in zip(teacher.column("prediction").to_pylist(), audited)]
+    chosen = np.array(out.column("prediction").to_pylist(), dtype=object)[audited]
+    truth = np.array(teacher.column("prediction").to_pylist(), dtype=object)[audited]
+    assert (chosen != truth).any()  # the speed changes some answers: the audit has something to find
+    probs = np.array([p for p, a in zip(teacher.column("probabilities").to_pylist(), audited) if a])  # (A, 2)
+    cost = probs.max(1) - probs[np.arange(len(chosen)), [model.config.labels.index(c) for c in chosen]]  # (A,)
+    audit = summary["audit"]
+    assert audit["rows"] == audited.sum() and audit["agreement"] == pytest.approx(np.mean(chosen == truth))
+    assert 0 < audit["agreement_ci95"][0] < audit["agreement"] < audit["agreement_ci95"][1] < 1
+    assert audit["estimated_cost_points"] == pytest.approx(100 * cost.mean(), abs=1e-4)
+    assert 0 < audit["estimated_cost_points"] <= audit["max_cost_points"] == pytest.approx(100 * np.mean(chosen != truth))
+    # the same rows are audited whatever the calls: a second run with other call sizes agrees
+    again = run(job(inputs, tmp_path / "again", model=str(folder), speed=speed, audit=0.5, rows_per_call=7,
+                    replicas="1"), warn=warnings.append)
+    assert read_output(tmp_path / "again").column("audited").to_pylist() == audited.tolist()
+    for key in ("rows", "agreement", "agreement_ci95", "max_cost_points"):
+        assert again["audit"][key] == audit[key], key
+    assert again["audit"]["estimated_cost_points"] == pytest.approx(audit["estimated_cost_points"])  # float noise
+
+    assert 0 < summary["startup_seconds"] < summary["wall_seconds"] and summary["steady_rows_per_s"] > 0
+    assert summary["cpu_seconds_per_million_rows"] > 0 and summary["gpu_seconds_per_million_rows"] == 0
+    assert summary["cost_per_million_rows"] == pytest.approx(summary["replica_seconds_per_million_rows"] / 3600 * 2.0)
+    assert again["cost_per_million_rows"] is None  # no price given
+
+    counts = np.bincount(Scorer(model, precision="fp32", speed=speed)(source.column("text")).column("exit_layer")
+                         .drop_null().to_numpy(), minlength=4)[1:].tolist()
+    expected = exit_drift(model.tradeoff, speed, counts)
+    assert {k: v for k, v in summary["drift"].items() if k != "warning"} == pytest.approx(dataclasses.asdict(expected))
+    assert not expected.drifted and warnings == []  # the same kind of rows as the validation rows
+
+    # rows that all leave at the layer the validation rows left at least: drift, one warning
+    layers = Scorer(model, precision="fp32", speed=speed)(source.column("text")).column("exit_layer").to_pylist()
+    point = min(model.tradeoff.points, key=lambda p: abs(p.speed - speed))
+    rare = min(set(layers) - {None}, key=lambda layer: point.exit_counts[layer - 1])
+    text = source.column("text")[layers.index(rare)].as_py()
+    write(tmp_path / "odd.parquet", text=[text] * 60, id=list(range(60)))
+    odd = run(job(inputs, tmp_path / "odd", model=str(folder), speed=speed, input=[str(tmp_path / "odd.parquet")],
+                  replicas="1"), warn=warnings.append)
+    assert odd["drift"]["drifted"] and odd["drift"]["total_variation"] > odd["drift"]["threshold"]
+    assert len(warnings) == 1 and "validation rows" in warnings[0] and odd["drift"]["warning"] in warnings[0]
 
 
 def test_command_line_mirrors_the_config():
@@ -397,3 +462,9 @@ def test_command_line_mirrors_the_config():
         parse_args(["--model", "m", "--input", "a", "--output", "o", "--speed", "0.3", "--target-speedup", "2"])
     with pytest.raises(UserError, match="replicas must be N or MIN-MAX"):
         ScoreJobConfig(model="m", input="i", output="o", replicas="4-1")
+    audited = parse_args(["--model", "m", "--input", "a", "--output", "o", "--audit", "0.01", "--price-per-hour", "3"])
+    assert audited.audit == 0.01 and audited.price_per_hour == 3.0 and "audit" in audited.identity()
+    assert "audit" not in config.identity()  # without it, an earlier version's output still matches
+    for bad in ({"audit": 2.0}, {"audit": -0.1}, {"price_per_hour": -1.0}):
+        with pytest.raises(UserError, match="audit must be|price_per_hour must be"):
+            ScoreJobConfig(model="m", input="i", output="o", **bad)

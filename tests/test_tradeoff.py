@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from pipeline import Scorer
 from pipeline.config import Point, TradeoffTable
-from pipeline.tradeoff import all_exits, at_speed, choose_speed
+from pipeline.tradeoff import DRIFT_TV, all_exits, at_speed, choose_speed, exit_drift, tradeoff_table
 from test_train import LABELS, toy_task
 from tiny import tiny_model
 
@@ -36,6 +38,10 @@ def test_every_speed_matches_the_engine_row_for_row():
         seen_exits |= {k for k, c in enumerate(point.exit_counts) if c}
     assert seen_exits == {0, 1, 2}  # the speeds made rows leave at every layer
     assert at_speed(exits, model, 0.0).flop_speedup == pytest.approx(1.0)  # speed 0: the full-depth classifier
+    # the table's exit uncertainties give the exits at any speed, off its grid too
+    stored = TradeoffTable.from_json(json.loads(json.dumps(tradeoff_table(model, texts, labels, "toy").to_json())))
+    for speed in speeds:
+        assert stored.exit_counts(speed) == at_speed(exits, model, speed).exit_counts
 
 
 def _table() -> TradeoffTable:
@@ -79,3 +85,17 @@ def test_a_budget_that_cannot_be_met_or_a_missing_table_is_a_clear_error():
         choose_speed(_table(), max_accuracy_drop=-1)
     with pytest.raises(ValueError, match="no tradeoff.json .* pass a speed"):
         choose_speed(None, target_speedup=2.0)
+
+
+def test_drift_is_the_total_variation_of_exit_histograms_above_noise():
+    table = TradeoffTable(data="v", rows=1000, points=[
+        Point(speed=s, accuracy=0.9, flop_speedup=1.0, mean_exit_layer=2.0, exit_counts=[500, 300, 200])
+        for s in (0.0, 0.5)])
+    assert exit_drift(table, 0.49, [1000, 600, 400]) is None  # off the grid of a table without exit uncertainties
+    same = exit_drift(table, 0.5, [1000, 600, 400])  # the same shares
+    assert same.total_variation == pytest.approx(0.0) and not same.drifted
+    moved = exit_drift(table, 0.5, [200, 300, 500])  # 0.3 of the rows moved from layer 1 to layer 3
+    assert moved.total_variation == pytest.approx(0.3) and moved.drifted and moved.threshold == DRIFT_TV
+    few = exit_drift(table, 0.5, [1, 0, 2])  # three rows: the threshold rises with the noise, no alarm
+    assert few.threshold > DRIFT_TV and few.total_variation < few.threshold and not few.drifted
+    assert exit_drift(table, 0.5, [0, 0, 0]) is None
