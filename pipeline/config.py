@@ -164,6 +164,9 @@ class Point:
 
 
 TRADEOFF_FILE = "tradeoff.json"  # in the model folder, beside config.json
+# fewer rows on which two models differ decide nothing: a normal interval on them is too narrow
+# (evaluate.paired_interval; the scoring audit's estimated cost)
+MIN_DIFFERING_ROWS = 10
 SPEED_GRID = tuple(round(float(s), 2) for s in np.linspace(0.0, 1.0, 101))  # speeds the table holds
 
 

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline import flops as flop_account
-from pipeline.config import PRECISIONS, check_speed
+from pipeline.config import MIN_DIFFERING_ROWS, PRECISIONS, check_speed
 from pipeline.model import FastBert, resolve_precision
 from pipeline.outputs import Manifest, UserError, claim_output, inspect_output, put_file, refuse_unsafe_output
 from pipeline.tradeoff import AllExits, all_exits, at_speed, exits_at, predictions_at
@@ -180,9 +180,6 @@ def at_equal_flops(rows: list[dict], curve: list[dict], correct: np.ndarray, cur
                     "gain_points": None if other is None else 100 * (row["accuracy"] - other),
                     "gain_ci95_points": interval, "differing_rows": differing})
     return out
-
-
-MIN_DIFFERING_ROWS = 10  # fewer rows on which two models differ decide nothing (see paired_interval)
 
 
 def paired_interval(diff: np.ndarray) -> list[float] | None:

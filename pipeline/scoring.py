@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from pipeline import flops as flop_account
 from pipeline.config import SCHEMA as ENGINE_SCHEMA
-from pipeline.config import PRECISIONS, check_speed, load_config
+from pipeline.config import MIN_DIFFERING_ROWS, PRECISIONS, check_speed, load_config
 from pipeline.outputs import Manifest, UserError, absolute, claim_output, refuse_unsafe_output, write_file, write_json
 from pipeline.ray_init import check_ray_address, init_ray
 from pipeline.text import describe_columns, expand_inputs, load_tokenizer, tokenize
@@ -310,11 +310,9 @@ def read_chunk(batch: dict[str, np.ndarray], columns: list[str], text_column: st
     for i in range(len(batch["uri"])):
         fs, path = fsspec.core.url_to_fs(str(batch["uri"][i]))
         first = int(batch["first_row"][i])
-        rows = int(batch["rows"][i]) if "rows" in batch else rows_per_block
-        size = -(-rows // -(-rows // rows_per_block))  # blocks of equal size: 5,000 rows in 5 of 1,000, not 4 of 1,024 and 904
         with fs.open(path, "rb") as f:
             for record_batch in pq.ParquetFile(f).iter_batches(
-                    batch_size=size, row_groups=[int(batch["row_group"][i])],
+                    batch_size=rows_per_block, row_groups=[int(batch["row_group"][i])],
                     columns=sorted(set(columns) | {text_column})):
                 table = pa.Table.from_batches([record_batch])
                 n = table.num_rows
@@ -387,8 +385,11 @@ class Replica:
         if self.output is not None and batch.num_rows:
             fs, root = self.output
             first = "-".join(f"{int(batch.column(c)[0].as_py()):05d}" for c in ("__file", "__group", "__row"))
-            with fs.open(f"{root.rstrip('/')}/{PIECES}/{ATTEMPT}-{first}-{uuid.uuid4().hex[:12]}", "wb"):
-                pass  # an empty file: one request
+            try:
+                with fs.open(f"{root.rstrip('/')}/{PIECES}/{ATTEMPT}-{first}-{uuid.uuid4().hex[:12]}", "wb"):
+                    pass  # an empty file: one request
+            except OSError:  # a count, not the job: a store that refuses it fails no call
+                pass
         ids = batch.column("__ids").to_pylist()
         truncated = batch.column("__truncated").to_numpy(zero_copy_only=False)
         scored = self.scorer.score_tokens(ids, batch.column("__error").to_pylist(), truncated)
@@ -543,9 +544,8 @@ def write_pieces(batch: pa.Table, output: str, schema: pa.Schema, layers: int) -
         buffer = pa.BufferOutputStream()
         pq.write_table(table, buffer)
         write_file(fs, f"{root}/{name}", buffer.getvalue().to_pybytes())  # whole, under a hidden name first
-        # CPU time: the tokeniser's, the replica's and this piece's writing; written_at: for the start-up
+        # CPU time: the tokeniser's, the replica's and this piece's writing
         marker["cpu_seconds"] = float(np.sum(part.column("__cpu_s").to_numpy())) + time.process_time() - cpu
-        marker["written_at"] = time.time()
         write_file(fs, f"{root}/{PIECES}/{name}.json", json.dumps(marker))
         markers.append(json.dumps(marker))
     return pa.table({"marker": pa.array(markers, type=pa.string())})
@@ -571,7 +571,13 @@ def run(job: ScoreJobConfig, log=print, warn=_stderr) -> dict[str, Any]:
     start, started_at = time.perf_counter(), time.time()
     config = load_config(job.model)  # a clear error when it is no FastBERT folder; the weights stay where they are
     choice = None
-    table = load_table(job.model)  # the speed's source without one, and the validation exits the drift check compares
+    if job.speed is None:  # the speed comes from the model's table: a broken one is an error
+        table = load_table(job.model)
+    else:  # only for the drift check: a table that cannot be read skips it
+        try:
+            table = load_table(job.model)
+        except (OSError, ValueError, KeyError, TypeError):
+            table = None
     speed, point = pick_speed(table, job.speed, job.max_accuracy_drop, job.target_speedup)
     if point is not None:  # a budget, or none given: the speed comes from the model's trade-off table
         budget = job.max_accuracy_drop if job.max_accuracy_drop is not None or job.target_speedup is not None \
@@ -598,7 +604,7 @@ def run(job: ScoreJobConfig, log=print, warn=_stderr) -> dict[str, Any]:
     rows_todo = sum(c.rows for c in todo)
     log(f"scoring {rows_todo} rows in {len(todo)} row groups of {len({c.file for c in todo})} files"
         + (f" ({len(done)} row groups already done)" if done else "") + f" at speed {job.speed}")
-    gpus = 0.0  # of each replica
+    gpus, received = 0.0, []  # the GPUs of each replica; this run's pieces
     if todo:
         import ray
 
@@ -607,14 +613,20 @@ def run(job: ScoreJobConfig, log=print, warn=_stderr) -> dict[str, Any]:
         preserve = context.execution_options.preserve_order
         context.execution_options.preserve_order = True  # each file's rows stay in order
         try:
-            gpus = _stream(job, work, todo, max_length, layers)
+            gpus, received = _stream(job, work, todo, max_length, layers)
         finally:
             context.execution_options.preserve_order = preserve
     seconds = time.perf_counter() - start
-    summary = _summarise(job, work, fs, root, layers, seconds, rows_todo)
-    summary.update(_costs(job, _markers(fs, root), started_at, gpus))
+    markers = _markers(fs, root)
+    calls = fs.glob(f"{root}/{PIECES}/{ATTEMPT}-*")
+    summary = _summarise(job, work, markers, layers, seconds, rows_todo)
+    # replica calls begun more than once: a replica (or its node) was lost and Ray Data tried them again
+    summary["retried_calls"] = len(calls) - len({c.rsplit("/", 1)[-1].rsplit("-", 1)[0] for c in calls})
+    if calls:
+        fs.rm(calls)  # counted: they have done their part
+    summary.update(_costs(job, received, started_at, gpus))
     summary["speed_choice"] = choice
-    summary["audit"] = _audit_summary(job, _markers(fs, root)) if job.audit else None
+    summary["audit"] = _audit_summary(job, markers) if job.audit else None
     drift = exit_drift(table, job.speed, list(summary["exit_counts"].values())) if table is not None else None
     summary["drift"] = dataclasses.asdict(drift) if drift is not None else None
     if drift is not None and drift.drifted:
@@ -635,26 +647,30 @@ def run(job: ScoreJobConfig, log=print, warn=_stderr) -> dict[str, Any]:
         f"mean exit layer {summary['mean_exit_layer']:.2f}, FLOP speed-up {summary['flop_speedup']:.2f}x, "
         f"{summary['precision']}, {summary['error_rows']} rows with an error, {summary['truncated_rows']} texts truncated to "
         f"{max_length} tokens" + (f"; {summary['note']}" if "note" in summary else ""))
-    if summary["steady_rows_per_s"] is not None:
-        log(f"start-up {summary['startup_seconds']:.1f} s (Ray, replicas, model load, the first call), then "
-            f"{summary['steady_rows_per_s']:.1f} rows/s; {summary['cpu_seconds_per_million_rows']:.0f} CPU-s"
+    if summary["startup_seconds"] is not None:
+        log(f"start-up {summary['startup_seconds']:.1f} s (Ray, replicas, model load, the first call)"
+            + (f", then {summary['steady_rows_per_s']:.1f} rows/s" if summary["steady_rows_per_s"] else "")
+            + f"; {summary['cpu_seconds_per_million_rows']:.0f} CPU-s"
             + (f" and {summary['gpu_seconds_per_million_rows']:.0f} GPU-s" if summary["gpu_seconds_per_million_rows"] else "")
             + " per million rows"
-            + (f", {summary['cost_per_million_rows']:.4g} per million rows at {job.price_per_hour:g} per replica-hour"
-               if summary["cost_per_million_rows"] is not None else ""))
+            + (f", {summary['cost_per_million_rows']:.4g} per million rows at {job.price_per_hour:g} per replica-hour "
+               "of work" if summary["cost_per_million_rows"] is not None else ""))
     audit = summary["audit"]
     if audit is not None and audit["rows"]:
+        cost = audit["estimated_cost_ci95"]
         log(f"audit of {audit['rows']} rows at full depth: {100 * audit['agreement']:.2f}% agree with the teacher "
             f"(95% interval {100 * audit['agreement_ci95'][0]:.2f}-{100 * audit['agreement_ci95'][1]:.2f}%); "
-            f"estimated accuracy cost {audit['estimated_cost_points']:.2f} points "
-            f"(95% interval {audit['estimated_cost_ci95'][0]:.2f} to {audit['estimated_cost_ci95'][1]:.2f}), "
-            f"at most {audit['max_cost_points']:.2f}")
+            f"estimated accuracy cost {audit['estimated_cost_points']:.2f} points"
+            + (f" (95% interval {cost[0]:.2f} to {cost[1]:.2f})" if cost else "")
+            + f", at most {audit['max_cost_points']:.2f} (95%)")
     return summary
 
 
-def _stream(job: ScoreJobConfig, work: Plan, todo: list[Chunk], max_length: int, layers: int) -> float:
+def _stream(job: ScoreJobConfig, work: Plan, todo: list[Chunk], max_length: int, layers: int
+            ) -> tuple[float, list[tuple[float, dict[str, Any]]]]:
     """The Ray Data pipeline over the chunks still to do: read, tokenise, score, write; returns
-    the GPUs of each replica."""
+    the GPUs of each replica and the markers of the pieces written, each with the time the
+    driver received it."""
     import ray
 
     gpus = job.gpus_per_replica
@@ -666,13 +682,14 @@ def _stream(job: ScoreJobConfig, work: Plan, todo: list[Chunk], max_length: int,
     ds = ds.map_batches(read_chunk, batch_size=1, batch_format="numpy",
                         fn_kwargs={"columns": work.carried.names, "text_column": job.text_column,
                                    "rows_per_block": job.rows_per_call, "schema": work.carried})
-    # whole blocks, each of one row group, through the tokeniser and the replicas: a replica's call
-    # then holds the rows of one row group, and no output file is a sliver cut off at a row group's end
-    ds = ds.map_batches(tokenize_rows, batch_format="pyarrow", batch_size=None,
+    ds = ds.map_batches(tokenize_rows, batch_format="pyarrow", batch_size=job.rows_per_call,
                         fn_kwargs={"model": job.model, "max_length": max_length})
     # the read task's output is coalesced into big blocks: cut it back into replica calls, so that
     # every replica gets work and a failed call redoes little
     ds = ds.repartition(target_num_rows_per_block=job.rows_per_call)
+    # whole blocks to the replicas (a read task reads one row group, and the repartition cuts its
+    # rows, not across row groups): a call holds the rows of one row group, and no output file
+    # is a sliver of one row group joined to the start of the next call
     ds = ds.map_batches(
         Replica, batch_format="pyarrow", batch_size=None,
         fn_constructor_kwargs={"model": job.model, "speed": job.speed, "micro_batch": job.micro_batch,
@@ -689,9 +706,11 @@ def _stream(job: ScoreJobConfig, work: Plan, todo: list[Chunk], max_length: int,
         num_gpus=gpus, num_cpus=job.cpus_per_replica, runtime_env=None if gpus else cpu_replica_env())
     ds = ds.map_batches(write_pieces, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"output": job.output, "schema": work.output_schema, "layers": layers})
-    for _ in ds.iter_batches(batch_size=None):  # drives the stream; the pieces are written as it goes
-        pass
-    return float(gpus)
+    received = []  # (when the driver got it, marker): this run's pieces, on the driver's clock
+    for batch in ds.iter_batches(batch_size=None):  # drives the stream; the pieces are written as it goes
+        now = time.time()
+        received += [(now, json.loads(m)) for m in batch["marker"]]
+    return float(gpus), received
 
 
 def _markers(fs, root: str) -> list[dict[str, Any]]:
@@ -743,10 +762,8 @@ def _prepare_output(job: ScoreJobConfig, work: Plan, fs, root: str) -> set[str] 
     return done
 
 
-def _summarise(job: ScoreJobConfig, work: Plan, fs, root: str, layers: int, seconds: float,
+def _summarise(job: ScoreJobConfig, work: Plan, markers: list[dict[str, Any]], layers: int, seconds: float,
                rows_this_run: int) -> dict[str, Any]:
-    markers = _markers(fs, root)
-    calls = [path.rsplit("/", 1)[-1] for path in fs.glob(f"{root}/{PIECES}/{ATTEMPT}-*")]
     rows_in = sum(c.rows for c in work.chunks)
     rows_out = sum(m["rows"] for m in markers)
     if rows_out != rows_in:
@@ -770,34 +787,33 @@ def _summarise(job: ScoreJobConfig, work: Plan, fs, root: str, layers: int, seco
         "exit_counts": {str(k): int(n) for k, n in enumerate(exits, start=1)},
         "flop_speedup": full / flops if flops else float("nan"),
         "rows_this_run": rows_this_run, "wall_seconds": seconds,
-        # replica calls begun more than once: a replica (or its node) was lost and Ray Data tried them again
-        "retried_calls": len(calls) - len({c.rsplit("-", 1)[0] for c in calls}),
         "rows_per_s": rows_this_run / seconds if seconds > 0 else float("nan"),
     }
 
 
-def _costs(job: ScoreJobConfig, markers: list[dict[str, Any]], started_at: float, gpus: float) -> dict[str, Any]:
+def _costs(job: ScoreJobConfig, received: list[tuple[float, dict[str, Any]]], started_at: float,
+           gpus: float) -> dict[str, Any]:
     """Start-up apart from the steady state, and the compute per million rows, from the pieces
-    this run wrote (``written_at`` after ``started_at``): start-up is the time to the first
-    piece (Ray, the replicas, the model's load and the first call); the steady rows/s count the
-    rows written after it over the time to the last. CPU-seconds: the tokenisers', replicas'
-    and writers' processes; GPU-seconds and the cost: the replicas' busy time, times their GPUs
-    and ``price_per_hour``."""
-    ours = sorted((m for m in markers if m.get("written_at", 0) >= started_at), key=lambda m: m["written_at"])
-    rows = sum(m["rows"] for m in ours)
+    this run wrote, timed as the driver received them (one clock): start-up is the time to the
+    first piece (Ray, the replicas, the model's load and the first call); the steady rows/s
+    count the rows received after it over the time to the last. CPU-seconds: the tokenisers',
+    replicas' and writers' processes; replica-seconds: the replicas' busy time (inside calls,
+    the audit's full-depth pass included; not their start or idle time), and from it the
+    GPU-seconds (times each replica's GPUs) and the cost (times ``price_per_hour``)."""
+    rows = sum(m["rows"] for _, m in received)
     out: dict[str, Any] = {"startup_seconds": None, "steady_rows_per_s": None, "cpu_seconds_per_million_rows": None,
-                           "gpu_seconds_per_million_rows": None, "replica_seconds_per_million_rows": None,
+                           "gpu_seconds_per_million_rows": None, "replica_busy_seconds_per_million_rows": None,
                            "cost_per_million_rows": None}
     if not rows:
         return out
-    first, last = ours[0]["written_at"], ours[-1]["written_at"]
-    after = sum(m["rows"] for m in ours if m["written_at"] > first)
-    busy = sum(m["busy_seconds"] for m in ours)
+    first, last = received[0][0], received[-1][0]
+    after = sum(m["rows"] for when, m in received if when > first)
+    busy = sum(m["busy_seconds"] for _, m in received)
     per_million = 1e6 / rows
     out.update(startup_seconds=first - started_at, steady_rows_per_s=after / (last - first) if last > first else None,
-               cpu_seconds_per_million_rows=sum(m["cpu_seconds"] for m in ours) * per_million,
+               cpu_seconds_per_million_rows=sum(m["cpu_seconds"] for _, m in received) * per_million,
                gpu_seconds_per_million_rows=busy * gpus * per_million,
-               replica_seconds_per_million_rows=busy * per_million)
+               replica_busy_seconds_per_million_rows=busy * per_million)
     if job.price_per_hour is not None:
         out["cost_per_million_rows"] = busy * per_million / 3600 * job.price_per_hour
     return out
@@ -805,9 +821,11 @@ def _costs(job: ScoreJobConfig, markers: list[dict[str, Any]], started_at: float
 
 def _audit_summary(job: ScoreJobConfig, markers: list[dict[str, Any]]) -> dict[str, Any]:
     """The audit over the whole output: the share of audited rows whose answer is the
-    teacher's, with a 95% Wilson interval; the estimated accuracy cost (points; the mean of
-    ``Replica._audit``'s per-row costs, with a normal 95% interval); and its bound, the share
-    that disagrees (every disagreement a row the teacher had right)."""
+    teacher's, with a 95% Wilson interval; the estimated accuracy cost (points: the mean of
+    ``Replica._audit``'s per-row costs, right when the teacher is calibrated; a normal 95%
+    interval once ``MIN_DIFFERING_ROWS`` rows disagree, None before: fewer decide nothing); and
+    its bound, the disagreement at the upper end of its interval (were every disagreement a row
+    the teacher had right)."""
     n = sum(m["audit"]["rows"] for m in markers if "audit" in m)
     agree = sum(m["audit"]["agree"] for m in markers if "audit" in m)
     cost = sum(m["audit"]["cost"] for m in markers if "audit" in m)
@@ -820,8 +838,11 @@ def _audit_summary(job: ScoreJobConfig, markers: list[dict[str, Any]]) -> dict[s
     p = agree / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    low = max(0.0, centre - half)
     mean = cost / n
-    spread = z * math.sqrt(max(squared / n - mean * mean, 0.0) / n)
-    return {**out, "agreement": p, "agreement_ci95": [max(0.0, centre - half), min(1.0, centre + half)],
-            "estimated_cost_points": 100 * mean, "estimated_cost_ci95": [100 * (mean - spread), 100 * (mean + spread)],
-            "max_cost_points": 100 * (1 - p)}
+    interval = None
+    if n - agree >= MIN_DIFFERING_ROWS:
+        spread = z * math.sqrt(max(squared - n * mean * mean, 0.0) / (n - 1) / n)  # sample variance
+        interval = [100 * max(0.0, mean - spread), 100 * (mean + spread)]
+    return {**out, "agreement": p, "agreement_ci95": [low, min(1.0, centre + half)],
+            "estimated_cost_points": 100 * mean, "estimated_cost_ci95": interval, "max_cost_points": 100 * (1 - low)}

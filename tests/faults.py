@@ -76,7 +76,7 @@ class KillMidCall(threading.Thread):
     freeze it (SIGSTOP), give the calls it finished ``settle_s`` to be written, and kill it if a
     call it began has no piece yet; otherwise let it go on (SIGCONT) and look again."""
 
-    def __init__(self, output: Path, settle_s: float = 2.0, timeout_s: float = 300.0):
+    def __init__(self, output: Path, settle_s: float = 3.0, timeout_s: float = 300.0):
         super().__init__(daemon=True)
         self.output, self.settle_s, self.timeout_s = output, settle_s, timeout_s
         self.killed: int | None = None

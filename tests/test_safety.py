@@ -175,6 +175,8 @@ def test_every_scoring_mistake_is_one_line_before_ray_starts(world, tmp_path):
         (["--input", part, "--output", str(world / "data"), "--target-speedup", "2"], "no tradeoff.json"),
         (["--input", part, "--output", out, "--model", str(world / "with-table"), "--target-speedup", "50"],
          "no speed reaches a 50.0x FLOP speed-up"),
+        (["--input", part, "--output", out, "--audit", "2"], "audit must be a share of rows in [0, 1]"),
+        (["--input", part, "--output", out, "--price-per-hour", "-1"], "price_per_hour must be >= 0"),
     ]
     for argv, message in cases:
         if "--model" not in argv:
