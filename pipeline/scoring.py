@@ -687,11 +687,8 @@ def _stream(job: ScoreJobConfig, work: Plan, todo: list[Chunk], max_length: int,
     # the read task's output is coalesced into big blocks: cut it back into replica calls, so that
     # every replica gets work and a failed call redoes little
     ds = ds.repartition(target_num_rows_per_block=job.rows_per_call)
-    # whole blocks to the replicas (a read task reads one row group, and the repartition cuts its
-    # rows, not across row groups): a call holds the rows of one row group, and no output file
-    # is a sliver of one row group joined to the start of the next call
     ds = ds.map_batches(
-        Replica, batch_format="pyarrow", batch_size=None,
+        Replica, batch_format="pyarrow", batch_size=job.rows_per_call,
         fn_constructor_kwargs={"model": job.model, "speed": job.speed, "micro_batch": job.micro_batch,
                                "max_length": max_length, "device": "cuda" if gpus else "cpu",
                                "threads": None if gpus else threads,
