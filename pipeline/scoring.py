@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import flops as flop_account
@@ -535,8 +536,8 @@ def write_pieces(batch: pa.Table, output: str, schema: pa.Schema, layers: int) -
         }
         if "audited" in part.column_names:
             audited = part.column("audited").to_numpy(zero_copy_only=False)
-            agree = np.array([p == t for p, t in zip(part.column("prediction").to_pylist(),
-                                                      part.column("teacher_prediction").to_pylist())])
+            agree = pc.fill_null(pc.equal(part.column("prediction"), part.column("teacher_prediction")), False)
+            agree = agree.to_numpy(zero_copy_only=False)  # (rows,) bool: null where not audited
             cost = part.column("__audit_cost").to_numpy()
             marker["audit"] = {"rows": int(audited.sum()), "agree": int((agree & audited).sum()),
                                "cost": float(cost.sum()), "cost_squared": float((cost ** 2).sum())}

@@ -162,6 +162,8 @@ def test_every_scoring_mistake_is_one_line_before_ray_starts(world, tmp_path):
         "model": model, "speed": 0.5, "text_column": "text", "id_column": None, "columns": None, "max_length": None,
         "precision": "auto",
         "inputs": [part]}), overwrite=False)
+    audited = str(tmp_path / "audited.parquet")  # a column the audit would write
+    pq.write_table(pa.table({"text": ["a text"], "audited": [True]}), audited)
     cases = [
         (["--input", part, "--output", out, "--text-column", "body"],
          "no text column 'body'; it has id: int64, text: string, label: string"),
@@ -177,6 +179,7 @@ def test_every_scoring_mistake_is_one_line_before_ray_starts(world, tmp_path):
          "no speed reaches a 50.0x FLOP speed-up"),
         (["--input", part, "--output", out, "--audit", "2"], "audit must be a share of rows in [0, 1]"),
         (["--input", part, "--output", out, "--price-per-hour", "-1"], "price_per_hour must be >= 0"),
+        (["--input", audited, "--output", out, "--audit", "0.01"], "input columns ['audited'] would clash"),
     ]
     for argv, message in cases:
         if "--model" not in argv:
