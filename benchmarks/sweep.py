@@ -35,7 +35,7 @@ import torch
 
 from pipeline.datasets import load_bundled
 from pipeline.model import FastBert
-from pipeline.tradeoff import all_exits, at_speed, choose_speed, tradeoff_table
+from pipeline.tradeoff import all_exits, at_speed, calibrate, choose_speed, tradeoff_table
 from pipeline.train import TrainConfig, batches, evaluate, fit
 
 DEFAULT_WORK = os.path.join(os.path.expanduser("~"), ".cache", "fastbert-ray", "sweep")
@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--distill-on", choices=["train", "unlabelled"], default="train",
                         help="stage 2's texts: the labelled sample's, or every training text outside validation "
                              "without its label (the paper's unlabelled distillation)")
+    parser.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                        help="stage 2's models without the exits' temperatures (as before the job calibrated them)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
@@ -136,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
             for distill_lr in args.distill_lrs:
                 for distill_epochs in args.distill_epochs:
                     key = (f"{dataset}-{size}/s2-{best[1].split('/')[1]}-dlr{distill_lr:g}-de{distill_epochs}"
-                           + ("-unlabelled" if args.distill_on == "unlabelled" else ""))
+                           + ("-unlabelled" if args.distill_on == "unlabelled" else "")
+                           + ("" if args.calibrate else "-uncalibrated"))
 
                     def make2(distill_lr=distill_lr, distill_epochs=distill_epochs, key=key, source=best[1]):
                         model = FastBert.from_pretrained(os.path.join(args.work, source, "model"))
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
                             epochs=0, distill_epochs=distill_epochs, distill_lr=distill_lr,
                             batch_size=args.batch_size), log=None,
                             distill_texts=unlabelled if args.distill_on == "unlabelled" else None)
+                        if args.calibrate:
+                            calibrate(model, va_t)  # as the training job does
                         table = tradeoff_table(model, va_t, va_l, data="validation")
                         test_exits = all_exits(model, te_t, te_l)
                         out = {"set": dataset, "size": size, "from": source, "distill_lr": distill_lr,

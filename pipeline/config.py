@@ -54,6 +54,9 @@ class FastBertConfig:
     teacher_width: int | None = None
     max_length: int = 128  # tokens per text, [CLS] and [SEP] included; longer texts are truncated
     dropout: float = 0.1  # dropout inside the branches while training
+    # per exit, what its logits are divided by before the softmax: fitted after training on the
+    # validation rows (pipeline.tradeoff.calibrate), the teacher's 1; None: 1 everywhere
+    exit_temperatures: list[float] | None = None
 
     def __post_init__(self) -> None:
         self.backbone = json.loads(json.dumps(self.backbone))  # as config.json will hold it
@@ -84,6 +87,11 @@ class FastBertConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.exit_temperatures is not None:
+            self.exit_temperatures = [float(t) for t in self.exit_temperatures]
+            if len(self.exit_temperatures) != self.num_layers or not all(0 < t < float("inf") for t in self.exit_temperatures):
+                raise UserError(f"exit_temperatures must be {self.num_layers} positive numbers (one per exit) or None, "
+                                f"got {self.exit_temperatures!r}")
 
     @property
     def max_positions(self) -> int:

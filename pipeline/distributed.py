@@ -42,7 +42,7 @@ from pipeline.outputs import (Manifest, UserError, absolute, claim_output, inspe
                               refuse_unsafe_output, same_or_inside, update_manifest, write_json)
 from pipeline.ray_init import check_ray_address, init_ray
 from pipeline.text import training_rows
-from pipeline.tradeoff import choose_speed, describe_choice, format_table, tradeoff_table
+from pipeline.tradeoff import calibrate, choose_speed, describe_choice, format_table, tradeoff_table
 from pipeline.train import (OPTIMIZER_STATE, OPTIMIZER_TENSORS, STAGES, EpochStats, EvalStats, Stage, StageProgress,
                             TrainConfig, TrainResult, collate, evaluate, load_optimizer, save_optimizer, stage_optimizer, train_stage)
 
@@ -293,9 +293,11 @@ def run(job: TrainJobConfig, log=print) -> TrainResult:
 
 
 def _validation_tradeoff(job: TrainJobConfig) -> TradeoffTable:
-    """Accuracy and FLOP speed-up of the published model at every speed on the validation
-    rows (one full-depth pass on the driver), written into the model folder so that scoring
-    can pick a speed for an accuracy or speed-up budget."""
+    """On the driver: the published model's exits calibrated on the validation rows (their
+    temperatures written into its config.json), then its accuracy and FLOP speed-up at every
+    speed there (one full-depth pass), written into the model folder so that scoring can pick a
+    speed for an accuracy or speed-up budget. A run stopped between the two files has no table
+    yet and does both again."""
     from pipeline.text import parquet_dataset
 
     model = FastBert.from_pretrained(job.output)
@@ -303,7 +305,11 @@ def _validation_tradeoff(job: TrainJobConfig) -> TradeoffTable:
     rows = parquet_dataset(job.validation, columns).to_table(columns=columns)
     rows = rows.slice(0, job.max_rows or rows.num_rows)
     labels = [str(v) for v in rows.column(job.label_column).to_pylist()]
-    table = tradeoff_table(model, rows.column(job.text_column).to_pylist(), labels, data=job.validation)
+    texts = rows.column(job.text_column).to_pylist()
+    calibrate(model, texts)
+    table = tradeoff_table(model, texts, labels, data=job.validation)
+    model.tradeoff = None
+    model.save_pretrained(job.output)  # config.json with the temperatures; an earlier table removed
     save_table(table, job.output)
     return table
 

@@ -4,13 +4,14 @@ The driver (``run``) lists the input files, checks their footers (columns, types
 file) and cuts the work into chunks, one per Parquet row group. The Ray Data pipeline then
 streams the chunks through four stages:
 
-1. read (CPU tasks): a chunk's rows, the carried columns plus the text, tagged with the
-   chunk and each row's index in its file;
-2. tokenise (CPU tasks): token ids, or the reason a row cannot be scored (``text.tokenize``,
-   on the Rust tokenizer: these tasks import neither torch nor transformers);
+1. read (CPU tasks, one per chunk): a chunk's rows, the carried columns plus the text, tagged
+   with the chunk and each row's index in its file;
+2. tokenise (in the same task): token ids, or the reason a row cannot be scored
+   (``text.tokenize``, on the Rust tokenizer: these tasks import neither torch nor
+   transformers); the chunk is cut into calls of ``rows_per_call`` rows and one with the rest;
 3. score (an actor pool of ``Replica``: the model loaded once, on its GPU when it has one;
    each call runs the engine's early exit with dynamic re-batching on a batch of rows);
-4. write (CPU tasks): each run of rows of one chunk becomes a Parquet file
+4. write (CPU tasks): each call's rows become a Parquet file
    ``part-FFFFF-GGGGG-RRRRRRRRRR.parquet`` (file, row group, first row), written under a
    hidden temporary name and then moved into place, followed by a small JSON marker in
    ``_pieces/``.
@@ -86,7 +87,7 @@ class ScoreJobConfig:
     gpus_per_replica: float | None = None  # GPUs of each replica; none given: 1 when the cluster has GPUs, else 0
     cpus_per_replica: float = 1.0  # Ray CPUs of each replica
     threads_per_replica: int | None = None  # torch threads in a CPU replica; none given: cpus_per_replica
-    rows_per_call: int = 1024  # rows handed to a replica per call
+    rows_per_call: int = 1024  # rows handed to a replica per call, all of one row group: one output file
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto (bf16 where the chip has it natively, else fp32), fp32, bf16 or fp16
     micro_batch: int = 32  # rows per layer step inside a replica (the engine's batch)
     max_length: int | None = None  # tokens per text; none given: the model's
@@ -345,6 +346,15 @@ def tokenize_rows(batch: pa.Table, model: str, max_length: int) -> pa.Table:
 
 
 _TOKENIZERS: dict[str, Any] = {}  # model URI -> its tokenizer, per worker process
+
+
+def read_and_tokenize(batch: dict[str, np.ndarray], columns: list[str], text_column: str, rows_per_block: int,
+                      schema: pa.Schema, model: str, max_length: int):
+    """Ray Data: ``read_chunk`` then ``tokenize_rows``, block by block, in one function: one
+    task per chunk, so that no block downstream holds rows of two row groups (as separate
+    stages, Ray Data fuses them into tasks of several chunks and batches across them)."""
+    for block in read_chunk(batch, columns, text_column, rows_per_block, schema):
+        yield tokenize_rows(block, model, max_length)
 
 
 class Replica:
@@ -680,16 +690,18 @@ def _stream(job: ScoreJobConfig, work: Plan, todo: list[Chunk], max_length: int,
     low, high = job.replica_range()
     threads = job.threads_per_replica or max(1, int(job.cpus_per_replica))
     ds = ray.data.from_items([dataclasses.asdict(c) for c in todo], override_num_blocks=len(todo))
-    ds = ds.map_batches(read_chunk, batch_size=1, batch_format="numpy",
+    ds = ds.map_batches(read_and_tokenize, batch_size=1, batch_format="numpy",
                         fn_kwargs={"columns": work.carried.names, "text_column": job.text_column,
-                                   "rows_per_block": job.rows_per_call, "schema": work.carried})
-    ds = ds.map_batches(tokenize_rows, batch_format="pyarrow", batch_size=job.rows_per_call,
-                        fn_kwargs={"model": job.model, "max_length": max_length})
-    # the read task's output is coalesced into big blocks: cut it back into replica calls, so that
-    # every replica gets work and a failed call redoes little
+                                   "rows_per_block": job.rows_per_call, "schema": work.carried,
+                                   "model": job.model, "max_length": max_length})
+    # a read task's output is coalesced into big blocks: cut it back into replica calls, so that
+    # every replica gets work and a failed call redoes little. A replica call is one block
+    # (batch_size None), all of one row group: with a batch size, Ray Data joined a row group's
+    # last block to the next one's first, and the write split that call into two pieces, one of
+    # them a sliver (files of 8 rows in benchmarks.million)
     ds = ds.repartition(target_num_rows_per_block=job.rows_per_call)
     ds = ds.map_batches(
-        Replica, batch_format="pyarrow", batch_size=job.rows_per_call,
+        Replica, batch_format="pyarrow", batch_size=None,
         fn_constructor_kwargs={"model": job.model, "speed": job.speed, "micro_batch": job.micro_batch,
                                "max_length": max_length, "device": "cuda" if gpus else "cpu",
                                "threads": None if gpus else threads,

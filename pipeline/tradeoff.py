@@ -93,6 +93,44 @@ def at_speed(exits: AllExits, model: FastBert, speed: float) -> Point:
                  exit_counts=np.bincount(exit_at, minlength=layers).tolist())
 
 
+# -- the exits' temperatures -------------------------------------------------------------------
+
+# what calibrate tries: 0.05 ... 20 on a log scale (a student 20x over- or underconfident)
+TEMPERATURES = tuple(float(t) for t in np.exp(np.linspace(np.log(0.05), np.log(20.0), 121)))
+
+
+def calibrate(model: FastBert, texts: list[str], batch_size: int = 64) -> list[float]:
+    """Fit each student's temperature on held-out ``texts`` and set them in the model's config
+    (``exit_temperatures``, saved with it); returns them. A student's temperature is the one of
+    ``TEMPERATURES`` under which its softmax gives the teacher's answers the highest likelihood:
+    a row should leave where the student is as sure as it is likely to agree with the teacher.
+    Uncalibrated, stage 2's students are over- or underconfident by up to 5x, so one speed
+    meant different things at different layers, and an overconfident student let out rows it
+    got wrong at the lowest speeds (benchmarks/RESULTS.md, "Calibrated exits"). The teacher
+    keeps 1: speed 0 is the plain classifier."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.train import batches
+
+    model.config.exit_temperatures = None  # fitted on the students' own logits
+    model.eval()
+    texts = sorted(texts, key=len)  # batches of similar lengths pad little
+    students, answers = [], []
+    with torch.no_grad():
+        for batch in batches(model, texts, batch_size=batch_size):
+            logits = model(batch["input_ids"], batch["attention_mask"]).logits.float()  # (L, B, N)
+            students.append(logits[:-1])  # (L-1, B, N)
+            answers.append(logits[-1].argmax(-1))  # (B,) the teacher's
+    logits, target = torch.cat(students, 1), torch.cat(answers)  # (L-1, R, N), (R,)
+    temperatures = []
+    for z in logits:  # (R, N), one student
+        nll = [float(F.cross_entropy(z / t, target)) for t in TEMPERATURES]
+        temperatures.append(TEMPERATURES[int(np.argmin(nll))])
+    model.config.exit_temperatures = [*temperatures, 1.0]
+    return model.config.exit_temperatures
+
+
 # -- the validation table a trained model carries, and choosing a speed from it ---------------
 
 

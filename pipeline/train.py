@@ -251,11 +251,13 @@ def set_stage(model: FastBert | nn.Module, stage: Stage) -> list[nn.Parameter]:
 
     ``"finetune"``: backbone and teacher trainable, train mode; students frozen, eval mode.
     ``"distill"``: backbone and teacher frozen, eval mode (deterministic teacher); students
-    trainable, train mode. Accepts the model or a wrapper with ``.module`` (DDP).
+    trainable, train mode. Accepts the model or a wrapper with ``.module`` (DDP). Either stage
+    drops the exits' temperatures: they were fitted to the weights it is about to change.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     fastbert = _unwrap(model)
+    fastbert.config.exit_temperatures = None
     teacher, students = fastbert.branches[-1], fastbert.branches[:-1]
     if stage == "distill" and len(students) == 0:
         raise ValueError("a 1-layer FastBert has no students to distil into")

@@ -99,6 +99,8 @@ def test_two_workers_learn_and_distil(trained, data):
 
     model = FastBert.from_pretrained(str(output))
     assert model.config.labels == list(LABELS)
+    temperatures = model.config.exit_temperatures  # calibrated on the validation rows
+    assert len(temperatures) == 3 and temperatures[-1] == 1.0 and all(t > 0 for t in temperatures)
     texts, labels = toy_task(np.random.default_rng(1), 64)
     table = Scorer(model, precision="fp32", speed=0.0)(texts)
     assert set(table.column("prediction").to_pylist()) <= set(LABELS)
@@ -450,7 +452,6 @@ def test_inputs_are_cached_in_the_object_store_while_they_fit(ray_session, data,
     import pipeline.distributed as distributed
 
     model = tiny_model()
-    uri = str(data / "train.parquet")
 
     def cached(cache: str, names: tuple[str, ...], share: float = distributed.CACHE_SHARE):
         monkeypatch.setattr(distributed, "CACHE_SHARE", share)

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -132,6 +133,14 @@ def test_every_row_once_in_order_and_equal_to_the_engine(scored, inputs):
     assert json.loads((output / "_summary.json").read_text()) == json.loads(json.dumps(summary))
     assert (output / "_SUCCESS").exists()
     assert not list(output.glob(".*")), "temporary files left behind"
+    # a replica call never straddles two row groups, so no sliver files: each row group of n
+    # rows is ceil(n / rows_per_call) files of rows_per_call rows, the last holding the rest
+    pieces = Counter()
+    for path in output.glob("part-*.parquet"):
+        _, file, group, _ = path.stem.split("-")
+        pieces[file, group] += 1
+        assert pq.read_metadata(path).num_rows <= 16
+    assert pieces == {("00000", "00000"): 2, ("00000", "00001"): 2, ("00001", "00000"): 2, ("00002", "00000"): 2}
 
 
 def test_resume_after_a_crash_finishes_without_duplicates(scored, inputs, tmp_path):

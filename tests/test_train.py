@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import Scorer
+from pipeline import FastBert, Scorer
+from pipeline.tradeoff import TEMPERATURES, all_exits, at_speed, calibrate
 from pipeline.train import (
     EvalStats,
     TrainConfig,
@@ -156,6 +157,42 @@ def test_scorer_exits_early_at_nearly_the_same_accuracy(trained):
     assert fast_accuracy >= full_accuracy - 0.05
     assert fast.stats.flops < 0.8 * full.stats.flops
     assert fast.stats.exit_counts[0] > 0
+
+
+def test_calibration_fits_each_student_to_the_teacher_and_travels_with_the_model(trained, tmp_path):
+    """``calibrate`` gives each student the temperature under which it best predicts the
+    teacher's answers (a student 4x more confident gets a 4x higher one, to the grid's step),
+    the teacher 1; exits then read the tempered logits, in the table's pass and in the engine
+    alike; the temperatures are saved with the model, and training again drops them."""
+    model = tiny_model(labels=LABELS, seed=0)
+    model.load_state_dict(trained.model.state_dict())
+    rng = np.random.default_rng(5)  # both cue words: rows on which the exits may disagree
+    mixed = [" ".join(rng.permutation(["good", "bad", *rng.choice(FILLER, size=int(rng.integers(0, 6)))]))
+             for _ in range(128)]
+    texts, labels = trained.val_texts + mixed, trained.val_labels + trained.val_labels
+    raw = model(**next(iter(batches(model, texts[:16])))).logits  # (L, 16, N)
+    first = calibrate(model, texts)
+    assert len(first) == 3 and first[-1] == 1.0 and model.config.exit_temperatures == first
+    assert 0.05 < first[0] < 20.0  # inside the grid: a fitted value, not a bound
+    tempered = model(**next(iter(batches(model, texts[:16])))).logits
+    assert torch.allclose(tempered, raw / torch.tensor(first)[:, None, None])
+    with torch.no_grad():  # student 1 four times as sure of every answer
+        model.branches[0].classifier.weight.mul_(4)
+        model.branches[0].classifier.bias.mul_(4)
+    again = calibrate(model, texts)
+    step = TEMPERATURES[1] / TEMPERATURES[0]
+    assert 4 / step <= again[0] / first[0] <= 4 * step and again[1:] == first[1:]
+
+    model.save_pretrained(str(tmp_path / "m"))
+    loaded = FastBert.from_pretrained(str(tmp_path / "m"))
+    assert loaded.config.exit_temperatures == again
+    exits = all_exits(loaded, texts, labels, batch_size=16)
+    for speed in (0.05, 0.3, 0.7):
+        scorer = Scorer(loaded, precision="fp32", speed=speed, micro_batch=7)
+        scorer(texts)
+        assert scorer.stats.exit_counts == at_speed(exits, loaded, speed).exit_counts
+    set_stage(loaded, "distill")
+    assert loaded.config.exit_temperatures is None  # fitted to weights that are about to change
 
 
 def test_each_stage_schedule_reaches_zero_exactly_at_its_end(trained):
