@@ -203,7 +203,7 @@ def test_killed_driver_rerun_continues_from_the_last_checkpoint(trained, data, t
     epochs."""
     output = tmp_path / "killed"
     argv = ["--train", str(data / "train.parquet"), "--validation", str(data / "validation.parquet"),
-            "--output", str(output), "--backbone", str(data / "backbone"), "--epochs", "2", "--distill-epochs", "1",
+            "--output", str(output), "--backbone", str(data / "backbone"), "--epochs", "2", "--distill-epochs", "0",
             "--lr", "3e-3", "--head-lr", "1e-2", "--distill-lr", "1e-2", "--batch-size", "16", "--max-length", "32",
             "--branch-width", "16", "--workers", "1", "--cpus-per-worker", "2", "--precision", "fp32",
             "--cache", "off"]  # streamed from the files every epoch
@@ -230,7 +230,9 @@ def test_killed_driver_rerun_continues_from_the_last_checkpoint(trained, data, t
 
     metrics = run(parse_args(argv))
     history = metrics.finetune
-    assert [e["epoch"] for e in history] == [1, 2] and [e["epoch"] for e in metrics.distill] == [1]
+    # stage 1 only, for time: stage 2 runs the same loop and checkpoints (a stage-agnostic
+    # StageProgress; test_stage_two_alone_from_a_finetuned_model)
+    assert [e["epoch"] for e in history] == [1, 2] and metrics.distill == []
     assert done[-1] < 2, f"the driver was killed too late (committed epochs {done})"
     assert all(e["finished_at"] < killed_at for e in history if e["epoch"] <= done[-1])  # carried over
     assert all(e["finished_at"] > killed_at for e in history if e["epoch"] > done[-1])  # trained after the kill
