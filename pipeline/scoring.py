@@ -1,9 +1,8 @@
 """Streaming Parquet-in/Parquet-out scoring with a trained FastBERT on Ray Data.
 
 The driver (``run``) lists the input files, checks their footers (columns, types, a corrupt
-file) and cuts the work into chunks: a Parquet row group, or a run of ``CALLS_PER_CHUNK``
-replica calls' rows of a larger one. The Ray Data pipeline then streams the chunks through
-four stages:
+file) and cuts the work into chunks, one per Parquet row group. The Ray Data pipeline then
+streams the chunks through four stages:
 
 1. read (CPU tasks, one per chunk): a chunk's rows, the carried columns plus the text, tagged
    with the chunk and each row's index in its file;
@@ -160,26 +159,21 @@ class ScoreJobConfig:
 # -- the driver: inputs and plan --------------------------------------------------------------
 
 
-# a chunk holds at most this many replica calls' rows: a row group larger than that is cut into
-# several chunks, so that rows flow (and are written, and count as done) while it is still read
-CALLS_PER_CHUNK = 8
-
-
 @dataclass
 class Chunk:
-    """Rows of one row group of one input file, all of it or a run of at most
-    ``CALLS_PER_CHUNK`` calls: the unit of reading, resuming and bookkeeping."""
+    """One row group of one input file: the unit of reading, resuming and bookkeeping. (Cut
+    into runs of calls, a large row group would be decoded again by each run's task: Parquet
+    has no cheaper way into a row group.)"""
 
     file: int  # index of the input file (sorted URIs)
     uri: str
     row_group: int
-    first_row: int  # index in its file of the chunk's first row
+    first_row: int  # index in its file of the row group's first row
     rows: int
-    skip: int = 0  # rows of its row group before it
 
     @property
     def key(self) -> str:
-        return f"{self.file:05d}-{self.row_group:05d}-{self.first_row:010d}"
+        return f"{self.file:05d}-{self.row_group:05d}"
 
 
 # the output's schema metadata key (and the ``probabilities`` field's): the model's label names
@@ -280,10 +274,11 @@ def plan(job: ScoreJobConfig, labels: list[str] | None = None) -> Plan:
                 carried[i], source[f.name] = f.with_type(kind), uri
             elif kind != f.type:
                 raise UserError(f"{uri}: column {f.name!r} must be {f.type} like in {source[f.name]}, it has {have}")
-        first, most = 0, job.rows_per_call * CALLS_PER_CHUNK
+        first = 0
         for g in range(meta.num_row_groups):
             rows = meta.row_group(g).num_rows
-            chunks += [Chunk(index, uri, g, first + skip, min(most, rows - skip), skip) for skip in range(0, rows, most)]
+            if rows:
+                chunks.append(Chunk(index, uri, g, first, rows))
             first += rows
     if carried is None:
         if empty is None:
@@ -301,8 +296,7 @@ def read_chunk(batch: dict[str, np.ndarray], columns: list[str], text_column: st
                schema: pa.Schema | None = None):
     """Ray Data: the rows of the chunks in ``batch`` (one row per chunk), the carried columns,
     the text as ``__text`` and the bookkeeping ``__file``, ``__group``, ``__row``; yielded in
-    blocks of at most ``rows_per_block`` rows, so a huge row group is never held whole. A chunk
-    without ``skip`` and ``rows`` is its whole row group.
+    blocks of at most ``rows_per_block`` rows, so a huge row group is never decoded whole.
 
     Every block has the same types whichever flavour its file stores (Ray Data could not
     concatenate a dictionary-encoded or ``large_string`` block with a ``string`` one): the
@@ -320,17 +314,11 @@ def read_chunk(batch: dict[str, np.ndarray], columns: list[str], text_column: st
     for i in range(len(batch["uri"])):
         fs, path = fsspec.core.url_to_fs(str(batch["uri"][i]))
         first = int(batch["first_row"][i])
-        start = int(batch["skip"][i]) if "skip" in batch else 0  # the chunk's rows in its row group
-        stop = start + int(batch["rows"][i]) if "rows" in batch else math.inf
-        seen = 0  # rows of the row group read so far
         with fs.open(path, "rb") as f:
             for record_batch in pq.ParquetFile(f).iter_batches(
                     batch_size=rows_per_block, row_groups=[int(batch["row_group"][i])],
                     columns=sorted(set(columns) | {text_column})):
-                lo, seen = seen, seen + record_batch.num_rows
-                if seen <= start:
-                    continue  # before the chunk (decoded: Parquet has no cheaper way into a row group)
-                table = pa.Table.from_batches([record_batch]).slice(max(0, start - lo), min(seen, stop) - max(lo, start))
+                table = pa.Table.from_batches([record_batch])
                 n = table.num_rows
                 text = table.column(text_column).cast(pa.string())
                 table = table.select(columns).replace_schema_metadata(None)  # e.g. pandas': it differs by file
@@ -341,8 +329,6 @@ def read_chunk(batch: dict[str, np.ndarray], columns: list[str], text_column: st
                 table = table.append_column("__group", pa.array(np.full(n, batch["row_group"][i], dtype=np.int32)))
                 yield table.append_column("__row", pa.array(np.arange(first, first + n, dtype=np.int64)))
                 first += n
-                if seen >= stop:
-                    break
 
 
 def tokenize_rows(batch: pa.Table, model: str, max_length: int) -> pa.Table:
@@ -629,8 +615,8 @@ def run(job: ScoreJobConfig, log=print, warn=_stderr) -> dict[str, Any]:
         return summary
     todo = [c for c in work.chunks if c.key not in done]
     rows_todo = sum(c.rows for c in todo)
-    log(f"scoring {rows_todo} rows in {len(todo)} chunks of {len({c.file for c in todo})} files"
-        + (f" ({len(done)} chunks already done)" if done else "") + f" at speed {job.speed}")
+    log(f"scoring {rows_todo} rows in {len(todo)} row groups of {len({c.file for c in todo})} files"
+        + (f" ({len(done)} row groups already done)" if done else "") + f" at speed {job.speed}")
     gpus, received = 0.0, []  # the GPUs of each replica; this run's pieces
     if todo:
         import ray
@@ -773,21 +759,16 @@ def _prepare_output(job: ScoreJobConfig, work: Plan, fs, root: str) -> set[str] 
     for name in (SUCCESS_FILE, SUMMARY_FILE):  # written again at the end
         if fs.exists(f"{root}/{name}"):
             fs.rm(f"{root}/{name}")
-    groups: dict[tuple[int, int], list[Chunk]] = {}
-    for c in work.chunks:
-        groups.setdefault((c.file, c.row_group), []).append(c)
-    rows, pieces = Counter(), []  # rows written per chunk; (piece name, its chunk)
-    for m in _markers(fs, root):
-        # the chunk that holds the whole piece; none where an earlier run cut its chunks otherwise
-        # (another rows_per_call) and the piece straddles two of this run's: both are redone
-        key = next((c.key for c in groups.get((m["file"], m["row_group"]), ())
-                    if c.first_row <= m["first_row"] and m["first_row"] + m["rows"] <= c.first_row + c.rows), None)
-        rows[key] += m["rows"]
-        pieces.append((m["name"], key))
+    written = {path.rsplit("/", 1)[-1] for path in fs.glob(f"{root}/part-*.parquet")}
+    rows = Counter()
+    for marker in _markers(fs, root):
+        if marker["name"] in written:  # else its piece is gone (a run stopped while removing pieces)
+            rows[f"{marker['file']:05d}-{marker['row_group']:05d}"] += marker["rows"]
     done = {c.key for c in work.chunks if rows[c.key] == c.rows}
-    keep = {name for name, key in pieces if key in done}
-    for path in fs.glob(f"{root}/part-*.parquet") + fs.glob(f"{root}/{PIECES}/part-*.json"):
-        if path.rsplit("/", 1)[-1].removesuffix(".json") not in keep:  # of an unfinished chunk: redone from scratch
+    # markers first: a run stopped half way through leaves no marker without its piece
+    for path in fs.glob(f"{root}/{PIECES}/part-*.json") + fs.glob(f"{root}/part-*.parquet"):
+        key = "-".join(path.rsplit("/", 1)[-1].split("-")[1:3])
+        if key not in done:  # a piece of an unfinished row group: redone from scratch
             fs.rm(path)
     for path in fs.glob(f"{root}/.part-*.tmp-*") + fs.glob(f"{root}/{PIECES}/.part-*.tmp-*"):  # write_file's
         fs.rm(path)

@@ -22,7 +22,7 @@ from jobs.score import parse_args
 from pipeline.outputs import UserError
 from pipeline import FastBert, Scorer, uncertainty
 from pipeline.scoring import (REPLICA_GLIBC_TUNABLES, Replica, ScoreJobConfig, _audit_summary, cpu_replica_env,
-                              plan, read_chunk, run)
+                              read_chunk, run)
 from pipeline.text import tokenize
 from pipeline.tradeoff import choose_speed, exit_drift, tradeoff_table
 from test_train import LABELS, toy_task
@@ -156,15 +156,15 @@ def test_resume_after_a_crash_finishes_without_duplicates(scored, inputs, tmp_pa
     (output / "_pieces" / f"{pieces[0].name}.json").unlink()
     pieces[-1].unlink()
     (output / "_pieces" / f"{pieces[-1].name}.json").unlink()
+    # a run stopped while removing an unfinished row group's pieces: a marker whose piece is gone
+    next(p for p in pieces if p.name.startswith("part-00001-")).unlink()
     (output / ".part-00002-00000-0000000000.parquet.tmp-1a2b3c4d").write_bytes(b"half")
 
     with pytest.raises(UserError, match="holds an unfinished run of this job: pass --resume"):
         run(job(inputs, output))
     with pytest.raises(UserError, match=r"scoring job with other arguments \(differing: speed\)"):
         run(job(inputs, output, speed=0.1, resume=True))
-    # resumed with other calls, so other chunks: a row group of more than 8 calls' rows is cut in
-    # chunks of 8 calls (24 rows); a piece of the first run across two of them redoes both
-    summary = run(job(inputs, output, resume=True, rows_per_call=3))
+    summary = run(job(inputs, output, resume=True))
     after = read_output(output)
     for name in ("id", "text", "prediction", "exit_layer", "error"):  # every row once, in order, same answers
         assert after.column(name).to_pylist() == before.column(name).to_pylist(), name
@@ -172,7 +172,7 @@ def test_resume_after_a_crash_finishes_without_duplicates(scored, inputs, tmp_pa
                                before.column("uncertainty").to_numpy(zero_copy_only=False).astype(float),
                                atol=1e-5)  # batch neighbours differ: float noise only
     assert summary["rows_out"] == 97
-    assert summary["rows_this_run"] == 97 - 17  # only file b's 17 rows, whose pieces fit this run's chunks, were kept
+    assert summary["rows_this_run"] == 25 + 17 + 30  # the row groups with a piece or marker lost ran again
     assert (output / "_SUCCESS").exists() and not list(output.glob(".*"))
 
 
@@ -297,20 +297,6 @@ def test_a_big_row_group_is_read_in_blocks_of_the_batch_size(tmp_path):
     assert table.column("__row").to_pylist() == list(range(100, 150))
     assert table.column("__text").to_pylist() == [f"w{i}" for i in range(50)]
     assert set(table.column("__file").to_pylist()) == {3}
-    # a chunk of that row group: its rows 20..44, the first block cut to start there
-    part = {**chunk, "first_row": np.array([120]), "skip": np.array([20]), "rows": np.array([25])}
-    blocks = list(read_chunk(part, columns=["id"], text_column="text", rows_per_block=16))
-    assert [b.num_rows for b in blocks] == [12, 13]
-    assert pa.concat_tables(blocks).column("__row").to_pylist() == list(range(120, 145))
-    assert pa.concat_tables(blocks).column("id").to_pylist() == list(range(20, 45))
-
-
-def test_a_row_group_of_more_than_eight_calls_is_cut_into_chunks(inputs, tmp_path):
-    work = plan(job(inputs, tmp_path / "out", rows_per_call=2))  # chunks of at most 16 rows
-    assert [(c.file, c.row_group, c.first_row, c.rows, c.skip) for c in work.chunks] == [
-        (0, 0, 0, 16, 0), (0, 0, 16, 9, 16), (0, 1, 25, 16, 0), (0, 1, 41, 9, 16),
-        (1, 0, 0, 16, 0), (1, 0, 16, 1, 16), (2, 0, 0, 16, 0), (2, 0, 16, 14, 16)]
-    assert len({c.key for c in work.chunks}) == len(work.chunks)
 
 
 def write(path, **columns) -> str:
