@@ -296,7 +296,7 @@ def read_chunk(batch: dict[str, np.ndarray], columns: list[str], text_column: st
                schema: pa.Schema | None = None):
     """Ray Data: the rows of the chunks in ``batch`` (one row per chunk), the carried columns,
     the text as ``__text`` and the bookkeeping ``__file``, ``__group``, ``__row``; yielded in
-    blocks of at most ``rows_per_block`` rows, so a huge row group is never decoded whole.
+    blocks of at most ``rows_per_block`` rows, so a huge row group is never held whole.
 
     Every block has the same types whichever flavour its file stores (Ray Data could not
     concatenate a dictionary-encoded or ``large_string`` block with a ``string`` one): the

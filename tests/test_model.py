@@ -252,6 +252,9 @@ TINY_BERT = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_a
          r"teacher_width \(16\) must be a positive multiple of branch_heads \(5\)"),
         ({"labels": ["a", "b"], "max_length": 100}, "max_length"),
         ({"labels": ["a", "b"], "max_length": 32, "dropout": 1.0}, "dropout"),
+        ({"labels": ["a", "b"], "max_length": 32, "exit_temperatures": [1.0]}, "exit_temperatures must be"),
+        ({"labels": ["a", "b"], "max_length": 32, "exit_temperatures": [0.0, 1.0]}, "exit_temperatures must be"),
+        ({"labels": ["a", "b"], "max_length": 32, "exit_temperatures": [float("inf"), 1.0]}, "exit_temperatures must be"),
     ],
 )
 def test_config_is_validated(fields, message):
