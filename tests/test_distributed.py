@@ -23,7 +23,7 @@ from pipeline.config import SPEED_GRID
 from pipeline.tradeoff import choose_speed
 from test_train import LABELS, accuracy, toy_task
 from driver import start_driver
-from faults import KillWhen, process_gone
+from faults import KillWhen, alive_actor_pids, process_gone
 from tiny import tiny_model
 
 ray = pytest.importorskip("ray")
@@ -61,14 +61,6 @@ def job(data, output, **changes) -> TrainJobConfig:
     fast = {k: v for k, v in FAST.items()  # a finetuned model keeps its own widths
             if not (k == "branch_width" and changes.get("finetuned"))}
     return TrainJobConfig(output=str(output), **{**paths, **fast, **changes})
-
-
-def _checkpointed(run_folder) -> bool:
-    """Whether Ray Train has registered a checkpoint of the run (its snapshot lists one)."""
-    try:
-        return bool(json.loads((run_folder / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
-    except (OSError, ValueError, KeyError):
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -140,34 +132,6 @@ def test_running_a_finished_job_again_resumes(trained, data):
     assert again.distill == metrics.distill
 
 
-def test_one_worker_takes_the_steps_two_workers_take(trained, data, tmp_path):
-    """--batch-size is the global batch: one worker takes the 16 rows of a step alone, two
-    take 8 each, so both take the same optimizer steps over the same rows every epoch. The
-    one worker's process is killed (SIGKILL, from outside) once Ray Train has registered its
-    first checkpoint: Ray Train restarts it from that checkpoint (the model, AdamW's moments
-    and the schedule), so epoch 1 is not trained again and epoch 2 finishes after the kill."""
-    _, metrics = trained
-    lines: list[str] = []
-    output = tmp_path / "one"
-    killer = KillWhen(lambda: _checkpointed(output / "_ray" / "finetune"), actor="RayTrainWorker")
-    killer.start()
-    try:
-        one = run(job(data, output, workers=1, distill_epochs=0), log=lines.append)
-    finally:
-        killer.finish()
-    assert killer.killed is not None, "the fine-tuning finished before its worker could be killed"
-    assert process_gone(killer.killed)
-    assert one.finetune[0]["finished_at"] < killer.at < one.finetune[1]["finished_at"]
-    assert any("suggested for 0.5" in line for line in lines)  # the validation table, printed at the end
-    assert any(line.startswith("scoring without --speed runs speed") for line in lines)
-    two = metrics.finetune
-    assert [e["workers"] for e in one.finetune] == [1, 1] and [e["workers"] for e in two] == [2, 2]
-    assert [e["steps"] for e in one.finetune] == [e["steps"] for e in two] == [256 // 16] * 2
-    assert [e["samples"] for e in one.finetune] == [e["samples"] for e in two] == [256] * 2
-    with pytest.raises(UserError, match="batch_size 16 is the global batch.*multiple of 3 .e.g. 15 or 18"):
-        job(data, tmp_path / "three", workers=3)
-
-
 def test_stage_two_alone_from_a_finetuned_model(trained, data, tmp_path):
     """--finetuned skips stage 1 and distils the students of the fine-tuned model; its
     backbone and teacher stay as they were."""
@@ -197,11 +161,15 @@ def test_finetuned_model_must_know_every_label(trained, data, tmp_path):
         job(data, tmp_path / "out", finetuned=metrics.finetuned, distill_epochs=0)
 
 
-def test_killed_driver_rerun_continues_from_the_last_checkpoint(trained, data, tmp_path):
-    """`python -m jobs.train` is killed (SIGKILL) after Ray committed its first fine-tuning
-    checkpoint; the same command run again finishes the job without redoing the committed
-    epochs."""
-    output = tmp_path / "killed"
+def test_one_worker_takes_the_steps_two_workers_take_past_a_killed_driver_and_worker(trained, data, tmp_path):
+    """--batch-size is the global batch: one worker takes the 16 rows of a step alone, two
+    take 8 each, so both take the same optimizer steps over the same rows every epoch. On the
+    way, two faults, each from outside: `python -m jobs.train` is killed (SIGKILL) after Ray
+    committed its first fine-tuning checkpoint, and the same command run again finishes the
+    job without redoing the committed epoch; during that run its worker's process is killed
+    (SIGKILL), and Ray Train restarts it from the checkpoint (the model, AdamW's moments and
+    the schedule), so epoch 2 finishes after both kills."""
+    output = tmp_path / "one"
     argv = ["--train", str(data / "train.parquet"), "--validation", str(data / "validation.parquet"),
             "--output", str(output), "--backbone", str(data / "backbone"), "--epochs", "2", "--distill-epochs", "0",
             "--lr", "3e-3", "--head-lr", "1e-2", "--distill-lr", "1e-2", "--batch-size", "16", "--max-length", "32",
@@ -228,7 +196,20 @@ def test_killed_driver_rerun_continues_from_the_last_checkpoint(trained, data, t
     done = committed()
     assert done and not (output / "metrics.json").exists()
 
-    metrics = run(parse_args(argv))
+    seen: dict[int, float] = {}  # the worker processes of the second run, when first seen
+
+    def training() -> bool:  # its worker has run for a second: past its start, at its epoch
+        for pid in alive_actor_pids("RayTrainWorker"):
+            seen.setdefault(pid, time.monotonic())
+        return any(time.monotonic() - t > 1.0 for t in seen.values())
+
+    lines: list[str] = []
+    killer = KillWhen(training, actor="RayTrainWorker")
+    killer.start()
+    try:
+        metrics = run(parse_args(argv), log=lines.append)
+    finally:
+        killer.finish()
     history = metrics.finetune
     # stage 1 only, for time: stage 2 runs the same loop and checkpoints (a stage-agnostic
     # StageProgress; test_stage_two_alone_from_a_finetuned_model)
@@ -236,12 +217,22 @@ def test_killed_driver_rerun_continues_from_the_last_checkpoint(trained, data, t
     assert done[-1] < 2, f"the driver was killed too late (committed epochs {done})"
     assert all(e["finished_at"] < killed_at for e in history if e["epoch"] <= done[-1])  # carried over
     assert all(e["finished_at"] > killed_at for e in history if e["epoch"] > done[-1])  # trained after the kill
+    assert killer.killed is not None, "the second run finished before its worker could be killed"
+    assert process_gone(killer.killed) and killed_at < killer.at < history[1]["finished_at"]
+    assert any("suggested for 0.5" in line for line in lines)  # the validation table, printed at the end
+    assert any(line.startswith("scoring without --speed runs speed") for line in lines)
+    two = trained[1].finetune
+    assert [e["workers"] for e in history] == [1, 1] and [e["workers"] for e in two] == [2, 2]
+    assert [e["steps"] for e in history] == [e["steps"] for e in two] == [256 // 16] * 2
+    assert [e["samples"] for e in history] == [e["samples"] for e in two] == [256] * 2
     assert max(e["teacher_accuracy"] for e in history) > 0.9
     assert (output / "tradeoff.json").exists() and not (output / "state.json").exists()
     model = FastBert.from_pretrained(str(output))
     texts, labels = toy_task(np.random.default_rng(1), 64)
     predicted = Scorer(model, precision="fp32", speed=0.0)(texts).column("prediction").to_pylist()
     assert accuracy(predicted, labels) > 0.9
+    with pytest.raises(UserError, match="batch_size 16 is the global batch.*multiple of 3 .e.g. 15 or 18"):
+        job(data, tmp_path / "three", workers=3)
 
 
 def test_two_workers_get_disjoint_shuffled_shards_that_cover_the_data_every_epoch(ray_session, data, tmp_path):

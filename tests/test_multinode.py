@@ -202,9 +202,10 @@ def _epochs_done(run_folder) -> int:
 def test_training_on_two_nodes_survives_a_removed_node(cluster, train_data, tmp_path):
     """Two workers of 2 CPUs, one on each node of 2 CPUs; one node is removed after the first
     checkpoint and a node comes back: Ray Train restarts the workers from that checkpoint
-    (FailureConfig), and the model is as good as an undisturbed run's."""
+    (FailureConfig): epoch 2 goes on from epoch 1's model (its loss lower than epoch 1's, where
+    a restart from the backbone would start over), and the model learns the task as well as the
+    undisturbed 2-worker run of tests/test_distributed.py must."""
     big_nodes(cluster, 2)
-    calm = train(train_job(train_data, tmp_path / "calm"), log=lambda *_: None)
     output = tmp_path / "out"
     remover = RemoveNodeWhen(cluster, lambda: _epochs_done(output / "_ray" / "finetune") >= 1, actor="RayTrainWorker")
     remover.start()
@@ -221,5 +222,6 @@ def test_training_on_two_nodes_survives_a_removed_node(cluster, train_data, tmp_
     assert len(set(remover.hosts)) == 2  # a worker on each of two nodes
     assert shaken.finetune[0]["finished_at"] < remover.at < shaken.finetune[-1]["finished_at"]
     assert [e["epoch"] for e in shaken.finetune] == [1, 2]  # resumed from the checkpoint: no epoch twice
-    best = lambda m: max(e["teacher_accuracy"] for e in m.finetune)  # noqa: E731
-    assert abs(best(shaken) - best(calm)) <= 0.005, (best(shaken), best(calm))
+    first, second = shaken.finetune
+    assert second["loss"] < 0.8 * first["loss"], (first["loss"], second["loss"])
+    assert max(first["teacher_accuracy"], second["teacher_accuracy"]) > 0.9  # chance is 0.5

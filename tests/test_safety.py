@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -219,10 +220,11 @@ def test_training_mistakes_are_one_line_before_ray_starts(world, tmp_path):
         (["--train", part, "--validation", part, "--output", str(tmp_path / "m"), "--backbone", "no-such-model"],
          "no such model in the Hugging Face cache"),
     ]
-    for argv, message in cases:
-        if "--backbone" not in argv:
-            argv = [*argv, "--backbone", backbone]
-        assert_one_line(run_job("jobs.train", argv, tmp_path), "jobs.train", message)
+    argvs = [argv if "--backbone" in argv else [*argv, "--backbone", backbone] for argv, _ in cases]
+    with ThreadPoolExecutor(4) as pool:  # the processes side by side: each spends its time importing
+        results = list(pool.map(lambda argv: run_job("jobs.train", argv, tmp_path), argvs))
+    for result, (_, message) in zip(results, cases):
+        assert_one_line(result, "jobs.train", message)
     assert not (tmp_path / "m").exists()
     assert sorted(p.name for p in (world / "data").iterdir()) == ["notes.txt", "one-label.parquet", "part-0.parquet"]
 
