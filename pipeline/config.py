@@ -169,6 +169,8 @@ class Point:
     mean_exit_layer: float
     exit_counts: list[int]  # rows leaving at layer 1..L
     agreement: float = float("nan")  # rows whose answer is the teacher's (nan in tables written before it was kept)
+    # the accuracy the speed is expected to lose (tradeoff.AllExits.cost's mean; nan in older tables)
+    expected_cost: float = float("nan")
 
 
 TRADEOFF_FILE = "tradeoff.json"  # in the model folder, beside config.json

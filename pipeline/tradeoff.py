@@ -34,6 +34,9 @@ class AllExits:
     uncertainty: np.ndarray  # (L, R) normalised entropy of each exit
     lengths: np.ndarray  # (R,) tokens per row (unpadded, after truncation)
     labels: np.ndarray  # (R,) true label index
+    # (L, R) what leaving at each exit is expected to cost in accuracy: the teacher's probability
+    # of its own answer minus its probability of the exit's (0 where they agree)
+    cost: np.ndarray
 
 
 def all_exits(model: FastBert, texts: list[str], labels: list[str], batch_size: int = 64,
@@ -52,17 +55,21 @@ def all_exits(model: FastBert, texts: list[str], labels: list[str], batch_size: 
     model.eval()
     order = np.argsort([len(t) for t in texts], kind="stable")  # batches of similar lengths pad little
     texts, labels = [texts[i] for i in order], [labels[i] for i in order]
-    predictions, entropies, lengths, truth = [], [], [], []
+    predictions, entropies, lengths, truth, costs = [], [], [], [], []
     with torch.no_grad(), autocast(precision, device):
         for batch in batches(model, texts, labels, batch_size=batch_size):
             logits = model(batch["input_ids"], batch["attention_mask"]).logits.float()  # (L, B, N)
-            predictions.append(logits.argmax(-1).numpy())  # (L, B)
+            predicted = logits.argmax(-1)  # (L, B)
+            teacher = logits[-1].softmax(-1)  # (B, N)
+            chosen = teacher.gather(1, predicted.T)  # (B, L) the teacher's probability of each exit's answer
+            costs.append((teacher.max(-1, keepdim=True).values - chosen).T.numpy())  # (L, B)
+            predictions.append(predicted.numpy())  # (L, B)
             entropies.append(uncertainty(logits).numpy())  # (L, B)
             lengths.append(batch["attention_mask"].sum(1).numpy())  # (B,)
             truth.append(batch["labels"].numpy())  # (B,)
     back = np.argsort(order)  # (R,) the input order again
     return AllExits(np.concatenate(predictions, 1)[:, back], np.concatenate(entropies, 1)[:, back],
-                    np.concatenate(lengths)[back], np.concatenate(truth)[back])
+                    np.concatenate(lengths)[back], np.concatenate(truth)[back], np.concatenate(costs, 1)[:, back])
 
 
 def exits_at(exits: AllExits, speed: float) -> np.ndarray:
@@ -87,8 +94,9 @@ def at_speed(exits: AllExits, model: FastBert, speed: float) -> Point:
     spent = flop_account.row_flops(model.config, exits.lengths, exit_at + 1, students=speed > 0)
     full = flop_account.full_depth_flops(model.config, exits.lengths)
     agree = predictions_at(exits, exit_at) == exits.predictions[-1]  # (R,) the teacher's answer
+    cost = exits.cost[exit_at, np.arange(exit_at.shape[0])]  # (R,)
     return Point(speed=speed, accuracy=float(correct.mean()), flop_speedup=float(np.sum(full) / np.sum(spent)),
-                 agreement=float(agree.mean()),
+                 agreement=float(agree.mean()), expected_cost=float(cost.mean()),
                  mean_exit_layer=float(exit_at.mean() + 1),
                  exit_counts=np.bincount(exit_at, minlength=layers).tolist())
 
@@ -171,13 +179,14 @@ def format_table(table: TradeoffTable, speeds: tuple[float, ...] = (0.0, 0.1, 0.
     """The table as terminal lines at ``speeds`` and the ``marked`` ones ({speed: note})."""
     marked = marked or {}
     wanted = sorted(set(speeds) | set(marked))
-    lines = [f"{'speed':>5} {'accuracy':>8} {'drop':>6} {'agrees':>7} {'FLOP speed-up':>13} {'mean exit':>9}  "
-             f"(validation, {table.rows} rows)"]
+    lines = [f"{'speed':>5} {'accuracy':>8} {'drop':>6} {'agrees':>7} {'exp. cost':>9} {'FLOP speed-up':>13} "
+             f"{'mean exit':>9}  (validation, {table.rows} rows; drop and expected cost in points)"]
     for p in table.points:
         if any(abs(p.speed - s) < 1e-9 for s in wanted):
             note = next((n for s, n in marked.items() if abs(p.speed - s) < 1e-9), "")
             lines.append(f"{p.speed:5.2f} {100 * p.accuracy:7.2f}% {100 * (table.teacher.accuracy - p.accuracy):6.2f} "
-                         f"{100 * p.agreement:6.2f}% {p.flop_speedup:12.2f}x {p.mean_exit_layer:9.2f}  {note}".rstrip())
+                         f"{100 * p.agreement:6.2f}% {100 * p.expected_cost:9.2f} {p.flop_speedup:12.2f}x "
+                         f"{p.mean_exit_layer:9.2f}  {note}".rstrip())
     return lines
 
 
@@ -185,14 +194,18 @@ def choose_speed(table: TradeoffTable | None, max_accuracy_drop: float | None = 
                  target_speedup: float | None = None) -> Point:
     """The speed for a budget, from a model's table (give exactly one budget):
     ``max_accuracy_drop`` (accuracy points below the teacher's that may be given up): the
-    fastest speed whose answers differ from the teacher's on at most that share of the table's
-    rows, so that it loses at most that much accuracy there, whatever the labels; the
-    accuracy within the budget would let luck on a few hundred validation rows pick a speed
-    that does not carry (R8, 300 validation rows, 0.5 point: speed 0.70, 2.15 points below the
-    teacher on the test rows; by agreement: speed 0.38, 0.00 points); tables written before
-    the agreement was kept use the accuracy. ``target_speedup`` (FLOP speed-up wanted): the
-    most accurate speed that reaches it. Ties go to the more accurate (the faster) point,
-    then the lower speed."""
+    fastest speed whose expected accuracy cost on the table's rows is within it (``Point.
+    expected_cost``: per row, the teacher's probability of its own answer minus its probability
+    of the answer given; label-free, and small where the teacher itself is unsure). The
+    accuracy within the budget lets luck on a few hundred validation rows pick a speed that
+    does not carry (R8, 300 validation rows, 0.5 point: speed 0.70, 2.15 points below the
+    teacher on the test rows), and agreement with the teacher on all but budget% of the rows
+    gave up most of the speed-up where the teacher is often unsure (R52 after unlabelled
+    distillation, 0.5 point: speed 0, 1.00x, where the expected cost picks 3.60x at 0.40
+    points on the test rows; ``benchmarks.speed_choice``). Tables written before the expected
+    cost was kept use the agreement, and before that the accuracy. ``target_speedup`` (FLOP
+    speed-up wanted): the most accurate speed that reaches it. Ties go to the more accurate
+    (the faster) point, then the lower speed."""
     if (max_accuracy_drop is None) == (target_speedup is None):
         raise UserError("give exactly one of max_accuracy_drop and target_speedup")
     if table is None:
@@ -201,7 +214,9 @@ def choose_speed(table: TradeoffTable | None, max_accuracy_drop: float | None = 
     if max_accuracy_drop is not None:
         if not 0.0 <= max_accuracy_drop <= 100.0:
             raise UserError(f"max_accuracy_drop is in accuracy points, in [0, 100]; got {max_accuracy_drop}")
-        if all(p.agreement == p.agreement for p in table.points):  # no nan: the agreement is kept
+        if all(p.expected_cost == p.expected_cost for p in table.points):  # no nan: the cost is kept
+            within = [p for p in table.points if p.expected_cost <= max_accuracy_drop / 100.0 + 1e-9]
+        elif all(p.agreement == p.agreement for p in table.points):  # no nan: the agreement is kept
             within = [p for p in table.points if p.agreement >= 1.0 - max_accuracy_drop / 100.0 - 1e-9]
         else:
             floor = table.teacher.accuracy - max_accuracy_drop / 100.0 - 1e-9
@@ -220,6 +235,8 @@ def choose_speed(table: TradeoffTable | None, max_accuracy_drop: float | None = 
 def describe_choice(point: Point, table: TradeoffTable) -> str:
     """One line: the chosen speed and what the table promises for it."""
     agrees = "" if point.agreement != point.agreement else f", the teacher's answer on {100 * point.agreement:.2f}% of rows"
+    if point.expected_cost == point.expected_cost:
+        agrees += f", an expected cost of {100 * point.expected_cost:.2f} points"
     return (f"speed {point.speed}: {100 * point.accuracy:.2f}% accuracy (teacher {100 * table.teacher.accuracy:.2f}%"
             f"{agrees}) at {point.flop_speedup:.2f}x FLOP speed-up on {table.rows} rows of {table.data}")
 

@@ -22,6 +22,8 @@ def test_every_speed_matches_the_engine_row_for_row():
     # speeds half-way between the students' sorted uncertainties: no row sits on a threshold
     values = np.unique(exits.uncertainty[:-1])
     speeds = [0.0] + [float((values[i] + values[i + 1]) / 2) for i in np.linspace(0, len(values) - 2, 6).astype(int)]
+    teacher_scorer = Scorer(model, precision="fp32", speed=0.0)
+    probabilities = np.array(teacher_scorer(texts).column("probabilities").to_pylist())  # (R, N) the teacher's
     seen_exits = set()
     for speed in speeds:
         point = at_speed(exits, model, speed)
@@ -35,6 +37,10 @@ def test_every_speed_matches_the_engine_row_for_row():
         teacher = np.array(exits.predictions[-1])
         got = np.array([model.config.labels.index(p) for p in predicted])
         assert point.agreement == pytest.approx(float(np.mean(got == teacher)))
+        # the expected cost: the teacher's probability of its answer minus that of the answer given
+        lost = probabilities.max(1) - probabilities[np.arange(len(got)), got]  # (R,)
+        assert point.expected_cost == pytest.approx(float(lost.mean()), abs=1e-6)
+        assert (point.expected_cost > 0) == bool(np.any(got != teacher))
         seen_exits |= {k for k, c in enumerate(point.exit_counts) if c}
     assert seen_exits == {0, 1, 2}  # the speeds made rows leave at every layer
     assert at_speed(exits, model, 0.0).flop_speedup == pytest.approx(1.0)  # speed 0: the full-depth classifier
@@ -74,6 +80,21 @@ def test_an_accuracy_budget_is_kept_by_agreement_with_the_teacher():
     assert choose_speed(table, max_accuracy_drop=2.0).speed == 0.2
     assert choose_speed(table, max_accuracy_drop=0.0).speed == 0.0
     assert TradeoffTable.from_json(table.to_json()) == table
+
+
+def test_an_accuracy_budget_is_kept_by_the_expected_cost():
+    """Where the table keeps each speed's expected cost (the teacher's probability of its own
+    answer minus that of the answer given, averaged), a budget of d points allows speeds whose
+    expected cost is at most d points, however often they disagree with the teacher on rows it
+    is unsure of, and however lucky their accuracy on these rows."""
+    points = [Point(0.0, 0.950, 1.0, 6.0, [], 1.000, 0.000), Point(0.1, 0.940, 1.8, 3.0, [], 0.960, 0.003),
+              Point(0.2, 0.960, 2.5, 2.4, [], 0.950, 0.008), Point(0.3, 0.930, 3.6, 1.7, [], 0.900, 0.019)]
+    table = TradeoffTable(data="val.parquet", rows=1000, points=points)
+    assert choose_speed(table, max_accuracy_drop=0.5).speed == 0.1  # 4% disagree, but where the teacher is unsure
+    assert choose_speed(table, max_accuracy_drop=1.0).speed == 0.2  # more accurate than the teacher here: not what decides
+    assert choose_speed(table, max_accuracy_drop=2.0).speed == 0.3
+    assert choose_speed(table, max_accuracy_drop=0.0).speed == 0.0
+    assert TradeoffTable.from_json(json.loads(json.dumps(table.to_json()))) == table
 
 
 def test_a_budget_that_cannot_be_met_or_a_missing_table_is_a_clear_error():
