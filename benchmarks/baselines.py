@@ -38,7 +38,7 @@ from pipeline.model import FORMAT, FastBert, _build_backbone, _resolve_backbone
 from pipeline.outputs import UserError
 from pipeline.text import tokenize
 from pipeline.tradeoff import AllExits, all_exits, at_speed, exits_at, predictions_at
-from pipeline.train import batches, encode, make_optimizer, set_stage
+from pipeline.train import batches, make_optimizer, set_stage
 
 # -- (a) the plain classifier -----------------------------------------------------------------
 
@@ -104,7 +104,9 @@ def _plain_batches(model: nn.Module, texts: list[str], ids: np.ndarray, batch_si
     order = np.random.default_rng(seed).permutation(len(texts))
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        yield encode(model.tokenizer, [texts[i] for i in rows], model.tokenizer.model_max_length, ids[rows])
+        enc = model.tokenizer([texts[i] for i in rows], truncation=True, padding=True, return_tensors="pt")
+        yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],  # (B, T)
+               "labels": torch.from_numpy(ids[rows])}  # (B,)
 
 
 def train_plain_bert(model: nn.Module, texts: Sequence[str], labels: Sequence[str], val_texts: Sequence[str],

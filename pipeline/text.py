@@ -48,7 +48,7 @@ def tokenize(tokenizer, texts: Sequence[str | None], max_length: int
     token_ids: list[list[int] | None] = [None] * len(texts)
     truncated = np.zeros(len(texts), dtype=bool)
     if valid:
-        ids, cut = _encode(tokenizer, [texts[i] for i in valid], max_length)
+        ids, cut = encode(tokenizer, [texts[i] for i in valid], max_length)
         for i, row, was_cut in zip(valid, ids, cut):
             token_ids[i] = row
             truncated[i] = was_cut
@@ -66,7 +66,7 @@ def training_rows(batch: pa.Table, tokenizer, text_column: str, label_column: st
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise ValueError(f"column {text_column!r}, row {i} of a batch: expected a string, got {text!r}")
-    ids, _ = _encode(tokenizer, texts, max_length)
+    ids, _ = encode(tokenizer, texts, max_length)
     out = {"input_ids": np.empty(len(texts), dtype=object)}
     out["input_ids"][:] = [np.asarray(row, dtype=np.int32) for row in ids]
     if labels is not None:
@@ -79,7 +79,7 @@ def training_rows(batch: pa.Table, tokenizer, text_column: str, label_column: st
     return out
 
 
-def _encode(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], list[bool]]:
+def encode(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], list[bool]]:
     """Strings -> token ids with special tokens, cut at ``max_length``, and whether each was cut."""
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     if not hasattr(backend, "encode_batch"):

@@ -17,8 +17,8 @@ A stage, locally or on a worker::
 validation rows), keeps track of the best epoch (``kept_score``) and of patience, and hands
 each epoch to ``after_epoch``: ``fit`` keeps the best weights in memory, a worker writes a
 checkpoint and reports it to Ray. Batches are dicts with ``input_ids`` (B, T) int64,
-``attention_mask`` (B, T) and, when the loss needs them, ``labels`` (B,) int64: ``batches``
-builds them from lists of texts, ``collate`` from token id lists. The model is called through
+``attention_mask`` (B, T) and, when the loss needs them, ``labels`` (B,) int64: ``collate`` pads token id lists
+into them, from lists of texts (``batches``) or a Ray shard's rows. The model is called through
 its ``forward``, so a ``DistributedDataParallel`` wrapper works; wrap after ``set_stage``
 (DDP only tracks the parameters that are trainable when it is built).
 """
@@ -42,6 +42,7 @@ from pipeline.config import PRECISIONS
 from pipeline.losses import distillation_loss, teacher_loss
 from pipeline.model import FastBert, autocast, resolve_precision
 from pipeline.outputs import UserError
+from pipeline.text import encode
 
 Stage = Literal["finetune", "distill"]
 STAGES: tuple[str, ...] = ("finetune", "distill")
@@ -111,46 +112,6 @@ class TrainConfig:
 # -- batches ----------------------------------------------------------------------------------
 
 
-def encode(
-    tokenizer: Any,
-    texts: Sequence[str],
-    max_length: int,
-    labels: Sequence[Label] | None = None,
-    label_names: Sequence[str] | None = None,
-) -> Batch:
-    """Tokenise texts into one batch, right-padded to its longest row, truncated at max_length.
-
-    labels: class indices (int) or names (str, looked up in ``label_names``).
-    Returns ``input_ids`` (B, T) int64, ``attention_mask`` (B, T) int64 and, with labels,
-    ``labels`` (B,) int64.
-    """
-    texts = list(texts)
-    if not texts:
-        raise ValueError("encode needs at least one text")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"texts[{i}] is not a string (got {type(text).__name__})")
-    enc = tokenizer(
-        texts,
-        padding="longest",
-        truncation=True,
-        max_length=max_length,
-        padding_side="right",  # the model's position embeddings expect right padding
-        return_tensors="pt",
-        return_token_type_ids=False,
-    )
-    batch = {
-        "input_ids": enc["input_ids"].long(),  # (B, T)
-        "attention_mask": enc["attention_mask"].long(),  # (B, T)
-    }
-    if labels is not None:
-        ids = _label_ids(labels, label_names)
-        if len(ids) != len(texts):
-            raise ValueError(f"got {len(texts)} texts but {len(ids)} labels")
-        batch["labels"] = torch.from_numpy(ids)  # (B,)
-    return batch
-
-
 def batches(
     model: FastBert,
     texts: Sequence[str],
@@ -159,15 +120,19 @@ def batches(
     shuffle: bool = False,
     seed: int = 0,
 ) -> Iterator[Batch]:
-    """Batches of ``encode`` over lists of texts (and labels), in order or shuffled with a
-    numpy Generator seeded by ``seed`` (shuffled batches group texts of similar length). Tokenised with the model's tokenizer and max_length;
-    string labels are looked up in ``model.config.labels``. Labels are checked here, before
-    the first batch."""
+    """Batches over lists of texts (and labels), in order or shuffled with a numpy Generator
+    seeded by ``seed`` (shuffled batches group texts of similar length): tokenised with the
+    model's tokenizer and max_length (``text.encode``, as the Ray jobs' tasks do) and padded by
+    ``collate``. String labels are looked up in ``model.config.labels``. Texts and labels are
+    checked here, before the first batch."""
     if model.tokenizer is None:
         raise ValueError("the model has no tokenizer: build it with FastBert.from_backbone or from_pretrained")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] is not a string (got {type(text).__name__})")
     ids = None if labels is None else _label_ids(labels, model.config.labels)
     if ids is not None and len(ids) != len(texts):
         raise ValueError(f"got {len(texts)} texts but {len(ids)} labels")
@@ -193,12 +158,13 @@ def _bucketed_order(texts: list[str], batch_size: int, seed: int, batches_per_bu
 def _iter_batches(
     model: FastBert, texts: list[str], ids: np.ndarray | None, order: np.ndarray, batch_size: int
 ) -> Iterator[Batch]:
+    pad_id = model.tokenizer.pad_token_id or 0
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        batch = encode(model.tokenizer, [texts[i] for i in rows], model.config.max_length)
+        batch = {"input_ids": encode(model.tokenizer, [texts[i] for i in rows], model.config.max_length)[0]}
         if ids is not None:
-            batch["labels"] = torch.from_numpy(ids[rows])  # (B,)
-        yield batch
+            batch["labels"] = ids[rows]  # (B,)
+        yield collate(batch, pad_id)
 
 
 def _label_ids(labels: Sequence[Label], names: Sequence[str] | None) -> np.ndarray:

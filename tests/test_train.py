@@ -17,7 +17,6 @@ from pipeline.train import (
     EvalStats,
     TrainConfig,
     batches,
-    encode,
     evaluate,
     fit,
     load_optimizer,
@@ -353,17 +352,19 @@ def test_weight_decay_skips_biases_and_layer_norms():
     assert decays[id(model.backbone.embeddings.word_embeddings.weight)] == 0.05
 
 
-# -- helpers: encode, batches, evaluate, autocast ----------------------------------------------
+# -- helpers: batches, evaluate, autocast ----------------------------------------------
 
 
-def test_encode_pads_to_the_longest_and_truncates():
-    model = tiny_model(labels=LABELS)
-    batch = encode(model.tokenizer, ["good", "bad w1 w2 w3 w4 w5 w6"], max_length=5, labels=["pos", 0],
-                   label_names=LABELS)
+def test_batches_pad_to_the_longest_and_truncate():
+    model = tiny_model(labels=LABELS, max_length=5)
+    batch = next(batches(model, ["good", "bad w1 w2 w3 w4 w5 w6"], labels=["pos", 0]))
     assert batch["input_ids"].shape == (2, 5) and batch["input_ids"].dtype == torch.int64
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert batch["input_ids"][0, 3:].tolist() == [model.tokenizer.pad_token_id] * 2  # padded on the right
     assert batch["labels"].tolist() == [1, 0] and batch["labels"].dtype == torch.int64
-    assert "labels" not in encode(model.tokenizer, ["good"], max_length=5)
+    assert "labels" not in next(batches(model, ["good"]))
+    with pytest.raises(TypeError, match=r"texts\[1\] is not a string"):
+        batches(model, ["good", None])
 
 
 def test_batches_are_seeded_and_cover_every_row():
@@ -412,7 +413,7 @@ def test_unknown_label_names_it_and_lists_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown label 'positive'.*\['neg', 'pos'\]"):
         fit(model, ["good"], ["positive"], ["bad"], ["neg"], TrainConfig(), log=None)
     with pytest.raises(ValueError, match="label index 2"):
-        encode(model.tokenizer, ["good"], 8, labels=[2], label_names=LABELS)
+        batches(model, ["good"], [2])
     with pytest.raises(ValueError, match="2 texts but 1 labels"):
         batches(model, ["good", "bad"], ["pos"])
 
