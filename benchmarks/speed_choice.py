@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      "cost and accuracy": [q for q in val if q.expected_cost <= b and q.accuracy >= val[0].accuracy - b],
                      "oracle (test)": [q for q in on_test if q.accuracy >= on_test[0].accuracy - b]}
             for rule, within in picks.items():
-                q = max(within, key=lambda q: (q.flop_speedup, -q.speed))
+                q = max(within, key=lambda q: (q.flop_speedup, q.accuracy, -q.speed))  # choose_speed's ties
                 t = on_test[SPEED_GRID.index(q.speed)]
                 row = {"run": key, "budget": budget, "rule": rule, "speed": q.speed, "test_speedup": t.flop_speedup,
                        "test_drop_points": 100 * (on_test[0].accuracy - t.accuracy)}

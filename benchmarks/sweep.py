@@ -165,9 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
                         test_points = [at_speed(test_exits, model, s / 10) for s in range(11)]
                         out["test_by_speed"] = [(p.speed, p.accuracy, p.flop_speedup) for p in test_points]
                         # every speed of the table's grid, on both row sets: rules of choice compared offline
-                        out["validation_grid"] = [(p.speed, p.accuracy, p.agreement, p.flop_speedup)
+                        out["validation_grid"] = [(p.speed, p.accuracy, p.agreement, p.flop_speedup, p.expected_cost)
                                                   for p in table.points]
-                        out["test_grid"] = [(p.speed, p.accuracy, p.agreement, p.flop_speedup)
+                        out["test_grid"] = [(p.speed, p.accuracy, p.agreement, p.flop_speedup, p.expected_cost)
                                             for p in (at_speed(test_exits, model, q.speed) for q in table.points)]
                         model.save_pretrained(os.path.join(args.work, key, "model"))
                         return out

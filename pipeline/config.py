@@ -203,7 +203,9 @@ class TradeoffTable:
 
     @classmethod
     def from_json(cls, raw: dict) -> TradeoffTable:
-        return cls(data=raw["data"], rows=int(raw["rows"]), points=[Point(**p) for p in raw["points"]],
+        known = {f.name for f in dataclasses.fields(Point)}  # fields a later version adds are left out
+        return cls(data=raw["data"], rows=int(raw["rows"]), points=[Point(**{k: v for k, v in p.items() if k in known})
+                                                                   for p in raw["points"]],
                    exit_uncertainty=raw.get("exit_uncertainty"))
 
     def exit_counts(self, speed: float) -> list[int] | None:

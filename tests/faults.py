@@ -27,9 +27,11 @@ class KillWhen(threading.Thread):
     ``actor`` (the lowest PID); records the PID and when (``time.time()``). Start it, run the
     job, then ``join``: ``killed`` is None when the moment never came."""
 
-    def __init__(self, ready: Callable[[], bool], actor: str, timeout_s: float = 300.0, poll_s: float = 0.02):
+    def __init__(self, ready: Callable[[], bool], actor: str, timeout_s: float = 300.0, poll_s: float = 0.02,
+                 spare: frozenset[int] = frozenset()):
         super().__init__(daemon=True)
         self.ready, self.actor, self.timeout_s, self.poll_s = ready, actor, timeout_s, poll_s
+        self.spare = spare  # PIDs never to kill (e.g. an earlier run's actors not yet reaped)
         self.killed: int | None = None
         self.at: float | None = None
         self.stop = threading.Event()
@@ -38,7 +40,7 @@ class KillWhen(threading.Thread):
         deadline = time.monotonic() + self.timeout_s
         while not self.stop.is_set() and time.monotonic() < deadline:
             if self.ready():
-                pids = alive_actor_pids(self.actor)
+                pids = [p for p in alive_actor_pids(self.actor) if p not in self.spare]
                 if pids:
                     os.kill(pids[0], signal.SIGKILL)
                     self.killed, self.at = pids[0], time.time()

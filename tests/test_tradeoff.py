@@ -15,7 +15,7 @@ from tiny import tiny_model
 
 
 def test_every_speed_matches_the_engine_row_for_row():
-    model = tiny_model(labels=LABELS, seed=3).eval()
+    model = tiny_model(labels=[*LABELS, "other"], seed=4).eval()  # three: a cost read off the wrong class shows
     texts, labels = toy_task(np.random.default_rng(0), 150)
     exits = all_exits(model, texts, labels, batch_size=16)
     assert exits.predictions.shape == exits.uncertainty.shape == (3, 150)
@@ -24,7 +24,7 @@ def test_every_speed_matches_the_engine_row_for_row():
     speeds = [0.0] + [float((values[i] + values[i + 1]) / 2) for i in np.linspace(0, len(values) - 2, 6).astype(int)]
     teacher_scorer = Scorer(model, precision="fp32", speed=0.0)
     probabilities = np.array(teacher_scorer(texts).column("probabilities").to_pylist())  # (R, N) the teacher's
-    seen_exits = set()
+    seen_exits, costs = set(), []
     for speed in speeds:
         point = at_speed(exits, model, speed)
         scorer = Scorer(model, precision="fp32", speed=speed, micro_batch=7)
@@ -41,8 +41,10 @@ def test_every_speed_matches_the_engine_row_for_row():
         lost = probabilities.max(1) - probabilities[np.arange(len(got)), got]  # (R,)
         assert point.expected_cost == pytest.approx(float(lost.mean()), abs=1e-6)
         assert (point.expected_cost > 0) == bool(np.any(got != teacher))
+        costs.append(point.expected_cost)
         seen_exits |= {k for k, c in enumerate(point.exit_counts) if c}
     assert seen_exits == {0, 1, 2}  # the speeds made rows leave at every layer
+    assert costs[0] == 0.0 and max(costs) > 0  # some speed gave answers the teacher would not
     assert at_speed(exits, model, 0.0).flop_speedup == pytest.approx(1.0)  # speed 0: the full-depth classifier
     # the table's exit uncertainties give the exits at any speed, off its grid too
     stored = TradeoffTable.from_json(json.loads(json.dumps(tradeoff_table(model, texts, labels, "toy").to_json())))
