@@ -52,7 +52,7 @@ from pipeline.outputs import Manifest, UserError, absolute, claim_output, refuse
 from pipeline.ray_init import check_ray_address, init_ray
 from pipeline.text import describe_columns, expand_inputs, load_tokenizer, tokenize
 from pipeline.config import load_table
-from pipeline.tradeoff import DEFAULT_BUDGET, describe_choice, exit_drift, pick_speed
+from pipeline.tradeoff import DEFAULT_BUDGET, answer_cost, describe_choice, exit_drift, pick_speed
 
 # torch, transformers and the modules that import them (engine, model) are imported in the
 # replicas alone: the driver and the read, tokenise and write tasks (which import this module
@@ -436,9 +436,9 @@ class Replica:
 
     def _audit(self, scored: pa.Table, ids: list[list[int]], audited: np.ndarray) -> tuple[list, np.ndarray]:
         """The teacher's answer for the ``audited`` rows (None elsewhere) and, per row, the
-        accuracy the chosen speed is expected to lose against the teacher: the teacher's
-        probability of its own answer minus its probability of the chosen one (0 where they
-        agree; its mean estimates the accuracy difference when the teacher is calibrated)."""
+        accuracy the chosen speed is expected to lose against the teacher
+        (``tradeoff.answer_cost``; its mean estimates the accuracy difference when the teacher
+        is calibrated)."""
         rows = np.flatnonzero(audited)  # (A,)
         teacher = [None] * scored.num_rows
         cost = np.zeros(scored.num_rows)
@@ -452,9 +452,9 @@ class Replica:
         full = self.teacher.score_tokens(ids)
         probs = np.asarray(full.column("probabilities").to_pylist(), dtype=np.float64)  # (A, C)
         index = {label: k for k, label in enumerate(self.scorer.labels)}
-        for j, (i, label) in enumerate(zip(rows, chosen)):
+        cost[rows] = answer_cost(probs, np.array([index[label] for label in chosen]))  # (A,)
+        for j, i in enumerate(rows):
             teacher[i] = full.column("prediction")[j].as_py()
-            cost[i] = probs[j].max() - probs[j, index[label]]
         return teacher, cost
 
 

@@ -39,6 +39,14 @@ class AllExits:
     cost: np.ndarray
 
 
+def answer_cost(teacher: np.ndarray, answers: np.ndarray) -> np.ndarray:
+    """(R,) what each answer (R,) is expected to cost in accuracy: the teacher's probability
+    (R, N) of its own answer minus its probability of the answer given, 0 where they agree (the
+    expected loss as far as the teacher is calibrated). The trade-off table's expected cost and
+    the scoring job's audit both read it."""
+    return teacher.max(1) - teacher[np.arange(len(answers)), answers]
+
+
 def all_exits(model: FastBert, texts: list[str], labels: list[str], batch_size: int = 64,
               precision: str = "fp32") -> AllExits:
     """One full-depth pass over ``texts`` in eval mode, keeping every exit's prediction and
@@ -61,10 +69,9 @@ def all_exits(model: FastBert, texts: list[str], labels: list[str], batch_size: 
         for batch in batches(model, texts, labels, batch_size=batch_size):
             logits = model(batch["input_ids"], batch["attention_mask"]).logits.float()  # (L, B, N)
             predicted = logits.argmax(-1)  # (L, B)
-            teacher = logits[-1].softmax(-1)  # (B, N)
-            chosen = teacher.gather(1, predicted.T)  # (B, L) the teacher's probability of each exit's answer
-            costs.append((teacher.max(-1, keepdim=True).values - chosen).T.numpy())  # (L, B)
+            teacher = logits[-1].softmax(-1).numpy()  # (B, N)
             predictions.append(predicted.numpy())  # (L, B)
+            costs.append(np.stack([answer_cost(teacher, answers) for answers in predictions[-1]]))  # (L, B)
             entropies.append(uncertainty(logits).numpy())  # (L, B)
             lengths.append(batch["attention_mask"].sum(1).numpy())  # (B,)
             truth.append(batch["labels"].numpy())  # (B,)

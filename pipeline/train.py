@@ -17,10 +17,10 @@ A stage, locally or on a worker::
 validation rows), keeps track of the best epoch (``kept_score``) and of patience, and hands
 each epoch to ``after_epoch``: ``fit`` keeps the best weights in memory, a worker writes a
 checkpoint and reports it to Ray. Batches are dicts with ``input_ids`` (B, T) int64,
-``attention_mask`` (B, T) and, when the loss needs them, ``labels`` (B,) int64: ``collate`` pads token id lists
-into them, from lists of texts (``batches``) or a Ray shard's rows. The model is called through
-its ``forward``, so a ``DistributedDataParallel`` wrapper works; wrap after ``set_stage``
-(DDP only tracks the parameters that are trainable when it is built).
+``attention_mask`` (B, T) and, when the loss needs them, ``labels`` (B,) int64: ``collate``
+pads token id lists into them, from lists of texts (``batches``) or a Ray shard's rows. The
+model is called through its ``forward``, so a ``DistributedDataParallel`` wrapper works; wrap
+after ``set_stage`` (DDP only tracks the parameters that are trainable when it is built).
 """
 
 from __future__ import annotations
