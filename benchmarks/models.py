@@ -33,7 +33,7 @@ def train_model(config: DemoConfig, log=print) -> FastBert:
                                distill_lr=config.distill_lr, batch_size=config.batch_size, seed=config.seed,
                                log_every=10)
     fit(model, train_texts, train_labels, val_texts, val_labels, train_config, log=log)
-    calibrate(model, val_texts)  # as the training job does
+    calibrate(model, val_texts, val_labels)  # as the training job does
     model.tradeoff = tradeoff_table(model, val_texts, val_labels, data=f"{len(val_texts)} {config.dataset} "
                                     "training rows held out for validation")
     model.save_pretrained(os.path.join(config.output, "model"))

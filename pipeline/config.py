@@ -55,7 +55,8 @@ class FastBertConfig:
     max_length: int = 128  # tokens per text, [CLS] and [SEP] included; longer texts are truncated
     dropout: float = 0.1  # dropout inside the branches while training
     # per exit, what its logits are divided by before the softmax: fitted after training on the
-    # validation rows (pipeline.tradeoff.calibrate), the teacher's 1; None: 1 everywhere
+    # validation rows (pipeline.tradeoff.calibrate): the students' to the teacher's answers, the
+    # teacher's to the labels (it changes no answer, only the probabilities); None: 1 everywhere
     exit_temperatures: list[float] | None = None
 
     def __post_init__(self) -> None:

@@ -306,7 +306,7 @@ def _validation_tradeoff(job: TrainJobConfig) -> TradeoffTable:
     rows = rows.slice(0, job.max_rows or rows.num_rows)
     labels = [str(v) for v in rows.column(job.label_column).to_pylist()]
     texts = rows.column(job.text_column).to_pylist()
-    calibrate(model, texts)
+    calibrate(model, texts, labels)
     table = tradeoff_table(model, texts, labels, data=job.validation)
     model.tradeoff = None
     model.save_pretrained(job.output)  # config.json with the temperatures; an earlier table removed

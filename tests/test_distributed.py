@@ -20,7 +20,7 @@ from jobs.train import parse_args
 from pipeline.distributed import TrainJobConfig, _cached, _dataset, _shuffled, bucketed_batches, check_inputs, run
 from pipeline.outputs import UserError
 from pipeline.config import SPEED_GRID
-from pipeline.tradeoff import choose_speed
+from pipeline.tradeoff import calibrate, choose_speed
 from test_train import LABELS, accuracy, toy_task
 from driver import start_driver
 from faults import KillWhen, alive_actor_pids, process_gone
@@ -91,8 +91,11 @@ def test_two_workers_learn_and_distil(trained, data):
 
     model = FastBert.from_pretrained(str(output))
     assert model.config.labels == list(LABELS)
-    temperatures = model.config.exit_temperatures  # calibrated on the validation rows
-    assert len(temperatures) == 3 and temperatures[-1] == 1.0 and all(t > 0 for t in temperatures)
+    temperatures = model.config.exit_temperatures  # calibrated on the validation rows and their labels
+    assert len(temperatures) == 3 and all(t > 0 for t in temperatures)
+    validation = pq.read_table(data / "validation.parquet")
+    assert calibrate(model, validation.column("text").to_pylist(),
+                     [str(v) for v in validation.column("label").to_pylist()]) == temperatures
     texts, labels = toy_task(np.random.default_rng(1), 64)
     table = Scorer(model, precision="fp32", speed=0.0)(texts)
     assert set(table.column("prediction").to_pylist()) <= set(LABELS)

@@ -161,7 +161,7 @@ def test_scorer_exits_early_at_nearly_the_same_accuracy(trained):
 def test_calibration_fits_each_student_to_the_teacher_and_travels_with_the_model(trained, tmp_path):
     """``calibrate`` gives each student the temperature under which it best predicts the
     teacher's answers (a student 4x more confident gets a 4x higher one, to the grid's step),
-    the teacher 1; exits then read the tempered logits, in the table's pass and in the engine
+    the teacher 1, or with labels the one that fits them; exits then read the tempered logits, in the table's pass and in the engine
     alike; the temperatures are saved with the model, and training again drops them."""
     model = tiny_model(labels=LABELS, seed=0)
     model.load_state_dict(trained.model.state_dict())
@@ -181,6 +181,22 @@ def test_calibration_fits_each_student_to_the_teacher_and_travels_with_the_model
     again = calibrate(model, texts)
     step = TEMPERATURES[1] / TEMPERATURES[0]
     assert 4 / step <= again[0] / first[0] <= 4 * step and again[1:] == first[1:]
+
+    # with labels the teacher's temperature is fitted to them: the students' stay, no answer changes,
+    # and a teacher four times as sure gets four times the temperature
+    answers = model(**next(iter(batches(model, texts)))).logits.argmax(-1)  # (L, R)
+    with_labels = calibrate(model, texts, labels)
+    assert with_labels[:-1] == again[:-1] and 0.05 < with_labels[-1] < 20.0
+    assert torch.equal(model(**next(iter(batches(model, texts)))).logits.argmax(-1), answers)
+    with torch.no_grad():
+        model.branches[-1].classifier.weight.mul_(4)
+        model.branches[-1].classifier.bias.mul_(4)
+    sharper = calibrate(model, texts, labels)
+    assert 4 / step <= sharper[-1] / with_labels[-1] <= 4 * step and sharper[:-1] == again[:-1]
+    calibrate(model, texts)  # the teacher back at 1
+    with torch.no_grad():
+        model.branches[-1].classifier.weight.div_(4)
+        model.branches[-1].classifier.bias.div_(4)
 
     model.save_pretrained(str(tmp_path / "m"))
     loaded = FastBert.from_pretrained(str(tmp_path / "m"))
