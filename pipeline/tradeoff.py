@@ -61,6 +61,7 @@ def all_exits(model: FastBert, texts: list[str], labels: list[str], batch_size: 
     device = next(model.parameters()).device
     precision = resolve_precision(precision, device)
 
+    _check_labels(texts, labels)
     model.eval()
     order = np.argsort([len(t) for t in texts], kind="stable")  # batches of similar lengths pad little
     texts, labels = [texts[i] for i in order], [labels[i] for i in order]
@@ -78,6 +79,12 @@ def all_exits(model: FastBert, texts: list[str], labels: list[str], batch_size: 
     back = np.argsort(order)  # (R,) the input order again
     return AllExits(np.concatenate(predictions, 1)[:, back], np.concatenate(entropies, 1)[:, back],
                     np.concatenate(lengths)[back], np.concatenate(truth)[back], np.concatenate(costs, 1)[:, back])
+
+
+def _check_labels(texts: list[str], labels: list[str]) -> None:
+    """One label per text (the rows are reordered by length before ``batches`` could check it)."""
+    if len(labels) != len(texts):
+        raise ValueError(f"got {len(texts)} texts but {len(labels)} labels")
 
 
 def exits_at(exits: AllExits, speed: float) -> np.ndarray:
@@ -134,6 +141,8 @@ def calibrate(model: FastBert, texts: list[str], labels: list[str] | None = None
 
     from pipeline.train import batches
 
+    if labels is not None:
+        _check_labels(texts, labels)
     model.config.exit_temperatures = None  # fitted on the exits' own logits
     model.eval()
     order = np.argsort([len(t) for t in texts], kind="stable")  # batches of similar lengths pad little

@@ -193,6 +193,11 @@ def test_calibration_fits_each_student_to_the_teacher_and_travels_with_the_model
     target = torch.tensor([model.config.labels.index(label) for label in labels])  # (R,)
     best = TEMPERATURES[int(np.argmin([float(torch.nn.functional.cross_entropy(teacher / t, target))
                                        for t in TEMPERATURES]))]
+    for wrong in (labels[:-1], labels + labels[:1]):  # one label short, one too many
+        with pytest.raises(ValueError, match="texts but"):
+            calibrate(model, texts, wrong)
+        with pytest.raises(ValueError, match="texts but"):
+            all_exits(model, texts, wrong)
     with_labels = calibrate(model, texts, labels)
     assert with_labels[:-1] == again[:-1] and with_labels[-1] == best and 0.05 < best < 5.0
     with torch.no_grad():
