@@ -91,7 +91,7 @@ def config_parser(module: str, doc: str | None, config: type, flags: dict[str, d
             continue
         hint, default = hints[f.name], _default(f)
         args: dict[str, Any] = {"dest": f.name}
-        optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+        optional = _is_optional(hint)
         base = next(t for t in typing.get_args(hint) if t is not type(None)) if optional else hint
         if base is bool:
             args["action"] = argparse.BooleanOptionalAction if optional or default else "store_true"
@@ -116,6 +116,50 @@ def config_parser(module: str, doc: str | None, config: type, flags: dict[str, d
         args.update(extra)
         parser.add_argument(*names, **args)
     return parser
+
+
+def check_fields(config: Any) -> None:
+    """Each field of the dataclass ``config`` against its annotation, or a one-line ``UserError``:
+    ``int`` (not a bool), ``float`` (an int or float), ``str`` (not empty), ``bool``,
+    ``Literal[...]`` (one of its values), ``list[X]`` (of X's), each or None where the annotation
+    allows it; other annotations are not checked. Every job's config calls it first in
+    ``__post_init__`` and then checks only ranges and relations."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        optional = _is_optional(hint)
+        if optional and value is None:
+            continue
+        base = next(t for t in typing.get_args(hint) if t is not type(None)) if optional else hint
+        if not _fits(value, base):
+            raise UserError(f"{type(config).__name__}.{f.name} must be {_kind(base)}"
+                            f"{' or None' if optional else ''}, got {value!r}")
+
+
+def _is_optional(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str) and value != ""
+    if typing.get_origin(hint) is typing.Literal:
+        return value in typing.get_args(hint)
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
+    return True
+
+
+def _kind(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(hint)))
+    if typing.get_origin(hint) is list:
+        return f"a list ({_kind(typing.get_args(hint)[0])} each)"
+    return {bool: "True or False", int: "an integer", float: "a number", str: "a non-empty string"}.get(hint, str(hint))
 
 
 def parse_config(parser: JobParser, config: Callable[..., T], argv: list[str] | None) -> T:

@@ -25,6 +25,7 @@ from typing import Literal
 
 import pyarrow as pa
 
+from pipeline.cli import check_fields
 from pipeline.outputs import Manifest, UserError, claim_output, write_file
 
 __all__ = [
@@ -184,8 +185,7 @@ class BundledDataConfig:
     train_rows: int | None = None  # a labelled sample of this many training rows, and unlabelled.parquet; none: all
 
     def __post_init__(self) -> None:
-        if self.name not in BUNDLED_DATASETS:
-            raise UserError(f"name must be one of {sorted(BUNDLED_DATASETS)}, got {self.name!r}")
+        check_fields(self)
 
     def write(self) -> dict[str, str]:
         return write_bundled(self.name, self.output, self.validation_rows, self.seed, train_rows=self.train_rows,

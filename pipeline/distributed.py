@@ -35,13 +35,13 @@ from typing import Any, Iterable, Iterator, Literal
 import numpy as np
 import torch
 
-from pipeline.config import (CONFIG_FILE, TEACHER_HEADS, TRADEOFF_FILE, WEIGHTS_FILE, TradeoffTable,
+from pipeline.config import (CONFIG_FILE, TRADEOFF_FILE, WEIGHTS_FILE, TradeoffTable,
                              save_table)
 from pipeline.model import FastBert, resolve_precision
 from pipeline.outputs import (Manifest, UserError, absolute, claim_output, inspect_output, put_file, read_manifest,
                               refuse_unsafe_output, same_or_inside, update_manifest, write_json)
 from pipeline.ray_init import check_ray_address, init_ray
-from pipeline.text import training_rows
+from pipeline.text import training_rows, view_rows
 from pipeline.tradeoff import calibrate, choose_speed, describe_choice, format_table, tradeoff_table
 from pipeline.train import (OPTIMIZER_STATE, OPTIMIZER_TENSORS, STAGES, EpochStats, EvalStats, Stage, StageProgress,
                             TrainConfig, TrainResult, collate, evaluate, load_optimizer, save_optimizer, stage_optimizer, train_stage)
@@ -96,19 +96,12 @@ class TrainJobConfig(TrainConfig):
     verbose: bool = False  # show Ray's own logs and progress lines
 
     def __post_init__(self) -> None:
-        super().__post_init__()  # the settings of both stages
-        for name in ("train", "validation", "output", "text_column", "label_column", "backbone"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise UserError(f"TrainJobConfig.{name} must be a non-empty string, got {getattr(self, name)!r}")
+        super().__post_init__()  # the fields' types (check_fields) and the settings of both stages
         for name in ("train", "validation", "output", "distill", "finetuned", "storage"):  # paths Ray's workers read
             if getattr(self, name):
                 setattr(self, name, absolute(getattr(self, name)))
         if self.backbone != "bundled" and os.path.exists(self.backbone):  # a folder, not a Hugging Face name
             self.backbone = os.path.abspath(self.backbone)
-        for name in ("workers", "cpus_per_worker", "max_length", "branch_width", "max_failures"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise UserError(f"TrainJobConfig.{name} must be an integer, got {value!r}")
         if min(self.workers, self.cpus_per_worker, self.epochs, self.batch_size, self.log_every) < 1:
             raise UserError(
                 f"workers, cpus_per_worker, epochs, batch_size and log_every must be >= 1, got {self.workers}, "
@@ -119,12 +112,9 @@ class TrainJobConfig(TrainConfig):
                            -(-self.batch_size // self.workers) * self.workers})
             raise UserError(f"batch_size {self.batch_size} is the global batch, split evenly over the {self.workers} "
                             f"workers: make it a multiple of {self.workers} (e.g. {' or '.join(map(str, near))})")
-        if self.branch_width < 1 or (self.teacher_width is not None and (
-                isinstance(self.teacher_width, bool) or not isinstance(self.teacher_width, int) or self.teacher_width < 1)):
+        if self.branch_width < 1 or (self.teacher_width is not None and self.teacher_width < 1):
             raise UserError(f"branch_width must be a positive integer and teacher_width one or None (the backbone's "
                              f"hidden size), got {self.branch_width!r} and {self.teacher_width!r}")
-        if self.teacher_head not in TEACHER_HEADS:
-            raise UserError(f"teacher_head must be one of {TEACHER_HEADS}, got {self.teacher_head!r}")
         shape = ("branch_width", "teacher_head", "teacher_width")
         if self.finetuned is not None and any(
                 getattr(self, name) != type(self).__dataclass_fields__[name].default for name in shape):
@@ -132,16 +122,9 @@ class TrainJobConfig(TrainConfig):
                              "a finetuned model keeps its own")
         if self.teacher_head == "pooler" and self.teacher_width is not None:
             raise UserError("teacher_width sizes a branch teacher: pass teacher_head='branch' with it")
-        if self.max_failures < 0:
-            raise UserError(f"max_failures must be >= 0, got {self.max_failures}")
-        if self.max_rows is not None and (isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int)
-                                          or self.max_rows < 1):
-            raise UserError(f"max_rows must be a positive integer or None, got {self.max_rows!r}")
-        if self.cache not in ("auto", "on", "off"):
-            raise UserError(f"cache must be 'auto', 'on' or 'off', got {self.cache!r}")
-        if self.use_gpu not in (None, True, False):
-            raise UserError(f"use_gpu must be True, False or None (use GPUs if the cluster has them), "
-                             f"got {self.use_gpu!r}")
+        if self.max_failures < 0 or (self.max_rows is not None and self.max_rows < 1):
+            raise UserError(f"max_failures must be >= 0 and max_rows a positive integer or None, got "
+                            f"{self.max_failures} and {self.max_rows}")
         if self.text_column == self.label_column:
             raise UserError(f"text_column and label_column are both {self.text_column!r}")
         if self.finetuned is not None and self.distill_epochs == 0:
@@ -214,17 +197,22 @@ def run(job: TrainJobConfig, log=print) -> TrainResult:
     use_gpu = job.use_gpu if job.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
 
     # every input read (and cached) before training starts; stage 2 on the training texts reuses
-    # stage 1's rows (the distillation ignores their labels)
+    # stage 1's rows (the distillation ignores their labels), or reads their views
     distills = job.distill_epochs > 0
-    inputs_used = {"validation": (job.validation, True, inputs.validation_rows)}
-    if job.finetuned is None or (distills and job.distill is None):
-        inputs_used["train"] = (job.train, True, inputs.train_rows)
+    views = job.distill_views if distills and job.distill is None else 1
+    inputs_used = {"validation": (job.validation, True, 1, inputs.validation_rows)}
+    if job.finetuned is None or (distills and job.distill is None and views == 1):
+        inputs_used["train"] = (job.train, True, 1, inputs.train_rows)
     if distills and job.distill is not None:
-        inputs_used["distill"] = (job.distill, False, inputs.distill_rows)
-    data = _cached({name: (_dataset(uri, job, tokenizer, inputs.labels if with_labels else None), rows)
-                    for name, (uri, with_labels, rows) in inputs_used.items()}, job, log)
+        inputs_used["distill"] = (job.distill, False, 1, inputs.distill_rows)
+    if views > 1:  # the training texts' views, at most ``views`` rows per text
+        inputs_used["views"] = (job.train, False, views, inputs.train_rows * views)
+    data = _cached({name: (_dataset(uri, job, tokenizer, inputs.labels if with_labels else None, views=n), rows)
+                    for name, (uri, with_labels, n, rows) in inputs_used.items()}, job, log)
     validation, train = data["validation"], data.get("train")
     stage2, stage2_rows = (data["distill"], inputs.distill_rows) if "distill" in data else (train, inputs.train_rows)
+    if "views" in data:
+        stage2, stage2_rows = data["views"], data["views"].count()  # Ray: counted from the cached blocks' metadata
     loop_config = {"job": dataclasses.asdict(job), "labels": inputs.labels}
 
     def trainer(stage: Stage, datasets: dict, rows: int, **extra: Any) -> TorchTrainer:
@@ -423,6 +411,7 @@ def _check_output(job: TrainJobConfig) -> None:
     arguments = previous.arguments
     if arguments.get("finetuned") is None:  # a finetuned model has no teacher_head of its own
         defaults["teacher_head"] = "branch"
+    defaults["distill_views"] = 1  # runs before the views distilled on the training texts alone
     changed = sorted(k for k, v in _comparable(job.arguments()).items() if arguments.get(k, defaults[k]) != v)
     # modes earlier versions had and this one has not: such a folder holds no model this job makes
     changed += sorted(k for k, mine in REMOVED_MODES.items() if arguments.get(k, mine) != mine)
@@ -523,9 +512,10 @@ def _cached(datasets: dict[str, tuple[Any, int]], job: TrainJobConfig, log=print
     return out
 
 
-def _dataset(uri: str, job: TrainJobConfig, tokenizer: Any, labels: list[str] | None):
+def _dataset(uri: str, job: TrainJobConfig, tokenizer: Any, labels: list[str] | None, views: int = 1):
     """A Ray Dataset of tokenised rows: ``input_ids`` (token id lists) and, with labels,
-    ``labels`` (int64 indices into ``labels``)."""
+    ``labels`` (int64 indices into ``labels``); ``views`` > 1: of each text's
+    ``text.distillation_views`` instead (no labels)."""
     import ray
 
     import pyarrow as pa
@@ -543,11 +533,16 @@ def _dataset(uri: str, job: TrainJobConfig, tokenizer: Any, labels: list[str] | 
         ds = ds.limit(job.max_rows)
     # the 2.60 Parquet reader may pack a whole input into one block: cut it so every worker gets rows
     ds = ds.repartition(target_num_rows_per_block=max(1, min(1024, job.batch_size * 4)))
-    # the Rust tokenizer, not its transformers wrapper, and a torch-free function: the tasks
+    # the Rust tokenizer, not its transformers wrapper, and torch-free functions: the tasks
     # import neither torch nor transformers (a 2-core machine spent ~10 s per run importing them)
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    if views > 1:
+        ds = ds.map_batches(view_rows, batch_format="pyarrow", fn_kwargs={
+            "tokenizer": backend, "text_column": job.text_column, "views": views, "max_length": job.max_length,
+            "seed": job.seed})
     return ds.map_batches(training_rows, batch_format="pyarrow", fn_kwargs={
-        "tokenizer": getattr(tokenizer, "backend_tokenizer", tokenizer), "text_column": job.text_column,
-        "label_column": job.label_column, "labels": labels, "max_length": job.max_length})
+        "tokenizer": backend, "text_column": job.text_column, "label_column": job.label_column, "labels": labels,
+        "max_length": job.max_length})
 
 
 def _read_state(checkpoint) -> StageProgress:
@@ -720,15 +715,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     def combine(stats: EpochStats) -> dict[str, Any]:
         """The epoch over all workers: rows, mean loss, throughput, and the spread of steps."""
-        (steps_min, _), (steps_max, drained_max) = _min_max_over_workers([stats.steps, current["rows"].drained],
-                                                                         device)
+        neg_steps_min, steps_max, drained_max = _over_workers(
+            [-stats.steps, stats.steps, current["rows"].drained], device, op="max")
         if rank == 0 and drained_max:
             _say(f"{stage}: the workers' shards gave unequal numbers of batches; all stopped after {stats.steps} "
                  f"steps, skipping up to {int(drained_max)} batches of a worker")
-        samples, loss_sum = _sum_over_workers([stats.samples, stats.loss * stats.samples if stats.samples else 0.0],
+        samples, loss_sum = _over_workers([stats.samples, stats.loss * stats.samples if stats.samples else 0.0],
                                               device)
         return {"loss": loss_sum / samples if samples else math.nan, "samples": int(samples),
-                "samples_per_s": samples / stats.seconds, "steps_min": int(steps_min), "steps_max": int(steps_max),
+                "samples_per_s": samples / stats.seconds, "steps_min": int(-neg_steps_min), "steps_max": int(steps_max),
                 "drained_batches": int(drained_max)}
 
     def report(progress: StageProgress, best: bool) -> None:
@@ -760,17 +755,12 @@ def _say(line: str) -> None:
 
 def _all_workers(stats: EvalStats, device: torch.device) -> EvalStats:
     """Each worker evaluated its shard: combine the counts of all workers."""
-    if not torch.distributed.is_initialized():
-        return stats
-    n = stats.samples
-    counts = [n] + ([a * n for a in stats.exit_accuracy] + [g * n for g in stats.agreement] if n else
-                    [0.0] * (2 * len(stats.agreement)))
-    total = torch.tensor(counts, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(total)
-    samples, layers = int(total[0].item()), len(stats.agreement)
-    exit_accuracy = (total[1 : 1 + layers] / samples).tolist() if samples else [math.nan] * layers
-    agreement = (total[1 + layers :] / samples).tolist() if samples else [math.nan] * layers
-    return EvalStats(samples, exit_accuracy[-1], exit_accuracy, agreement)
+    n, layers = stats.samples, len(stats.agreement)
+    counts = [n, *(a * n for a in stats.exit_accuracy), *(g * n for g in stats.agreement)] if n else [0.0] * (1 + 2 * layers)
+    samples, *sums = _over_workers(counts, device)
+    exit_accuracy = [c / samples for c in sums[:layers]] if samples else [math.nan] * layers
+    agreement = [c / samples for c in sums[layers:]] if samples else [math.nan] * layers
+    return EvalStats(int(samples), exit_accuracy[-1], exit_accuracy, agreement)
 
 
 class Lockstep:
@@ -816,19 +806,10 @@ def _flag_group() -> Any:
     return torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
 
 
-def _min_max_over_workers(values: list[float], device: torch.device) -> tuple[list[float], list[float]]:
-    """Each value's minimum and maximum over the workers (one all-reduce MAX of values and negations)."""
+def _over_workers(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    """Each value summed over the workers (``op="max"``: its maximum); as they are on one."""
     if not torch.distributed.is_initialized():
-        return list(values), list(values)
-    both = torch.tensor([*values, *(-v for v in values)], dtype=torch.float64, device=device)  # (2V,)
-    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
-    n = len(values)
-    return (-both[n:]).tolist(), both[:n].tolist()
-
-
-def _sum_over_workers(values: list[float], device: torch.device) -> list[float]:
-    if not torch.distributed.is_initialized():
-        return values
-    total = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(total)
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64, device=device)  # (V,)
+    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
     return total.tolist()

@@ -28,7 +28,8 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline import flops as flop_account
-from pipeline.config import MIN_DIFFERING_ROWS, PRECISIONS, check_speed
+from pipeline.cli import check_fields
+from pipeline.config import MIN_DIFFERING_ROWS, check_speed
 from pipeline.model import FastBert, resolve_precision
 from pipeline.outputs import Manifest, UserError, claim_output, inspect_output, put_file, refuse_unsafe_output
 from pipeline.tradeoff import AllExits, all_exits, at_speed, exits_at, predictions_at
@@ -55,18 +56,13 @@ class EvaluateConfig:
     overwrite: bool = False  # remove an earlier evaluation's files from the output first (only those)
 
     def __post_init__(self) -> None:
-        for name in ("model", "input", "output", "text_column", "label_column"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise UserError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        check_fields(self)
         if self.text_column == self.label_column:
             raise UserError(f"text_column and label_column are both {self.text_column!r}")
-        if not list(self.speeds):
+        if not self.speeds:
             raise UserError("speeds: give at least one speed in [0, 1]")
         self.speeds = sorted({check_speed(s, "each of speeds") for s in self.speeds})
-        if self.precision not in PRECISIONS:
-            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.max_rows is not None and (isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int)
-                                          or self.max_rows < 1):
+        if self.max_rows is not None and self.max_rows < 1:
             raise UserError(f"max_rows must be a positive integer or None, got {self.max_rows!r}")
 
 

@@ -46,12 +46,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import flops as flop_account
+from pipeline.cli import check_fields
 from pipeline.config import SCHEMA as ENGINE_SCHEMA
-from pipeline.config import MIN_DIFFERING_ROWS, PRECISIONS, check_speed, load_config
+from pipeline.config import MIN_DIFFERING_ROWS, check_speed, load_config, load_table
 from pipeline.outputs import Manifest, UserError, absolute, claim_output, refuse_unsafe_output, write_file, write_json
 from pipeline.ray_init import check_ray_address, init_ray
 from pipeline.text import describe_columns, expand_inputs, load_tokenizer, tokenize
-from pipeline.config import load_table
 from pipeline.tradeoff import DEFAULT_BUDGET, answer_cost, describe_choice, exit_drift, pick_speed
 
 # torch, transformers and the modules that import them (engine, model) are imported in the
@@ -102,37 +102,28 @@ class ScoreJobConfig:
     def __post_init__(self) -> None:
         if isinstance(self.input, str):
             self.input = [self.input]
-        if all(isinstance(v, str) and v for v in (self.model, self.output, *self.input)):
-            self.model, self.output = absolute(self.model), absolute(self.output)
-            self.input = [absolute(spec) for spec in self.input]
-        if not self.input or not all(isinstance(i, str) and i for i in self.input):
-            raise UserError(f"input must name at least one Parquet file, folder or glob, got {self.input!r}")
-        for name in ("model", "output", "text_column"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise UserError(f"ScoreJobConfig.{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if isinstance(self.replicas, int) and not isinstance(self.replicas, bool):
+            self.replicas = str(self.replicas)
+        check_fields(self)
+        if not self.input:
+            raise UserError("input must name at least one Parquet file, folder or glob")
+        self.model, self.output = absolute(self.model), absolute(self.output)
+        self.input = [absolute(spec) for spec in self.input]
         budgets = [b for b in (self.max_accuracy_drop, self.target_speedup) if b is not None]
         if len(budgets) > 1 or (budgets and self.speed is not None):
             raise UserError("give one of speed, max_accuracy_drop and target_speedup")
         # without a speed, it stays None until run() picks it from the model's trade-off table
         if self.speed is not None:
             check_speed(self.speed)
-        for name in ("rows_per_call", "micro_batch"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"{name} must be a positive integer, got {value!r}")
         if self.resume and self.overwrite:
             raise UserError("resume and overwrite exclude each other: resume keeps the output, overwrite deletes it")
         self.replica_range()  # checks replicas
-        if self.precision not in PRECISIONS:
-            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.gpus_per_replica is not None and self.gpus_per_replica < 0:
-            raise UserError(f"gpus_per_replica must be >= 0, got {self.gpus_per_replica}")
-        if self.threads_per_replica is not None and (isinstance(self.threads_per_replica, bool)
-                                                     or self.threads_per_replica < 1):
-            raise UserError(f"threads_per_replica must be a positive integer, got {self.threads_per_replica!r}")
-        if self.cpus_per_replica <= 0:
-            raise UserError(f"cpus_per_replica must be > 0, got {self.cpus_per_replica}")
-        if isinstance(self.audit, bool) or not isinstance(self.audit, (int, float)) or not 0.0 <= self.audit <= 1.0:
+        if min(self.rows_per_call, self.micro_batch, self.threads_per_replica or 1) < 1 or \
+                not self.cpus_per_replica > 0 or not (self.gpus_per_replica or 0) >= 0:
+            raise UserError(f"rows_per_call, micro_batch and threads_per_replica must be >= 1, cpus_per_replica > 0 "
+                            f"and gpus_per_replica >= 0, got {self.rows_per_call}, {self.micro_batch}, "
+                            f"{self.threads_per_replica}, {self.cpus_per_replica} and {self.gpus_per_replica}")
+        if not 0.0 <= self.audit <= 1.0:
             raise UserError(f"audit must be a share of rows in [0, 1] (0.01 audits 1%), got {self.audit!r}")
         if self.price_per_hour is not None and not self.price_per_hour >= 0:
             raise UserError(f"price_per_hour must be >= 0, got {self.price_per_hour!r}")

@@ -11,6 +11,7 @@ it: the ids are the same (``tests/test_text.py`` checks them against the wrapper
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -81,6 +82,12 @@ def training_rows(batch: pa.Table, tokenizer, text_column: str, label_column: st
 
 def encode(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], list[bool]]:
     """Strings -> token ids with special tokens, cut at ``max_length``, and whether each was cut."""
+    encodings = _truncating(tokenizer, max_length).encode_batch(texts, add_special_tokens=True)
+    return [e.ids for e in encodings], [bool(e.overflowing) for e in encodings]
+
+
+def _truncating(tokenizer, max_length: int):
+    """The Rust tokenizer of ``tokenizer``, set to cut at ``max_length`` tokens and not to pad."""
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     if not hasattr(backend, "encode_batch"):
         raise TypeError(f"expected a tokenizers.Tokenizer or a Hugging Face fast tokenizer, got {type(tokenizer)}")
@@ -93,8 +100,42 @@ def encode(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]
         backend.enable_truncation(**truncation)
     if backend.padding is not None:
         backend.no_padding()
-    encodings = backend.encode_batch(texts, add_special_tokens=True)
-    return [e.ids for e in encodings], [bool(e.overflowing) for e in encodings]
+    return backend
+
+
+def distillation_views(tokenizer, texts: Sequence[str], views: int, max_length: int, seed: int = 0) -> list[str]:
+    """Up to ``views`` texts to distil on from each text, so that stage 2 without unlabelled
+    texts sees more than the labelled rows (the teacher labels each one): the text itself; the
+    next windows of ``max_length`` tokens of a longer text (what the model never reads of it);
+    then random spans of 30-90% of its words, drawn from ``seed`` and the text alone (the same
+    views on every run and worker). A text of fewer than 4 words gets no spans; ``views`` 1
+    gives the texts alone. On 1,000 labelled rows of R52 and 20 Newsgroups, 4 views raised the
+    FLOP speed-up within 0.5 point of the teacher from 2.34x to 4.33x and from 1.71x to 2.81x
+    (benchmarks/RESULTS.md)."""
+    texts = list(texts)
+    if views <= 1:
+        return texts
+    out: list[str] = []
+    for text, encoding in zip(texts, _truncating(tokenizer, max_length).encode_batch(texts, add_special_tokens=True)):
+        mine = [text]
+        for window in encoding.overflowing[: views - 1]:
+            chars = [(start, end) for start, end in window.offsets if end > start]  # its tokens' characters
+            if chars:
+                mine.append(text[chars[0][0] : chars[-1][1]])
+        words = text.split()
+        rng = np.random.default_rng([seed, zlib.crc32(text.encode("utf-8", "surrogatepass"))])
+        while len(mine) < views and len(words) >= 4:
+            n = max(3, int(len(words) * rng.uniform(0.3, 0.9)))
+            first = int(rng.integers(0, len(words) - n + 1))
+            mine.append(" ".join(words[first : first + n]))
+        out += mine
+    return out
+
+
+def view_rows(batch: pa.Table, tokenizer, text_column: str, views: int, max_length: int, seed: int) -> pa.Table:
+    """Ray Data: a batch of texts -> the ``distillation_views`` of each (the text column only)."""
+    texts = [str(t) for t in batch.column(text_column).to_pylist()]
+    return pa.table({text_column: pa.array(distillation_views(tokenizer, texts, views, max_length, seed), pa.string())})
 
 
 def _as_list(texts) -> list:

@@ -38,11 +38,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import PRECISIONS
+from pipeline.cli import check_fields
 from pipeline.losses import distillation_loss, teacher_loss
 from pipeline.model import FastBert, autocast, resolve_precision
 from pipeline.outputs import UserError
-from pipeline.text import encode
+from pipeline.text import distillation_views, encode
 
 Stage = Literal["finetune", "distill"]
 STAGES: tuple[str, ...] = ("finetune", "distill")
@@ -64,6 +64,9 @@ class TrainConfig:
     head_lr: float | None = 2e-3  # stage 1 peak learning rate of the new teacher head; none given: lr
     distill_epochs: int = 5  # stage 2 (self-distillation) epochs; 0 skips the stage
     distill_lr: float = 1e-3  # stage 2 peak learning rate of the students
+    # stage 2 on the training texts (no unlabelled ones given) distils on up to this many views of
+    # each (text.distillation_views: the text, its further windows, random spans of its words)
+    distill_views: int = 4  # views of each training text in stage 2 without unlabelled texts (1: the texts alone)
     warmup: float = 0.1  # fraction of each stage's steps with a linear warm-up
     weight_decay: float = 0.01  # AdamW decay of matrices (not of biases and LayerNorm weights)
     batch_size: int = 32  # rows per optimizer step; a job splits them evenly over its workers
@@ -79,34 +82,22 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # forward passes in bf16/fp16 autocast, or fp32
 
     def __post_init__(self) -> None:
-        if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(self.patience, int)
-                                          or self.patience < 1):
+        check_fields(self)
+        if self.patience is not None and self.patience < 1:
             raise UserError(f"patience must be a positive integer or None (no early stopping), got {self.patience!r}")
-        for name in ("epochs", "distill_epochs", "batch_size", "seed", "log_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise UserError(f"{type(self).__name__}.{name} must be an integer, got {value!r}")
         if self.epochs < 0 or self.distill_epochs < 0:
-            raise UserError(
-                f"epochs and distill_epochs must be >= 0 (0 skips the stage), got "
-                f"{self.epochs} and {self.distill_epochs}"
-            )
-        if self.batch_size < 1 or self.log_every < 1:
-            raise UserError(f"batch_size and log_every must be >= 1, got {self.batch_size} and {self.log_every}")
+            raise UserError(f"epochs and distill_epochs must be >= 0 (0 skips the stage), got "
+                            f"{self.epochs} and {self.distill_epochs}")
+        if min(self.batch_size, self.log_every, self.distill_views) < 1:
+            raise UserError(f"batch_size, log_every and distill_views must be >= 1, got {self.batch_size}, "
+                            f"{self.log_every} and {self.distill_views}")
         if not self.lr > 0 or not self.distill_lr > 0 or not (self.head_lr is None or self.head_lr > 0):
-            raise UserError(
-                f"lr, head_lr and distill_lr must be > 0, got {self.lr}, {self.head_lr} and {self.distill_lr}"
-            )
-        if self.precision not in PRECISIONS:
-            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise UserError(f"lr, head_lr and distill_lr must be > 0, got {self.lr}, {self.head_lr} and {self.distill_lr}")
         if not 0.0 <= self.warmup < 1.0:
             raise UserError(f"warmup is a fraction of each stage's steps in [0, 1), got {self.warmup}")
         if not self.weight_decay >= 0 or not self.max_grad_norm >= 0:
-            raise UserError(
-                f"weight_decay and max_grad_norm must be >= 0, got {self.weight_decay} and {self.max_grad_norm}"
-            )
-        if self.kl not in ("paper", "reverse"):
-            raise UserError(f"kl must be 'paper' (KL(p_s || p_t)) or 'reverse' (KL(p_t || p_s)), got {self.kl!r}")
+            raise UserError(f"weight_decay and max_grad_norm must be >= 0, got {self.weight_decay} and "
+                            f"{self.max_grad_norm}")
 
 
 # -- batches ----------------------------------------------------------------------------------
@@ -621,7 +612,7 @@ def fit(
 
     Stage 1 (``config.epochs``) fine-tunes backbone + teacher on the labelled training texts;
     stage 2 (``config.distill_epochs``) distils the teacher into the students on
-    ``distill_texts`` (unlabelled; default: the training texts). Each stage ends with the
+    ``distill_texts`` (unlabelled; default: ``config.distill_views`` views of each training text). Each stage ends with the
     weights of its best epoch (``kept_score``; on ties the later); ``config.patience`` stops a
     stage after that many epochs without a better one. Labels may be names
     (``model.config.labels``) or indices. ``log`` gets progress lines (None: silent). The model
@@ -638,6 +629,9 @@ def fit(
             raise ValueError(f"got {len(texts)} {what} texts but {len(ids)} {what} labels")
     if not val_texts:
         raise ValueError("fit needs validation texts: it evaluates (and keeps the best epoch) on them")
+    if distill_texts is None and config.distill_epochs:
+        distill_texts = distillation_views(model.tokenizer, train_texts, config.distill_views, model.config.max_length,
+                                           config.seed)
     distill_texts = train_texts if distill_texts is None else list(distill_texts)
     model.to(device)
     precision = resolve_precision(config.precision, device)  # auto: bf16 where the chip has it natively

@@ -18,7 +18,10 @@ import pytest
 from pipeline import FastBert, Scorer
 from jobs.train import parse_args
 from pipeline.distributed import TrainJobConfig, _cached, _dataset, _shuffled, bucketed_batches, check_inputs, run
+from pipeline.evaluate import EvaluateConfig
 from pipeline.outputs import UserError
+from pipeline.scoring import ScoreJobConfig
+from pipeline.text import distillation_views
 from pipeline.config import SPEED_GRID
 from pipeline.tradeoff import calibrate, choose_speed
 from test_train import LABELS, accuracy, toy_task
@@ -145,6 +148,10 @@ def test_stage_two_alone_from_a_finetuned_model(trained, data, tmp_path):
     stage2 = run(job(data, output, finetuned=start, distill_epochs=1))
     assert stage2.finetune == [] and stage2.best_epoch is None and stage2.finetuned == start
     assert [e["epoch"] for e in stage2.distill] == [1]
+    # no unlabelled texts: stage 2 distils on the training texts' views, each once (Ray's split drops views % 2)
+    train = pq.read_table(data / "train.parquet").column("text").to_pylist()
+    views = distillation_views(FastBert.from_pretrained(start).tokenizer, train, 4, 32)
+    assert len(views) > 2 * len(train) and stage2.distill[0]["samples"] == len(views) // 2 * 2
     assert stage2.distill[0]["agreement"][0] > 0.8  # the first student learnt the teacher's answers
     before, after = FastBert.from_pretrained(start).state_dict(), FastBert.from_pretrained(str(output)).state_dict()
     teacher = "branches.2."  # the tiny model has 3 layers
@@ -417,6 +424,28 @@ def test_config_is_validated():
         TrainJobConfig(train="t", validation="v", output="o", finetuned="m", branch_width=64)
 
 
+@pytest.mark.parametrize("config, field, kind", [
+    (lambda: TrainJobConfig(train="t", validation="v", output="o", lr="1e-4"), "TrainJobConfig.lr", "a number"),
+    (lambda: TrainJobConfig(train="t", validation="v", output="o", epochs=2.5), "TrainJobConfig.epochs", "an integer"),
+    (lambda: TrainJobConfig(train="t", validation="v", output="o", workers=True), "TrainJobConfig.workers", "an integer"),
+    (lambda: TrainJobConfig(train="t", validation="v", output="o", distill=""), "TrainJobConfig.distill",
+     "a non-empty string or None"),
+    (lambda: TrainJobConfig(train="t", validation="v", output="o", kl="forward"), "TrainJobConfig.kl",
+     "one of 'paper', 'reverse'"),
+    (lambda: ScoreJobConfig(model="m", input="i", output="o", cpus_per_replica="2"),
+     "ScoreJobConfig.cpus_per_replica", "a number"),
+    (lambda: ScoreJobConfig(model="m", input=["i", 3], output="o"), "ScoreJobConfig.input",
+     "a list .a non-empty string each."),
+    (lambda: EvaluateConfig(model="m", input="i", output="o", speeds=[0, "fast"]), "EvaluateConfig.speeds",
+     "a list .a number each."),
+])
+def test_a_value_of_the_wrong_type_is_one_line_naming_the_field(config, field, kind):
+    """Every job's config checks each field against its annotation (``cli.check_fields``) before
+    its ranges: a string where a number goes is a one-line UserError, not a TypeError later."""
+    with pytest.raises(UserError, match=rf"^{field} must be {kind}, got "):
+        config()
+
+
 def test_the_shuffle_is_new_each_epoch_and_the_same_on_every_run(ray_session):
     """Each run of the dataset (Ray Train runs it once per epoch) gets a new order; a job run
     again with the same seed sees the same orders, so training is reproducible."""
@@ -475,5 +504,5 @@ def test_inputs_are_cached_in_the_object_store_while_they_fit(ray_session, data,
     assert isinstance(out["validation"], MaterializedDataset) and lines == []
     out, lines = cached("off", ("train",))
     assert not isinstance(out["train"], MaterializedDataset) and lines == []
-    with pytest.raises(ValueError, match="cache must be 'auto', 'on' or 'off'"):
+    with pytest.raises(ValueError, match="cache must be one of 'auto', 'on', 'off'"):
         TrainJobConfig(train="t", validation="v", output="o", cache="always")

@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from pipeline.datasets import bundled_backbone_path
-from pipeline.text import load_tokenizer, tokenize, training_rows
+from pipeline.text import distillation_views, load_tokenizer, tokenize, training_rows, view_rows
 from tiny import tiny_model
 
 TEXTS = [
@@ -84,6 +84,33 @@ def test_training_rows_are_the_hugging_face_tokenizers_ids():
         training_rows(pa.table({"t": ["x", "y"], "l": [12, 7]}), hf, "t", "l", ["12", "2"], 16)
     with pytest.raises(ValueError, match="column 't', row 1 of a batch: expected a string, got None"):
         training_rows(pa.table({"t": ["x", None], "l": [12, 2]}), hf, "t", "l", ["12", "2"], 16)
+
+
+def test_distillation_views_are_the_text_its_later_windows_and_spans_of_its_words():
+    hf = AutoTokenizer.from_pretrained(bundled_backbone_path())
+    long = " ".join(f"Word{i}, item {i}." for i in range(40))  # ~160 tokens: windows of 16 beyond the first
+    short = "the quick brown fox jumps over the lazy dog"
+    texts = [long, short, "two words", ""]
+    views = distillation_views(hf, texts, 5, 16, seed=7)
+    content = [hf(t, add_special_tokens=False)["input_ids"] for t in texts]
+    # the long text, then its next 4 windows of 14 tokens (16 with [CLS] and [SEP]), nothing else
+    assert views[:5] == [long] + views[1:5]
+    assert [hf(v, add_special_tokens=False)["input_ids"] for v in views[1:5]] == \
+        [content[0][14 * k : 14 * (k + 1)] for k in range(1, 5)]
+    assert all(v in long for v in views[1:5])
+    # the short one (a single window): itself, then 4 random spans of 3 or more of its words, in order
+    assert views[5] == short
+    words = short.split()
+    for span in views[6:10]:
+        n = len(span.split())
+        assert 3 <= n <= 8 and any(words[i : i + n] == span.split() for i in range(len(words) - n + 1)), span
+    assert len(set(views[6:10])) > 1
+    assert views[10:] == ["two words", ""]  # under 4 words and one window: the text alone
+    # the same views for the same seed and text (in any batch, through the Rust tokenizer too), others for another seed
+    assert distillation_views(hf.backend_tokenizer, [short], 5, 16, seed=7) == views[5:10]
+    assert distillation_views(hf, [short], 5, 16, seed=8) != views[5:10]
+    assert distillation_views(hf, texts, 1, 16) == texts
+    assert view_rows(pa.table({"t": texts}), hf.backend_tokenizer, "t", 5, 16, 7).column("t").to_pylist() == views
 
 
 def test_the_cpu_tasks_of_the_scoring_and_training_jobs_import_no_torch():

@@ -13,6 +13,7 @@ import torch
 
 from pipeline import FastBert, Scorer
 from pipeline.tradeoff import TEMPERATURES, all_exits, at_speed, calibrate
+from pipeline.text import distillation_views
 from pipeline.train import (
     EvalStats,
     TrainConfig,
@@ -458,14 +459,28 @@ def test_finetuning_without_labels_is_a_clear_error():
         fit(model, ["good"], ["pos"], [], [], TrainConfig(), log=None)
 
 
+def test_stage_two_without_unlabelled_texts_distils_on_views_of_the_training_texts():
+    texts, labels = toy_task(np.random.default_rng(3), 48)
+    for views in (1, 3):
+        model = tiny_model()
+        result = fit(model, texts, labels, texts[:16], labels[:16],
+                     TrainConfig(epochs=1, distill_epochs=1, distill_views=views, **FAST), log=None)
+        expected = distillation_views(model.tokenizer, texts, views, model.config.max_length)
+        assert result.distill[0]["samples"] == len(expected) and result.finetune[0]["samples"] == len(texts)
+    assert len(expected) > 2 * len(texts)  # the toy texts have 3-13 words: most get two spans
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         ({"epochs": -1}, "epochs and distill_epochs must be >= 0"),
-        ({"batch_size": 0}, "batch_size and log_every must be >= 1"),
+        ({"batch_size": 0}, "batch_size, log_every and distill_views must be >= 1"),
+        ({"distill_views": 0}, "batch_size, log_every and distill_views must be >= 1"),
         ({"lr": 0.0}, "lr and distill_lr must be > 0"),
         ({"warmup": 1.0}, r"warmup is a fraction .* \[0, 1\)"),
-        ({"kl": "forward"}, "kl must be 'paper'"),
+        ({"kl": "forward"}, "TrainConfig.kl must be one of 'paper', 'reverse', got 'forward'"),
+        ({"lr": "1e-4"}, "TrainConfig.lr must be a number, got '1e-4'"),
+        ({"patience": 0}, "patience must be a positive integer or None"),
         ({"epochs": 1.5}, "TrainConfig.epochs must be an integer"),
         ({"max_grad_norm": -1.0}, "weight_decay and max_grad_norm must be >= 0"),
     ],
