@@ -1,8 +1,10 @@
 """Does per-layer temperature calibration of the students make their uncertainty a better exit
 signal (issue 28, item 4)? Measured post hoc on models ``benchmarks.sweep`` trained and cached.
 
-Per set: stage 2 with the training defaults (``TrainConfig()``) from the sweep's stage-1 model
-at the default setting, trained here once and cached beside it. Then one full-depth pass over the sweep's validation and test rows keeps
+Per set: stage 2 with the training defaults (``TrainConfig()``; ``--distill-views``: the views
+of each labelled text it distils on, 1 = the texts alone) from the sweep's stage-1 model at the
+default setting, trained here once and cached beside it (``s2-defaults-viewsN-from-s1-...``,
+the models ``benchmarks.speed_choice`` compares). Then one full-depth pass over the sweep's validation and test rows keeps
 every exit's logits. Each student layer gets a temperature T_l fitted on the validation rows
 (grid search of the negative log-likelihood of ``target``: the true labels, or the teacher's
 answers, which are what the exit decision has to agree with: ``pipeline.tradeoff.calibrate``,
@@ -11,7 +13,7 @@ softmax(z_l / T_l). For each variant: the speed the validation rows pick for a 0
 budget (by agreement with the teacher, as ``choose_speed``) and the test FLOP speed-up and
 accuracy there, and the number of distinct FLOP speed-ups above 1.2x on the speed grid.
 
-    python -m benchmarks.calibration [--sets r8 r52 20news tweets] [--work DIR]
+    python -m benchmarks.calibration [--sets r8 r52 20news tweets] [--distill-views 4] [--work DIR]
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=1000)
     parser.add_argument("--test-rows", type=int, default=1000)
     parser.add_argument("--budget", type=float, default=0.5)
+    parser.add_argument("--distill-views", type=int, default=TrainConfig().distill_views)
     parser.add_argument("--work", default=DEFAULT_WORK)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -92,10 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for dataset in args.sets:
         (tr_t, tr_l), (va_t, va_l), (te_t, te_l), _, _ = sample(dataset, args.size, args.test_rows)
-        d = TrainConfig()
+        d = TrainConfig(distill_views=args.distill_views)
         source = os.path.join(args.work, f"{dataset}-{args.size}",
                               f"s1-lr{d.lr:g}-head{d.head_lr:g}-e{d.epochs}-w{d.warmup:g}", "model")
-        for folder in [source.replace("/s1-", "/calibration-s2-defaults-from-s1-")]:
+        for folder in [source.replace("/s1-", f"/s2-defaults-views{d.distill_views}-from-s1-")]:
             if not os.path.isdir(folder):
                 model = FastBert.from_pretrained(source)
                 fit(model, tr_t, tr_l, va_t, va_l, dataclasses.replace(d, epochs=0), log=None)

@@ -30,7 +30,8 @@ def train_model(config: DemoConfig, log=print) -> FastBert:
         f"validating on {len(val_texts)}: {config.epochs} fine-tuning + {config.distill_epochs} distillation epochs")
     train_config = TrainConfig(epochs=config.epochs, lr=config.lr, head_lr=config.head_lr,
                                distill_epochs=config.distill_epochs,
-                               distill_lr=config.distill_lr, batch_size=config.batch_size, seed=config.seed,
+                               distill_lr=config.distill_lr, distill_views=config.distill_views,
+                               batch_size=config.batch_size, seed=config.seed,
                                log_every=10)
     fit(model, train_texts, train_labels, val_texts, val_labels, train_config, log=log)
     calibrate(model, val_texts, val_labels)  # as the training job does

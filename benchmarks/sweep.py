@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
             for distill_lr in args.distill_lrs:
                 for distill_epochs in args.distill_epochs:
                     key = (f"{dataset}-{size}/s2-{best[1].split('/')[1]}-dlr{distill_lr:g}-de{distill_epochs}"
-                           + ("-unlabelled" if args.distill_on == "unlabelled" else "")
+                           + ("-unlabelled" if args.distill_on == "unlabelled" else f"-views{TrainConfig().distill_views}")
                            + ("" if args.calibrate else "-uncalibrated"))
 
                     def make2(distill_lr=distill_lr, distill_epochs=distill_epochs, key=key, source=best[1]):

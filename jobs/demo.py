@@ -56,6 +56,8 @@ class DemoConfig:
     verbose: bool = False  # show Ray's own logs and progress lines
 
     def __post_init__(self) -> None:
+        if isinstance(self.replicas, int) and not isinstance(self.replicas, bool):
+            self.replicas = str(self.replicas)
         check_fields(self)
         if min(self.train_rows, self.validation_rows) < 1 or self.test_rows < 0:
             raise UserError("train_rows and validation_rows must be positive, test_rows >= 0")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import numbers
+import os
 import re
 import sys
 import types
@@ -122,7 +124,8 @@ def check_fields(config: Any) -> None:
     """Each field of the dataclass ``config`` against its annotation, or a one-line ``UserError``:
     ``int`` (not a bool), ``float`` (an int or float), ``str`` (not empty), ``bool``,
     ``Literal[...]`` (one of its values), ``list[X]`` (of X's), each or None where the annotation
-    allows it; other annotations are not checked. Every job's config calls it first in
+    allows it; other annotations are not checked. A tuple becomes a list, a numpy number an int or
+    float, a path its string (``_plain``). Every job's config calls it first in
     ``__post_init__`` and then checks only ranges and relations."""
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
@@ -131,9 +134,27 @@ def check_fields(config: Any) -> None:
         if optional and value is None:
             continue
         base = next(t for t in typing.get_args(hint) if t is not type(None)) if optional else hint
+        value = _plain(value, base)
+        setattr(config, f.name, value)
         if not _fits(value, base):
             raise UserError(f"{type(config).__name__}.{f.name} must be {_kind(base)}"
                             f"{' or None' if optional else ''}, got {value!r}")
+
+
+def _plain(value: Any, hint: Any) -> Any:
+    """What Python code may pass for a field, as the plain value JSON and argparse give: a
+    tuple as a list, a numpy number as int or float, a path as its string."""
+    if typing.get_origin(hint) is list and isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, list):
+        return [_plain(v, typing.get_args(hint)[0] if typing.get_args(hint) else Any) for v in value]
+    if hint in (int, float) and isinstance(value, numbers.Integral) and type(value) not in (bool, int):
+        return int(value)
+    if hint is float and isinstance(value, numbers.Real) and type(value) not in (bool, int, float):
+        return float(value)
+    if isinstance(value, os.PathLike) and hint is str:
+        return os.fspath(value)
+    return value
 
 
 def _is_optional(hint: Any) -> bool:

@@ -212,7 +212,8 @@ def run(job: TrainJobConfig, log=print) -> TrainResult:
     validation, train = data["validation"], data.get("train")
     stage2, stage2_rows = (data["distill"], inputs.distill_rows) if "distill" in data else (train, inputs.train_rows)
     if "views" in data:
-        stage2, stage2_rows = data["views"], data["views"].count()  # Ray: counted from the cached blocks' metadata
+        # Ray: from the cached blocks' metadata; a streamed input (--cache off) is read once more for it
+        stage2, stage2_rows = data["views"], data["views"].count()
     loop_config = {"job": dataclasses.asdict(job), "labels": inputs.labels}
 
     def trainer(stage: Stage, datasets: dict, rows: int, **extra: Any) -> TorchTrainer:
@@ -412,13 +413,16 @@ def _check_output(job: TrainJobConfig) -> None:
     if arguments.get("finetuned") is None:  # a finetuned model has no teacher_head of its own
         defaults["teacher_head"] = "branch"
     defaults["distill_views"] = 1  # runs before the views distilled on the training texts alone
-    changed = sorted(k for k, v in _comparable(job.arguments()).items() if arguments.get(k, defaults[k]) != v)
+    changed = sorted(k for k, v in _comparable(job.arguments()).items() if arguments.get(k, defaults[k]) != v
+                     and (k != "distill_views" or (job.distill is None and job.distill_epochs)))  # views unused
     # modes earlier versions had and this one has not: such a folder holds no model this job makes
     changed += sorted(k for k, mine in REMOVED_MODES.items() if arguments.get(k, mine) != mine)
     if changed:
         hint = (" (runs before the teacher_head option had a branch teacher: pass teacher_head='branch', "
                 "--teacher-head branch, to resume it)" if "teacher_head" in changed and "teacher_head" not in arguments
-                else "")
+                else " (runs before the distill_views option distilled on the training texts alone: pass "
+                "distill_views=1, --distill-views 1, to resume it)" if "distill_views" in changed
+                and "distill_views" not in arguments else "")
         raise UserError(f"{job.output}: output already holds a model trained with other arguments "
                         f"(differing: {changed}){hint}; pass overwrite=True (--overwrite) to replace it")
 

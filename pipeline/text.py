@@ -134,7 +134,10 @@ def distillation_views(tokenizer, texts: Sequence[str], views: int, max_length: 
 
 def view_rows(batch: pa.Table, tokenizer, text_column: str, views: int, max_length: int, seed: int) -> pa.Table:
     """Ray Data: a batch of texts -> the ``distillation_views`` of each (the text column only)."""
-    texts = [str(t) for t in batch.column(text_column).to_pylist()]
+    texts = batch.column(text_column).to_pylist()
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"column {text_column!r}, row {i} of a batch: expected a string, got {text!r}")
     return pa.table({text_column: pa.array(distillation_views(tokenizer, texts, views, max_length, seed), pa.string())})
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -386,6 +387,17 @@ def test_unfinished_run_of_another_job_is_refused(data, tmp_path):
     stage2 = job(data, output, finetuned=str(tmp_path / "stage1"))
     state.write_text(json.dumps({"arguments": {k: v for k, v in stage2.arguments().items() if k != "teacher_head"}}))
     assert check_inputs(stage2, labels=list(LABELS), labels_from="m").train_rows == 256
+    # a run of a version before the views distilled on the training texts alone: it differs where
+    # stage 2 runs on them, not where it distils on --distill or does not run
+    earlier = {k: v for k, v in job(data, output).arguments().items() if k != "distill_views"}
+    state.write_text(json.dumps({"arguments": earlier}))
+    with pytest.raises(ValueError, match=r"differing: \['distill_views'\]\) \(runs before .* --distill-views 1"):
+        check_inputs(job(data, output))
+    assert check_inputs(job(data, output, distill_views=1)).train_rows == 256
+    for unused in ({"distill": str(data / "distill.parquet")}, {"distill_epochs": 0}):
+        state.write_text(json.dumps({"arguments": {k: v for k, v in job(data, output, **unused).arguments().items()
+                                                   if k != "distill_views"}}))
+        assert check_inputs(job(data, output, **unused)).train_rows == 256
 
 
 def test_command_line_mirrors_the_config():
@@ -444,6 +456,17 @@ def test_a_value_of_the_wrong_type_is_one_line_naming_the_field(config, field, k
     its ranges: a string where a number goes is a one-line UserError, not a TypeError later."""
     with pytest.raises(UserError, match=rf"^{field} must be {kind}, got "):
         config()
+
+
+def test_values_python_code_passes_become_plain_ones():
+    """A tuple where a list goes, numpy numbers and paths are taken as the list, int, float and
+    string they stand for (what JSON and the flags give), so the job's files can record them."""
+    config = EvaluateConfig(model=Path("m"), input="i", output="o", speeds=(0.5, np.float32(0.25)),
+                            max_rows=np.int64(5))
+    assert (config.model, config.speeds, config.max_rows) == ("m", [0.25, 0.5], 5) and type(config.max_rows) is int
+    train = TrainJobConfig(train="t", validation="v", output="o", lr=np.float64(1e-4), epochs=np.int32(3))
+    assert type(train.lr) is float and type(train.epochs) is int and json.dumps(train.arguments())
+    assert ScoreJobConfig(model="m", input=("a", "b"), output="o", replicas=2).replicas == "2"
 
 
 def test_the_shuffle_is_new_each_epoch_and_the_same_on_every_run(ray_session):
