@@ -109,9 +109,9 @@ def distillation_views(tokenizer, texts: Sequence[str], views: int, max_length: 
     next windows of ``max_length`` tokens of a longer text (what the model never reads of it);
     then random spans of 30-90% of its words, drawn from ``seed`` and the text alone (the same
     views on every run and worker). A text of fewer than 4 words gets no spans; ``views`` 1
-    gives the texts alone. On 1,000 labelled rows of R52 and 20 Newsgroups, 4 views raised the
-    FLOP speed-up within 0.5 point of the teacher from 2.34x to 4.33x and from 1.71x to 2.81x
-    (benchmarks/RESULTS.md)."""
+    gives the texts alone. On 1,000 labelled rows of each bundled set, 4 views raised the test
+    FLOP speed-up of the speed chosen for 0.5 point from 2.45x to 3.38x on average
+    (``benchmarks.speed_choice`` in benchmarks/RESULTS.md)."""
     texts = list(texts)
     if views <= 1:
         return texts
