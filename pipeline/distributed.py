@@ -725,7 +725,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             _say(f"{stage}: the workers' shards gave unequal numbers of batches; all stopped after {stats.steps} "
                  f"steps, skipping up to {int(drained_max)} batches of a worker")
         samples, loss_sum = _over_workers([stats.samples, stats.loss * stats.samples if stats.samples else 0.0],
-                                              device)
+                                          device)
         return {"loss": loss_sum / samples if samples else math.nan, "samples": int(samples),
                 "samples_per_s": samples / stats.seconds, "steps_min": int(-neg_steps_min), "steps_max": int(steps_max),
                 "drained_batches": int(drained_max)}
@@ -759,8 +759,11 @@ def _say(line: str) -> None:
 
 def _all_workers(stats: EvalStats, device: torch.device) -> EvalStats:
     """Each worker evaluated its shard: combine the counts of all workers."""
+    if not torch.distributed.is_initialized():
+        return stats
     n, layers = stats.samples, len(stats.agreement)
-    counts = [n, *(a * n for a in stats.exit_accuracy), *(g * n for g in stats.agreement)] if n else [0.0] * (1 + 2 * layers)
+    counts = ([n, *(a * n for a in stats.exit_accuracy), *(g * n for g in stats.agreement)] if n
+              else [0.0] * (1 + 2 * layers))
     samples, *sums = _over_workers(counts, device)
     exit_accuracy = [c / samples for c in sums[:layers]] if samples else [math.nan] * layers
     agreement = [c / samples for c in sums[layers:]] if samples else [math.nan] * layers
@@ -815,5 +818,6 @@ def _over_workers(values: list[float], device: torch.device, op: str = "sum") ->
     if not torch.distributed.is_initialized():
         return list(values)
     total = torch.tensor(values, dtype=torch.float64, device=device)  # (V,)
-    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
+    reduce = torch.distributed.ReduceOp
+    torch.distributed.all_reduce(total, op=reduce.MAX if op == "max" else reduce.SUM)
     return total.tolist()

@@ -92,7 +92,8 @@ class TrainConfig:
             raise UserError(f"batch_size, log_every and distill_views must be >= 1, got {self.batch_size}, "
                             f"{self.log_every} and {self.distill_views}")
         if not self.lr > 0 or not self.distill_lr > 0 or not (self.head_lr is None or self.head_lr > 0):
-            raise UserError(f"lr, head_lr and distill_lr must be > 0, got {self.lr}, {self.head_lr} and {self.distill_lr}")
+            raise UserError(f"lr, head_lr and distill_lr must be > 0, got {self.lr}, {self.head_lr} and "
+                            f"{self.distill_lr}")
         if not 0.0 <= self.warmup < 1.0:
             raise UserError(f"warmup is a fraction of each stage's steps in [0, 1), got {self.warmup}")
         if not self.weight_decay >= 0 or not self.max_grad_norm >= 0:
@@ -612,9 +613,9 @@ def fit(
 
     Stage 1 (``config.epochs``) fine-tunes backbone + teacher on the labelled training texts;
     stage 2 (``config.distill_epochs``) distils the teacher into the students on
-    ``distill_texts`` (unlabelled; default: ``config.distill_views`` views of each training text). Each stage ends with the
-    weights of its best epoch (``kept_score``; on ties the later); ``config.patience`` stops a
-    stage after that many epochs without a better one. Labels may be names
+    ``distill_texts`` (unlabelled; default: ``config.distill_views`` views of each training
+    text). Each stage ends with the weights of its best epoch (``kept_score``; on ties the
+    later); ``config.patience`` stops a stage after that many epochs without a better one. Labels may be names
     (``model.config.labels``) or indices. ``log`` gets progress lines (None: silent). The model
     is left on ``device``, in eval mode, every parameter trainable.
     """
