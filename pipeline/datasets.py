@@ -174,12 +174,15 @@ def bundled_backbone_path() -> str:
     return str(path)
 
 
+SetName = Literal["r8", "r52", "20news", "tweets"]  # the bundled data sets
+
+
 @dataclass
 class BundledDataConfig:
     """``jobs.bundled_data``: a bundled data set written as the Parquet files the jobs read."""
 
     output: str  # folder (local path or fsspec URI) for train, validation and test.parquet
-    name: Literal["r8", "r52", "20news", "tweets"] = "r8"  # the data set
+    name: SetName = "r8"  # the data set
     validation_rows: int = 500  # training rows held out for validation
     seed: int = 0  # the seed of the samples
     train_rows: int | None = None  # a labelled sample of this many training rows, and unlabelled.parquet; none: all

@@ -7,7 +7,6 @@ stays finite when a probability underflows to 0. Every loss is a scalar: the mea
 - ``teacher_loss``: stage 1, cross-entropy of the teacher (last branch) with the labels.
 - ``distillation_loss``: stage 2, every student learns the teacher's distribution
   (the paper's Eq. 5-6, or the reverse KL of the public reference code).
-- ``student_label_loss``: the ablation where students learn the labels instead.
 """
 
 from __future__ import annotations
@@ -61,23 +60,6 @@ def distillation_loss(
     else:
         kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # (S, B)
     return kl.mean(dim=1).sum()  # ()
-
-
-def student_label_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of every student with the labels (the ablation without self-distillation).
-
-    student_logits: (S, B, N); labels: (B,) int64. Returns a scalar: the sum over students of
-    the batch-mean cross-entropy.
-    """
-    if student_logits.dim() != 3 or labels.shape != student_logits.shape[1:2]:
-        raise ValueError(
-            f"student_label_loss expects student_logits (S, B, N) and labels (B,), got "
-            f"{tuple(student_logits.shape)} and {tuple(labels.shape)}"
-        )
-    S, B, _ = student_logits.shape
-    targets = labels[:, None].expand(B, S)  # (B, S)
-    ce = F.cross_entropy(_upcast(student_logits).permute(1, 2, 0), targets, reduction="none")  # (B, S)
-    return ce.mean(dim=0).sum()  # ()
 
 
 def _upcast(logits: torch.Tensor) -> torch.Tensor:

@@ -371,6 +371,10 @@ def _resolve_backbone(name_or_path: str) -> str:
     return name_or_path
 
 
+# what transformers' errors say of a keyword or an attention implementation a model class lacks
+RETRIED_ON = ("add_pooling_layer", "attn_implementation", "attention implementation")
+
+
 def _build_backbone(make, pooler: bool = False):
     """Build a backbone with ``make(**kwargs)``: without a pooler unless ``pooler`` (the teacher
     starts from it), with SDPA attention where the model has it; quiet about the pretrained
@@ -383,11 +387,12 @@ def _build_backbone(make, pooler: bool = False):
     try:
         attempts = ({"add_pooling_layer": False, "attn_implementation": "sdpa"},
                     {"attn_implementation": "sdpa"}, {"attn_implementation": "eager"}, {})
-        for kwargs in attempts[1:] if pooler else attempts:
+        for kwargs in (attempts[1:] if pooler else attempts)[:-1]:
             try:
                 return make(**kwargs)
-            except (TypeError, ValueError):
-                continue
+            except (TypeError, ValueError) as error:  # a class without that keyword or attention: the next
+                if not any(word in str(error) for word in RETRIED_ON):
+                    raise  # any other mistake is the model's, and said as it is
         return make()
     finally:
         hf_logging.set_verbosity(verbosity)

@@ -56,7 +56,7 @@ def test_demo_end_to_end(ray_session, tmp_path):
 
 def test_demo_arguments_are_checked(capsys):
     for argv, message in ((["--speeds", "0", "1.5"], "speeds"), (["--train-rows", "0"], "train_rows"),
-                          (["--replicas", "3-1"], "replicas")):
+                          (["--replicas", "3-1"], "replicas"), (["--dataset", "imdb"], "dataset")):
         with pytest.raises(SystemExit) as stop:
             parse_args(argv)
         err = capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Tests for pipeline.losses: hand computations on small examples, properties, errors."""
+"""Tests for pipeline.losses (and the ablation's label loss, in benchmarks.baselines): hand computations
+on small examples, properties, errors."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.losses import distillation_loss, student_label_loss, teacher_loss
+from benchmarks.baselines import student_label_loss
+from pipeline.losses import distillation_loss, teacher_loss
 
 # Two students, a batch of two rows, three labels; deliberately asymmetric distributions.
 STUDENTS = [

@@ -321,3 +321,27 @@ def test_bundled_backbone(tmp_path):
     model.save_pretrained(str(tmp_path / "m"))
     assert_same_model(model.eval(), FastBert.from_pretrained(str(tmp_path / "m")).eval(),
                       ["Champion Products approves stock split", "oil prices fell sharply"])
+
+
+def test_a_backbone_s_own_error_is_raised_not_retried_away():
+    from pipeline.model import _build_backbone
+
+    calls = []
+
+    def broken(**kwargs):
+        calls.append(kwargs)
+        raise ValueError("vocab_size must be positive")
+
+    with pytest.raises(ValueError, match="vocab_size"):
+        _build_backbone(broken)
+    assert calls == [{"add_pooling_layer": False, "attn_implementation": "sdpa"}]  # the first try, no other
+
+    def without_pooler_and_sdpa(**kwargs):  # how transformers refuses a keyword or an attention it lacks
+        if "add_pooling_layer" in kwargs:
+            raise TypeError("__init__() got an unexpected keyword argument 'add_pooling_layer'")
+        if kwargs.get("attn_implementation") == "sdpa":
+            raise ValueError("XModel does not support an attention implementation through "
+                             "torch.nn.functional.scaled_dot_product_attention yet.")
+        return kwargs
+
+    assert _build_backbone(without_pooler_and_sdpa) == {"attn_implementation": "eager"}

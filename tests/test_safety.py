@@ -181,6 +181,8 @@ def test_every_scoring_mistake_is_one_line_before_ray_starts(world, tmp_path):
         (["--input", part, "--output", out, "--audit", "2"], "audit must be a share of rows in [0, 1]"),
         (["--input", part, "--output", out, "--price-per-hour", "-1"], "price_per_hour must be >= 0"),
         (["--input", audited, "--output", out, "--audit", "0.01"], "input columns ['audited'] would clash"),
+        (["--input", part, "--output", out, "--rows-per-call", "many"],  # argparse's own mistakes: one line too
+         "argument --rows-per-call: invalid int value: 'many' (the flags: python -m jobs.score --help)"),
     ]
     for argv, message in cases:
         if "--model" not in argv:

@@ -157,7 +157,8 @@ def test_resume_after_a_crash_finishes_without_duplicates(scored, inputs, tmp_pa
     pieces[-1].unlink()
     (output / "_pieces" / f"{pieces[-1].name}.json").unlink()
     # a run stopped while removing an unfinished row group's pieces: a marker whose piece is gone
-    next(p for p in pieces if p.name.startswith("part-00001-")).unlink()
+    lost = next(p for p in pieces if p.name.startswith("part-00001-"))
+    lost.unlink()
     (output / ".part-00002-00000-0000000000.parquet.tmp-1a2b3c4d").write_bytes(b"half")
 
     with pytest.raises(UserError, match="holds an unfinished run of this job: pass --resume"):
@@ -173,7 +174,17 @@ def test_resume_after_a_crash_finishes_without_duplicates(scored, inputs, tmp_pa
                                atol=1e-5)  # batch neighbours differ: float noise only
     assert summary["rows_out"] == 97
     assert summary["rows_this_run"] == 25 + 17 + 30  # the row groups with a piece or marker lost ran again
+    # the costs count this run's pieces alone, every one of them
+    redone = {"-".join(p.name.split("-")[1:3]) for p in (pieces[0], pieces[-1], lost)}
+    ours = [m for m in markers_of(output) if f"{m['file']:05d}-{m['row_group']:05d}" in redone]
+    assert sum(m["rows"] for m in ours) == summary["rows_this_run"]
+    assert summary["replica_busy_seconds_per_million_rows"] == pytest.approx(
+        sum(m["busy_seconds"] for m in ours) / summary["rows_this_run"] * 1e6)
     assert (output / "_SUCCESS").exists() and not list(output.glob(".*"))
+
+
+def markers_of(output) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((output / "_pieces").glob("part-*.json"))]
 
 
 def many_files(folder, rows: int, files: int, row_group_size: int, seed: int):
@@ -401,6 +412,9 @@ def test_audit_startup_costs_and_drift_in_the_summary(ray_session, inputs, model
     assert again["audit"]["estimated_cost_points"] == pytest.approx(audit["estimated_cost_points"])  # float noise
 
     assert 0 < summary["startup_seconds"] < summary["wall_seconds"] and summary["steady_rows_per_s"] > 0
+    markers = markers_of(tmp_path / "out")  # every piece's, all of this run
+    assert summary["cpu_seconds_per_million_rows"] == pytest.approx(
+        sum(m["cpu_seconds"] for m in markers) / summary["rows_this_run"] * 1e6)
     assert summary["cpu_seconds_per_million_rows"] > 0 and summary["gpu_seconds_per_million_rows"] == 0
     assert summary["cost_per_million_rows"] == pytest.approx(summary["replica_busy_seconds_per_million_rows"] / 3600 * 2.0)
     assert again["cost_per_million_rows"] is None  # no price given
@@ -451,3 +465,26 @@ def test_command_line_mirrors_the_config():
     for bad in ({"audit": 2.0}, {"audit": -0.1}, {"price_per_hour": -1.0}):
         with pytest.raises(UserError, match="audit must be|price_per_hour must be"):
             ScoreJobConfig(model="m", input="i", output="o", **bad)
+
+
+def test_costs_pair_the_arrivals_with_the_pieces_in_stream_order():
+    from pipeline.scoring import _costs
+
+    def piece(file: int, group: int, first: int, rows: int) -> dict:
+        return {"file": file, "row_group": group, "first_row": first, "rows": rows, "busy_seconds": rows / 100,
+                "cpu_seconds": rows / 50}
+
+    job = ScoreJobConfig(model="m", input=["i"], output="o", price_per_hour=2.0)
+    # listed out of order: the stream's is (0, 0, 0), (0, 1, 100), (1, 0, 0); 1 piece came at 10 s, 2 at 12 s
+    pieces = [piece(1, 0, 0, 30), piece(0, 1, 100, 20), piece(0, 0, 0, 100)]
+    costs = _costs(job, pieces, [(10.0, 1), (12.0, 2)], started_at=4.0, gpus=0.0)
+    assert costs["startup_seconds"] == 6.0 and costs["steady_rows_per_s"] == (20 + 30) / 2
+    assert costs["cpu_seconds_per_million_rows"] == pytest.approx(3.0 / 150 * 1e6)
+    assert costs["replica_busy_seconds_per_million_rows"] == pytest.approx(1.5 / 150 * 1e6)
+    assert costs["cost_per_million_rows"] == pytest.approx(1.5 / 150 * 1e6 / 3600 * 2.0)
+    assert costs["gpu_seconds_per_million_rows"] == 0.0
+    # arrivals that do not count the pieces: no steady rate rather than a wrong one; the rest stands
+    short = _costs(job, pieces, [(10.0, 1), (12.0, 1)], started_at=4.0, gpus=1.0)
+    assert short["steady_rows_per_s"] is None and short["startup_seconds"] == 6.0
+    assert short["gpu_seconds_per_million_rows"] == pytest.approx(1.5 / 150 * 1e6)
+    assert _costs(job, [], [], started_at=4.0, gpus=0.0)["cpu_seconds_per_million_rows"] is None  # nothing ran
