@@ -102,11 +102,9 @@ class TrainJobConfig(TrainConfig):
                 setattr(self, name, absolute(getattr(self, name)))
         if self.backbone != "bundled" and os.path.exists(self.backbone):  # a folder, not a Hugging Face name
             self.backbone = os.path.abspath(self.backbone)
-        if min(self.workers, self.cpus_per_worker, self.epochs, self.batch_size, self.log_every) < 1:
-            raise UserError(
-                f"workers, cpus_per_worker, epochs, batch_size and log_every must be >= 1, got {self.workers}, "
-                f"{self.cpus_per_worker}, {self.epochs}, {self.batch_size} and {self.log_every}"
-            )
+        if min(self.workers, self.cpus_per_worker, self.epochs) < 1:  # batch_size, log_every: TrainConfig's
+            raise UserError(f"workers, cpus_per_worker and epochs must be >= 1, got {self.workers}, "
+                            f"{self.cpus_per_worker} and {self.epochs}")
         if self.batch_size % self.workers:
             near = sorted({max(self.workers, self.batch_size // self.workers * self.workers),
                            -(-self.batch_size // self.workers) * self.workers})

@@ -414,10 +414,14 @@ def test_command_line_mirrors_the_config():
 
 
 def test_config_is_validated():
-    with pytest.raises(ValueError, match="workers, cpus_per_worker, epochs.* got 0, 1"):
+    with pytest.raises(ValueError, match="workers, cpus_per_worker and epochs.* got 0, 1"):
         TrainJobConfig(train="t", validation="v", output="o", workers=0)
-    with pytest.raises(ValueError, match="workers, cpus_per_worker, epochs.* got 2, 0"):
+    with pytest.raises(ValueError, match="workers, cpus_per_worker and epochs.* got 2, 0"):
         TrainJobConfig(train="t", validation="v", output="o", cpus_per_worker=0)
+    with pytest.raises(ValueError, match="workers, cpus_per_worker and epochs .* got 2, 1 and 0"):
+        TrainJobConfig(train="t", validation="v", output="o", epochs=0)
+    with pytest.raises(ValueError, match="batch_size, log_every and distill_views must be >= 1"):  # TrainConfig's
+        TrainJobConfig(train="t", validation="v", output="o", batch_size=0)
     with pytest.raises(ValueError, match="use_gpu"):
         TrainJobConfig(train="t", validation="v", output="o", use_gpu="yes")
     with pytest.raises(ValueError, match="lr"):
