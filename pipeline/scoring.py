@@ -164,7 +164,12 @@ class Chunk:
 
     @property
     def key(self) -> str:
-        return f"{self.file:05d}-{self.row_group:05d}"
+        return chunk_key(self.file, self.row_group)
+
+
+def chunk_key(file: int, row_group: int) -> str:
+    """A chunk's name in the output's piece names: ``FFFFF-GGGGG``."""
+    return f"{file:05d}-{row_group:05d}"
 
 
 # the output's schema metadata key (and the ``probabilities`` field's): the model's label names
@@ -525,7 +530,7 @@ def write_pieces(batch: pa.Table, output: str, schema: pa.Schema, layers: int) -
         cpu = time.process_time()
         part = batch.slice(start, stop - start)
         first = int(part.column("__row")[0].as_py())
-        name = f"part-{int(files[start]):05d}-{int(groups[start]):05d}-{first:010d}.parquet"
+        name = f"part-{chunk_key(int(files[start]), int(groups[start]))}-{first:010d}.parquet"
         exits = part.column("exit_layer").drop_null().to_numpy().astype(np.int64)
         marker = {
             "file": int(files[start]), "row_group": int(groups[start]), "first_row": first, "rows": part.num_rows,
@@ -628,7 +633,7 @@ def run(job: ScoreJobConfig, log=print, warn=_stderr) -> dict[str, Any]:
     summary["retried_calls"] = len(calls) - len({c.rsplit("/", 1)[-1].rsplit("-", 1)[0] for c in calls})
     if calls:
         fs.rm(calls)  # counted: they have done their part
-    ours = [m for m in markers if f"{m['file']:05d}-{m['row_group']:05d}" not in done]  # this run's pieces
+    ours = [m for m in markers if chunk_key(m["file"], m["row_group"]) not in done]  # this run's pieces
     summary.update(_costs(job, ours, arrivals, started_at, gpus))
     summary["speed_choice"] = choice
     summary["audit"] = _audit_summary(job, markers) if job.audit else None
@@ -710,8 +715,8 @@ def _stream(job: ScoreJobConfig, work: Plan, todo: list[Chunk], max_length: int,
     ds = ds.map_batches(write_pieces, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"output": job.output, "schema": work.output_schema, "layers": layers})
     # drive the stream without fetching its output (the pieces' markers, also on storage): a driver
-    # that read every block touched ever more of the object store's shared pages, its RSS +14-17%
-    # over a million rows in benchmarks.million, against +5% so
+    # that fetched every block touched ever more of the object store's shared pages (its RSS grew
+    # +14-17% over a million rows in benchmarks.million; +5% without the fetches)
     arrivals = []  # (when the driver got it, pieces in it), on the driver's clock
     for bundle in ds.iter_internal_ref_bundles():
         arrivals.append((time.time(), bundle.num_rows() or 0))  # a block of unknown size counts none
@@ -756,7 +761,7 @@ def _prepare_output(job: ScoreJobConfig, work: Plan, fs, root: str) -> set[str] 
     rows = Counter()
     for marker in _markers(fs, root):
         if marker["name"] in written:  # else its piece is gone (a run stopped while removing pieces)
-            rows[f"{marker['file']:05d}-{marker['row_group']:05d}"] += marker["rows"]
+            rows[chunk_key(marker["file"], marker["row_group"])] += marker["rows"]
     done = {c.key for c in work.chunks if rows[c.key] == c.rows}
     # markers first: a run stopped half way through leaves no marker without its piece
     for path in fs.glob(f"{root}/{PIECES}/part-*.json") + fs.glob(f"{root}/part-*.parquet"):
